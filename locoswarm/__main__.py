@@ -1,0 +1,7 @@
+"""``python -m locoswarm`` runs the command line."""
+
+import sys
+
+from locoswarm.node.cli import main
+
+sys.exit(main())

@@ -1,0 +1,149 @@
+"""What is trained: a model, its batches and its loss, for one replica of a swarm.
+
+The built-in default is a byte transformer on the Python standard library's sources (already on
+every machine); users may pass their own text files or folders, or their own task as
+``module:function``. Knows nothing about the network or the synchronisation algorithm.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from locoswarm.errors import ConfigError
+from locoswarm.tasks.corpus import BatchStream, ByteCorpus, val_batches
+from locoswarm.tasks.model import MODEL_SIZES, ByteTransformer, next_byte_loss
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskConfig:
+    """Which task to train and on what data."""
+
+    name: str = "tiny"
+    """A built-in size (tiny, small, base) or a plugin ``module:function``."""
+    data: tuple[str, ...] = ()
+    """Text files or folders for the built-in task; empty means the Python standard library."""
+    batch_size: int = 16
+    """Sequences per inner step and replica."""
+    seq_len: int = 64
+    """Bytes per sequence (at most the model's context)."""
+    val_batches: int = 16
+    """Fixed validation batches evaluated per replica."""
+    val_fraction: float = 0.02
+    """Share of files held out for validation (chosen by a hash of their path)."""
+    max_bytes: int | None = None
+    """Cap on training bytes per replica and on validation bytes (for quick runs)."""
+
+    def __post_init__(self) -> None:
+        if ":" not in self.name and self.name not in MODEL_SIZES:
+            raise ConfigError(
+                f"task.name must be one of {sorted(MODEL_SIZES)} or 'module:function', "
+                f"got {self.name!r}"
+            )
+        if self.batch_size < 1 or self.seq_len < 1 or self.val_batches < 0:
+            raise ConfigError("task.batch_size and seq_len must be >= 1, val_batches >= 0")
+        if ":" not in self.name and self.seq_len > MODEL_SIZES[self.name].seq_len:
+            raise ConfigError(
+                f"task.seq_len {self.seq_len} exceeds the {self.name} model's context "
+                f"{MODEL_SIZES[self.name].seq_len}"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class ReplicaTask:
+    """Everything one replica trains: its model, its endless batch iterator and the loss."""
+
+    model: nn.Module
+    batches: Iterator[Any]
+    loss: LossFn
+    val_batches: Sequence[Any] = field(default_factory=list)
+    """Batches for validation loss; the same for every replica. Empty when the task has none."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Facts for reports (corpus sizes and the like)."""
+
+
+class TaskFactory:
+    """Builds each replica's task; the plugin is imported and validation batches made once."""
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+        self._plugin = _load_plugin(cfg.name) if ":" in cfg.name else None
+        self._val: list[tuple[Tensor, Tensor]] | None = None
+
+    def build(self, *, replica: int, num_replicas: int, seed: int) -> ReplicaTask:
+        """The task of replica ``replica`` of ``num_replicas``; batches seeded by ``seed``."""
+        if self._plugin is not None:
+            return _call_plugin(self._plugin, self.cfg.name, replica, num_replicas, seed)
+        cfg = self.cfg
+        corpus = ByteCorpus.load(
+            [Path(p) for p in cfg.data] if cfg.data else None,
+            replica=replica,
+            num_replicas=num_replicas,
+            val_fraction=cfg.val_fraction,
+            max_bytes=cfg.max_bytes,
+        )
+        if self._val is None and cfg.val_batches:
+            self._val = val_batches(
+                corpus.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                num_batches=cfg.val_batches,
+            )
+        stream = BatchStream(
+            corpus.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+            seed=seed * 1_000_003 + replica,
+        )
+        return ReplicaTask(
+            model=ByteTransformer(MODEL_SIZES[cfg.name]),
+            batches=stream,
+            loss=next_byte_loss,
+            val_batches=self._val or [],
+            info={
+                "corpus_fingerprint": corpus.fingerprint,
+                "train_files": corpus.num_train_files,
+                "train_bytes": int(corpus.train.numel()),
+                "val_files": corpus.num_val_files,
+            },
+        )
+
+
+def _load_plugin(spec: str) -> Callable[..., Any]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"task {spec!r}: expected 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"task {spec!r}: cannot import module {module_name!r}: {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"task {spec!r}: {module_name} has no callable {attr!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def _call_plugin(
+    fn: Callable[..., Any], spec: str, replica: int, num_replicas: int, seed: int
+) -> ReplicaTask:
+    """Calls a user task ``fn(replica=, num_replicas=, seed=)``.
+
+    It returns ``(model, batches, loss)`` or ``(model, batches, loss, val_batches)``, where
+    ``batches`` is an iterable of batches and ``loss(model, batch)`` a scalar tensor.
+    """
+    parts = fn(replica=replica, num_replicas=num_replicas, seed=seed)
+    if not isinstance(parts, tuple) or len(parts) not in (3, 4):
+        raise ConfigError(
+            f"task {spec!r} must return (model, batches, loss[, val_batches]), "
+            f"got {type(parts).__name__}"
+        )
+    model, batches, loss = parts[:3]
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"task {spec!r}: model must be a torch.nn.Module, got {type(model)}")
+    if not callable(loss):
+        raise ConfigError(f"task {spec!r}: loss must be callable (model, batch) -> Tensor")
+    val = list(parts[3]) if len(parts) == 4 else []
+    return ReplicaTask(model=model, batches=iter(batches), loss=loss, val_batches=val)
