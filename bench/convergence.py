@@ -17,11 +17,11 @@ import multiprocessing as mp
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from locoswarm.sim.config import SimConfig
+from locoswarm.sim.config import SimConfig, Strategy
 from locoswarm.sync.diloco import DiLoCoConfig
 from locoswarm.sync.noloco import NoLoCoConfig
 from locoswarm.tasks.task import TaskConfig
@@ -45,24 +45,35 @@ QUICK = Regime(total_steps=400, noloco_h=10, val_batches=16, evals=8)
 
 def method_configs(reg: Regime, seed: int) -> dict[str, SimConfig]:
     """The compared methods. Heavy-ball DiLoCo runs at twice NoLoCo's H (the same bytes)."""
-    task = TaskConfig(name="tiny", batch_size=reg.batch_size, seq_len=reg.seq_len,
-                      val_batches=reg.val_batches)
+    task = TaskConfig(
+        name="tiny", batch_size=reg.batch_size, seq_len=reg.seq_len, val_batches=reg.val_batches
+    )
     h = reg.noloco_h
 
-    def cfg(strategy: str, inner_steps: int, **kw: Any) -> SimConfig:
+    def cfg(strategy: Strategy, inner_steps: int, **kw: Any) -> SimConfig:
         rounds = reg.total_steps // inner_steps
-        return SimConfig(strategy=strategy, num_replicas=reg.replicas,  # type: ignore[arg-type]
-                         rounds=rounds, inner_steps=inner_steps, seed=seed, task=task,
-                         eval_every=max(1, rounds // reg.evals), **kw)
+        return SimConfig(
+            strategy=strategy,
+            num_replicas=reg.replicas,
+            rounds=rounds,
+            inner_steps=inner_steps,
+            seed=seed,
+            task=task,
+            eval_every=max(1, rounds // reg.evals),
+            **kw,
+        )
 
     return {
         "ddp": cfg("ddp", h),
         "noloco": cfg("noloco", h, noloco=NoLoCoConfig(inner_steps=h, alpha=0.5, beta=0.7)),
         "diloco_heavyball_2h": cfg(
-            "diloco", 2 * h,
-            diloco=DiLoCoConfig(inner_steps=2 * h, lr=0.7, momentum=0.3, nesterov=False)),
+            "diloco",
+            2 * h,
+            diloco=DiLoCoConfig(inner_steps=2 * h, lr=0.7, momentum=0.3, nesterov=False),
+        ),
         "diloco_nesterov_h": cfg(
-            "diloco", h, diloco=DiLoCoConfig(inner_steps=h, lr=0.7, momentum=0.9, nesterov=True)),
+            "diloco", h, diloco=DiLoCoConfig(inner_steps=h, lr=0.7, momentum=0.9, nesterov=True)
+        ),
         "solo": cfg("solo", h),
     }
 
@@ -75,13 +86,18 @@ def _run_one(name: str, cfg: SimConfig) -> tuple[str, dict[str, Any]]:
     torch.set_num_threads(1)
     started = time.perf_counter()
     result = run_sim(cfg).to_dict()
-    print(f"  {name} seed {cfg.seed}: val {result['final']['val_loss_mean']:.4f} "
-          f"in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+    print(
+        f"  {name} seed {cfg.seed}: val {result['final']['val_loss_mean']:.4f} "
+        f"in {time.perf_counter() - started:.0f}s",
+        file=sys.stderr,
+        flush=True,
+    )
     return name, result
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Mean final figures per method over seeds, and the issue's target checks."""
+
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs)
 
@@ -103,20 +119,20 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     checks = {
         "ddp < noloco < solo": loss["ddp"] < loss["noloco"] < loss["solo"],
         "ddp < diloco < solo": loss["ddp"] < loss["diloco_heavyball_2h"] < loss["solo"],
-        "noloco <= 1.01 x diloco (heavy-ball, 2H)":
-            loss["noloco"] <= 1.01 * loss["diloco_heavyball_2h"],
-        "noloco closes >= 70% of the solo-ddp gap":
-            gap > 0 and (loss["solo"] - loss["noloco"]) >= 0.7 * gap,
+        "noloco <= 1.01 x diloco (heavy-ball, 2H)": loss["noloco"]
+        <= 1.01 * loss["diloco_heavyball_2h"],
+        "noloco closes >= 70% of the solo-ddp gap": gap > 0
+        and (loss["solo"] - loss["noloco"]) >= 0.7 * gap,
         "noloco sends >= 25x fewer bytes than ddp": sent["noloco"] * 25 <= sent["ddp"],
     }
     figures = {
         "gap_closed_by_noloco": (loss["solo"] - loss["noloco"]) / gap if gap else None,
-        "gap_closed_by_diloco_heavyball_2h":
-            (loss["solo"] - loss["diloco_heavyball_2h"]) / gap if gap else None,
+        "gap_closed_by_diloco_heavyball_2h": (loss["solo"] - loss["diloco_heavyball_2h"]) / gap
+        if gap
+        else None,
         "noloco_over_diloco_heavyball_2h": loss["noloco"] / loss["diloco_heavyball_2h"],
         "ddp_bytes_over_noloco_bytes": sent["ddp"] / sent["noloco"],
-        "noloco_bytes_over_diloco_heavyball_2h_bytes":
-            sent["noloco"] / sent["diloco_heavyball_2h"],
+        "noloco_bytes_over_diloco_heavyball_2h_bytes": sent["noloco"] / sent["diloco_heavyball_2h"],
     }
     return {"table": table, "checks": checks, "figures": figures}
 
@@ -133,15 +149,29 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
         steps = [p["inner_step"] for p in curve]
         axes[0].plot(steps, [p["val_loss_mean"] for p in curve], label=name)
         if name != "solo":
-            axes[1].plot([max(p["bytes_sent_mean"], 1.0) for p in curve],
-                         [p["val_loss_mean"] for p in curve], label=name)
+            axes[1].plot(
+                [max(p["bytes_sent_mean"], 1.0) for p in curve],
+                [p["val_loss_mean"] for p in curve],
+                label=name,
+            )
         axes[2].plot(steps, [p["spread"] for p in curve], label=name)
-    axes[0].set(xlabel="inner steps", ylabel="validation loss (mean over replicas, nats/byte)",
-                title="loss vs steps")
-    axes[1].set(xlabel="bytes sent per replica", ylabel="validation loss", xscale="log",
-                title="loss vs bytes sent")
-    axes[2].set(xlabel="inner steps", ylabel="RMS deviation from replica mean",
-                title="replica spread", yscale="symlog", )
+    axes[0].set(
+        xlabel="inner steps",
+        ylabel="validation loss (mean over replicas, nats/byte)",
+        title="loss vs steps",
+    )
+    axes[1].set(
+        xlabel="bytes sent per replica",
+        ylabel="validation loss",
+        xscale="log",
+        title="loss vs bytes sent",
+    )
+    axes[2].set(
+        xlabel="inner steps",
+        ylabel="RMS deviation from replica mean",
+        title="replica spread",
+        yscale="symlog",
+    )
     axes[2].set_yscale("symlog", linthresh=1e-4)
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -161,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     reg = QUICK if a.quick else FULL
     jobs = [(name, cfg) for seed in reg.seeds for name, cfg in method_configs(reg, seed).items()]
     # Start the longest jobs first so the pool drains evenly.
-    print(f"convergence benchmark ({'quick' if a.quick else 'full'}): {len(jobs)} runs, "
-          f"{a.workers} workers", file=sys.stderr, flush=True)
+    print(
+        f"convergence benchmark ({'quick' if a.quick else 'full'}): {len(jobs)} runs, "
+        f"{a.workers} workers",
+        file=sys.stderr,
+        flush=True,
+    )
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {}
     ctx = mp.get_context("spawn")
@@ -175,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             **asdict(reg),
             "task": "tiny byte transformer on the Python stdlib sources",
             "inner_optimizer": "AdamW lr 1e-3, betas (0.9, 0.95), wd 0.1, 100 warm-up steps, "
-                               "cosine to 1e-4, grad clip 1.0",
+            "cosine to 1e-4, grad clip 1.0",
             "H": {k: v["inner_steps_per_round"] for k, v in summary["table"].items()},
             "metric": "mean of per-replica validation losses (nats/byte)",
             "bytes": "fp32 payloads; ddp and diloco as ring all-reduce 2(n-1)/n x size, "
-                     "noloco theta-only pair swap 1 x size",
+            "noloco theta-only pair swap 1 x size",
         },
         **summary,
         "runs": {k: v for k, v in runs.items()},
@@ -191,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     png = Path(a.png) if a.png else json_path.with_suffix(".png")
     plot(runs, png)
     for name, row in summary["table"].items():
-        print(f"{name:22s} val {row['val_loss_mean']:.4f}  avg-model "
-              f"{row['val_loss_avg_model']:.4f}  spread {row['spread']:.2e}  "
-              f"sent {row['bytes_sent_per_replica'] / 1e6:9.2f} MB", file=sys.stderr)
+        print(
+            f"{name:22s} val {row['val_loss_mean']:.4f}  avg-model "
+            f"{row['val_loss_avg_model']:.4f}  spread {row['spread']:.2e}  "
+            f"sent {row['bytes_sent_per_replica'] / 1e6:9.2f} MB",
+            file=sys.stderr,
+        )
     for check, ok in summary["checks"].items():
         print(f"  [{'ok' if ok else 'MISSED'}] {check}", file=sys.stderr)
     print(f"wrote {json_path} and {png} in {out['wall_s']:.0f}s", file=sys.stderr)

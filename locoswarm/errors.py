@@ -20,7 +20,7 @@ class DataError(ConfigError):
 
 
 class PeerError(LocoswarmError):
-    """A remote peer did something wrong or could not be reached. Carries who, for scoring and logs."""
+    """A remote peer misbehaved or could not be reached. Carries who, for scoring and logs."""
 
     def __init__(self, peer: str | None, message: str) -> None:
         super().__init__(f"peer {peer or '?'}: {message}")

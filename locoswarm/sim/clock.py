@@ -39,7 +39,9 @@ class SimClock:
         if len(members) < 2:
             return
         start = max(self.now_s[m] for m in members)
-        end = start + hops * self._net.latency_s + bytes_per_member / self._net.bandwidth_bytes_per_s
+        end = (
+            start + hops * self._net.latency_s + bytes_per_member / self._net.bandwidth_bytes_per_s
+        )
         for m in members:
             self.idle_s[m] += end - self.now_s[m]
             self.now_s[m] = end

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from locoswarm.sim.clock import SimClock
 from locoswarm.sim.config import InnerConfig, SimConfig
@@ -111,8 +111,7 @@ class _Replica:
         return parameters_to_vector(self.model.parameters()).detach().float().clone()
 
     def set_theta(self, flat: Tensor) -> None:
-        with torch.no_grad():
-            vector_to_parameters(flat, self.model.parameters())
+        _copy_into(self.model, flat)
 
     def inner_steps(self, n: int) -> None:
         self.model.train()
@@ -128,6 +127,20 @@ class _Replica:
         self.opt.step()
         self.sched.step()
         self.losses.append(float(loss.detach()))
+
+
+@torch.no_grad()
+def _copy_into(model: nn.Module, flat: Tensor) -> None:
+    """Copies a flat vector into the model's parameters.
+
+    Not ``vector_to_parameters``: that rebinds ``param.data`` to views of ``flat``, so training
+    would then write through into the caller's tensor (here: the outer weights phi).
+    """
+    offset = 0
+    for p in model.parameters():
+        n = p.numel()
+        p.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
 
 
 def _cosine_with_warmup(inner: InnerConfig, total_steps: int) -> Callable[[int], float]:
@@ -270,7 +283,9 @@ class Swarm:
     def _diloco_group(self, group: Sequence[int], thetas: list[Tensor]) -> None:
         cfg = self.cfg.diloco
         members = [self.replicas[j] for j in group]
-        grad = group_mean([outer_grad(m.phi, thetas[j]) for j, m in zip(group, members, strict=True)])
+        grad = group_mean(
+            [outer_grad(m.phi, thetas[j]) for j, m in zip(group, members, strict=True)]
+        )
         for m in members:
             m.phi, m.momentum = diloco_outer_step(m.phi, grad, m.momentum, cfg)
         n = len(group)
@@ -291,10 +306,12 @@ class Swarm:
             per_replica = [_val_loss(task0, self.replicas[0].model)] * len(self.replicas)
         else:
             per_replica = [_val_loss(rep.task, rep.model) for rep in self.replicas]
-        with torch.no_grad():
-            vector_to_parameters(mean, self._scratch.parameters())
-        recent = [sum(rep.losses[-self.cfg.h :]) / max(1, len(rep.losses[-self.cfg.h :]))
-                  for rep in self.replicas if rep.losses]
+        _copy_into(self._scratch, mean)
+        recent = [
+            sum(rep.losses[-self.cfg.h :]) / max(1, len(rep.losses[-self.cfg.h :]))
+            for rep in self.replicas
+            if rep.losses
+        ]
         return EvalPoint(
             round=rounds_done,
             inner_step=rounds_done * self.cfg.h,

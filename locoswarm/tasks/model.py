@@ -73,7 +73,8 @@ class _Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        out: Tensor = x + self.down(F.silu(gate) * up)
+        return out
 
 
 class ByteTransformer(nn.Module):
@@ -100,7 +101,9 @@ class ByteTransformer(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
         if t > self.cfg.seq_len:
-            raise ValueError(f"sequence of {t} bytes exceeds the model's seq_len {self.cfg.seq_len}")
+            raise ValueError(
+                f"sequence of {t} bytes exceeds the model's seq_len {self.cfg.seq_len}"
+            )
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
         for block in self.blocks:
             x = block(x)

@@ -30,7 +30,7 @@ class TaskConfig:
     """A built-in size (tiny, small, base) or a plugin ``module:function``."""
     data: tuple[str, ...] = ()
     """Text files or folders for the built-in task; empty means the Python standard library."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Sequences per inner step and replica."""
     seq_len: int = 64
     """Bytes per sequence (at most the model's context)."""
@@ -91,11 +91,15 @@ class TaskFactory:
         )
         if self._val is None and cfg.val_batches:
             self._val = val_batches(
-                corpus.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                corpus.val,
+                batch_size=cfg.batch_size,
+                seq_len=cfg.seq_len,
                 num_batches=cfg.val_batches,
             )
         stream = BatchStream(
-            corpus.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+            corpus.train,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
             seed=seed * 1_000_003 + replica,
         )
         return ReplicaTask(
