@@ -19,7 +19,11 @@ TASK = TaskConfig(name="tiny", batch_size=2, seq_len=16, val_batches=1, max_byte
 
 def _cfg(strategy: str, **kw: object) -> SimConfig:
     base: dict[str, object] = {
-        "strategy": strategy, "num_replicas": 4, "rounds": 3, "inner_steps": 2, "task": TASK,
+        "strategy": strategy,
+        "num_replicas": 4,
+        "rounds": 3,
+        "inner_steps": 2,
+        "task": TASK,
     }
     return SimConfig(**{**base, **kw})  # type: ignore[arg-type]
 

@@ -18,10 +18,11 @@ def _batches(replica: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
 
 def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
-    return ((model(x).squeeze(-1) - y) ** 2).mean()
+    out: Tensor = ((model(x).squeeze(-1) - y) ** 2).mean()
+    return out
 
 
-def make(*, replica: int, num_replicas: int, seed: int):  # type: ignore[no-untyped-def]
+def make(*, replica: int, num_replicas: int, seed: int):
     gen = torch.Generator().manual_seed(seed + 999)
     val = [(x := torch.randn(8, 4, generator=gen), x @ torch.arange(4.0))]
     return nn.Linear(4, 1), _batches(replica, seed), _loss, val

@@ -26,7 +26,8 @@ def test_sizes_match_their_promises() -> None:
     assert 8e6 < _meta_count("small") < 12e6
     # The NoLoCo paper's Small shape; 114M with a 256-byte vocabulary.
     assert 100e6 < _meta_count("base") < 130e6
-    assert MODEL_SIZES["base"].dim == 768 and MODEL_SIZES["base"].num_layers == 12
+    assert MODEL_SIZES["base"].dim == 768
+    assert MODEL_SIZES["base"].num_layers == 12
 
 
 def test_forward_shape_and_initial_loss_near_uniform() -> None:

@@ -15,7 +15,8 @@ def test_default_task_builds_a_replica_with_disjoint_data() -> None:
     factory = TaskFactory(TaskConfig(name="tiny", val_batches=2, max_bytes=100_000))
     a = factory.build(replica=0, num_replicas=2, seed=0)
     b = factory.build(replica=1, num_replicas=2, seed=0)
-    assert a.info["train_files"] > 0 and b.info["train_files"] > 0
+    assert a.info["train_files"] > 0
+    assert b.info["train_files"] > 0
     xa, _ = next(a.batches)
     xb, _ = next(b.batches)
     assert xa.shape == (8, 64)
@@ -28,11 +29,13 @@ def test_default_task_builds_a_replica_with_disjoint_data() -> None:
 def test_user_text_folder(tmp_path: Path) -> None:
     for i in range(6):
         (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 200)
-    factory = TaskFactory(TaskConfig(name="tiny", data=(str(tmp_path),), val_batches=1,
-                                     batch_size=2, seq_len=16))
+    factory = TaskFactory(
+        TaskConfig(name="tiny", data=(str(tmp_path),), val_batches=1, batch_size=2, seq_len=16)
+    )
     task = factory.build(replica=0, num_replicas=1, seed=1)
     x, y = next(task.batches)
-    assert x.shape == (2, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    assert x.shape == (2, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path: Path) -> None:
@@ -72,7 +75,7 @@ def test_bad_plugins_are_clear_errors(name: str, match: str) -> None:
 
 
 def test_task_config_validation() -> None:
-    with pytest.raises(ConfigError, match="task.name"):
+    with pytest.raises(ConfigError, match=r"task\.name"):
         TaskConfig(name="huge")
     with pytest.raises(ConfigError, match="exceeds"):
         TaskConfig(name="tiny", seq_len=4096)
