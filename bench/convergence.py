@@ -40,7 +40,7 @@ class Regime:
 
 
 FULL = Regime(total_steps=3000, noloco_h=15)
-QUICK = Regime(total_steps=400, noloco_h=10, val_batches=16, evals=8)
+QUICK = Regime(total_steps=600, noloco_h=10, replicas=4, val_batches=16, evals=6)
 
 
 def method_configs(reg: Regime, seed: int) -> dict[str, SimConfig]:
