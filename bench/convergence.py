@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from locoswarm.compression.config import CompressionConfig
 from locoswarm.sim.config import SimConfig, Strategy
 from locoswarm.sync.diloco import DiLoCoConfig
 from locoswarm.sync.noloco import NoLoCoConfig
@@ -43,8 +44,16 @@ FULL = Regime(total_steps=3000, noloco_h=15)
 QUICK = Regime(total_steps=600, noloco_h=10, replicas=4, val_batches=16, evals=6)
 
 
-def method_configs(reg: Regime, seed: int) -> dict[str, SimConfig]:
-    """The compared methods. Heavy-ball DiLoCo runs at twice NoLoCo's H (the same bytes)."""
+SUITES = ("core", "compression", "all")
+
+
+def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, SimConfig]:
+    """The compared methods.
+
+    core: ddp, NoLoCo, heavy-ball DiLoCo at twice NoLoCo's H (the same bytes), Nesterov DiLoCo at
+    NoLoCo's H, solo. compression: uncompressed Nesterov DiLoCo at H, the ef mode (pairs) with
+    int4 and sign, each with and without EF14, and DiLoCo with int8 + EF14, all at the same H.
+    """
     task = TaskConfig(
         name="tiny", batch_size=reg.batch_size, seq_len=reg.seq_len, val_batches=reg.val_batches
     )
@@ -63,7 +72,8 @@ def method_configs(reg: Regime, seed: int) -> dict[str, SimConfig]:
             **kw,
         )
 
-    return {
+    nesterov = DiLoCoConfig(inner_steps=h, lr=0.7, momentum=0.9, nesterov=True)
+    core = {
         "ddp": cfg("ddp", h),
         "noloco": cfg("noloco", h, noloco=NoLoCoConfig(inner_steps=h, alpha=0.5, beta=0.7)),
         "diloco_heavyball_2h": cfg(
@@ -71,11 +81,26 @@ def method_configs(reg: Regime, seed: int) -> dict[str, SimConfig]:
             2 * h,
             diloco=DiLoCoConfig(inner_steps=2 * h, lr=0.7, momentum=0.3, nesterov=False),
         ),
-        "diloco_nesterov_h": cfg(
-            "diloco", h, diloco=DiLoCoConfig(inner_steps=h, lr=0.7, momentum=0.9, nesterov=True)
-        ),
+        "diloco_nesterov_h": cfg("diloco", h, diloco=nesterov),
         "solo": cfg("solo", h),
     }
+    compression = {"diloco_nesterov_h": core["diloco_nesterov_h"]}
+    for codec in ("int4", "sign"):
+        for fb in ("ef14", "none"):
+            compression[f"ef_{codec}_{fb}"] = cfg(
+                "ef",
+                h,
+                diloco=nesterov,
+                compression=CompressionConfig(codec=codec, error_feedback=fb),
+            )
+    compression["diloco_int8_ef14"] = cfg(
+        "diloco", h, diloco=nesterov, compression=CompressionConfig(codec="int8")
+    )
+    if suite == "core":
+        return core
+    if suite == "compression":
+        return compression
+    return {**core, **compression}
 
 
 def _run_one(name: str, cfg: SimConfig) -> tuple[str, dict[str, Any]]:
@@ -115,25 +140,47 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     }
     loss = {k: v["val_loss_mean"] for k, v in table.items()}
     sent = {k: v["bytes_sent_per_replica"] for k, v in table.items()}
-    gap = loss["solo"] - loss["ddp"]
-    checks = {
-        "ddp < noloco < solo": loss["ddp"] < loss["noloco"] < loss["solo"],
-        "ddp < diloco < solo": loss["ddp"] < loss["diloco_heavyball_2h"] < loss["solo"],
-        "noloco <= 1.01 x diloco (heavy-ball, 2H)": loss["noloco"]
-        <= 1.01 * loss["diloco_heavyball_2h"],
-        "noloco closes >= 70% of the solo-ddp gap": gap > 0
-        and (loss["solo"] - loss["noloco"]) >= 0.7 * gap,
-        "noloco sends >= 25x fewer bytes than ddp": sent["noloco"] * 25 <= sent["ddp"],
-    }
-    figures = {
-        "gap_closed_by_noloco": (loss["solo"] - loss["noloco"]) / gap if gap else None,
-        "gap_closed_by_diloco_heavyball_2h": (loss["solo"] - loss["diloco_heavyball_2h"]) / gap
-        if gap
-        else None,
-        "noloco_over_diloco_heavyball_2h": loss["noloco"] / loss["diloco_heavyball_2h"],
-        "ddp_bytes_over_noloco_bytes": sent["ddp"] / sent["noloco"],
-        "noloco_bytes_over_diloco_heavyball_2h_bytes": sent["noloco"] / sent["diloco_heavyball_2h"],
-    }
+    checks: dict[str, bool] = {}
+    figures: dict[str, float | None] = {}
+    if "ddp" in loss:
+        gap = loss["solo"] - loss["ddp"]
+        checks |= {
+            "ddp < noloco < solo": loss["ddp"] < loss["noloco"] < loss["solo"],
+            "ddp < diloco < solo": loss["ddp"] < loss["diloco_heavyball_2h"] < loss["solo"],
+            "noloco <= 1.01 x diloco (heavy-ball, 2H)": loss["noloco"]
+            <= 1.01 * loss["diloco_heavyball_2h"],
+            "noloco closes >= 70% of the solo-ddp gap": gap > 0
+            and (loss["solo"] - loss["noloco"]) >= 0.7 * gap,
+            "noloco sends >= 25x fewer bytes than ddp": sent["noloco"] * 25 <= sent["ddp"],
+        }
+        figures |= {
+            "gap_closed_by_noloco": (loss["solo"] - loss["noloco"]) / gap if gap else None,
+            "gap_closed_by_diloco_heavyball_2h": (loss["solo"] - loss["diloco_heavyball_2h"]) / gap
+            if gap
+            else None,
+            "noloco_over_diloco_heavyball_2h": loss["noloco"] / loss["diloco_heavyball_2h"],
+            "ddp_bytes_over_noloco_bytes": sent["ddp"] / sent["noloco"],
+            "noloco_bytes_over_diloco_heavyball_2h_bytes": sent["noloco"]
+            / sent["diloco_heavyball_2h"],
+        }
+    if "ef_int4_ef14" in loss:
+        ref, ref_sent = loss["diloco_nesterov_h"], sent["diloco_nesterov_h"]
+        checks |= {
+            "ef int4+EF within 2% of uncompressed diloco": loss["ef_int4_ef14"] <= 1.02 * ref,
+            "ef int4+EF sends >= 7x fewer bytes": sent["ef_int4_ef14"] * 7 <= ref_sent,
+            "ef sign+EF within 5% of uncompressed diloco": loss["ef_sign_ef14"] <= 1.05 * ref,
+            "ef int4 without EF is worse": loss["ef_int4_none"] > loss["ef_int4_ef14"],
+            "ef sign without EF is worse": loss["ef_sign_none"] > loss["ef_sign_ef14"],
+        }
+        for name in (
+            "ef_int4_ef14",
+            "ef_int4_none",
+            "ef_sign_ef14",
+            "ef_sign_none",
+            "diloco_int8_ef14",
+        ):
+            figures[f"{name}_over_diloco"] = loss[name] / ref
+            figures[f"diloco_bytes_over_{name}_bytes"] = ref_sent / sent[name]
     return {"table": table, "checks": checks, "figures": figures}
 
 
@@ -187,9 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", required=True, help="where to write the JSON results")
     p.add_argument("--png", default=None, help="plot path (default: next to the JSON)")
     p.add_argument("--workers", type=int, default=2, help="parallel method runs (1 thread each)")
+    p.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="core",
+        help="core (ddp/noloco/diloco/solo), compression (ef and codecs) or all",
+    )
     a = p.parse_args(argv)
     reg = QUICK if a.quick else FULL
-    jobs = [(name, cfg) for seed in reg.seeds for name, cfg in method_configs(reg, seed).items()]
+    jobs = [
+        (name, cfg)
+        for seed in reg.seeds
+        for name, cfg in method_configs(reg, seed, a.suite).items()
+    ]
     # Start the longest jobs first so the pool drains evenly.
     print(
         f"convergence benchmark ({'quick' if a.quick else 'full'}): {len(jobs)} runs, "
@@ -212,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             "cosine to 1e-4, grad clip 1.0",
             "H": {k: v["inner_steps_per_round"] for k, v in summary["table"].items()},
             "metric": "mean of per-replica validation losses (nats/byte)",
-            "bytes": "fp32 payloads; ddp and diloco as ring all-reduce 2(n-1)/n x size, "
-            "noloco theta-only pair swap 1 x size",
+            "bytes": "real payload sizes (fp32 unless a codec is named); ddp and diloco as ring "
+            "all-reduce 2(n-1)/n x size, noloco theta-only pair swap 1 x size, ef pair swap of "
+            "the encoded message",
         },
         **summary,
         "runs": {k: v for k, v in runs.items()},

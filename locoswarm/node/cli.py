@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from locoswarm.compression.config import CODEC_CHOICES, FEEDBACK_CHOICES, CompressionConfig
 from locoswarm.errors import ConfigError
 from locoswarm.sim.config import STRATEGIES, InnerConfig, NetworkModel, SimConfig
 from locoswarm.sim.swarm import EvalPoint, run_sim
@@ -105,6 +106,21 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--latency-s", type=float, default=0.05, help="simulated one-way latency")
     p.add_argument("--bandwidth-mbit", type=float, default=100.0, help="simulated link Mbit/s")
+    p.add_argument(
+        "--codec",
+        choices=CODEC_CHOICES,
+        default="fp32",
+        help="payload codec for diloco and ef (default fp32: uncompressed)",
+    )
+    p.add_argument(
+        "--error-feedback",
+        choices=FEEDBACK_CHOICES,
+        default="ef14",
+        help="error feedback around a lossy codec (default ef14)",
+    )
+    p.add_argument("--eta", type=float, default=0.5, help="EControl's eta")
+    p.add_argument("--block-size", type=int, default=4096, help="int8/int4/sign block size")
+    p.add_argument("--topk-ratio", type=float, default=0.01, help="share of elements topk keeps")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N rounds")
 
 
@@ -142,6 +158,13 @@ def sim_config_from_args(a: argparse.Namespace) -> SimConfig:
         noloco=noloco,
         miss_prob=a.miss_prob,
         eval_every=a.eval_every,
+        compression=CompressionConfig(
+            codec=a.codec,
+            error_feedback=a.error_feedback,
+            eta=a.eta,
+            block_size=a.block_size,
+            topk_ratio=a.topk_ratio,
+        ),
         network=NetworkModel(
             step_time_s=a.step_time_s,
             speeds=a.speeds,

@@ -9,13 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from locoswarm.compression.config import CompressionConfig
 from locoswarm.errors import ConfigError
 from locoswarm.sync.diloco import DiLoCoConfig
 from locoswarm.sync.noloco import NoLoCoConfig
 from locoswarm.tasks.task import TaskConfig
 
-Strategy = Literal["ddp", "diloco", "noloco", "solo"]
-STRATEGIES: tuple[Strategy, ...] = ("ddp", "diloco", "noloco", "solo")
+Strategy = Literal["ddp", "diloco", "noloco", "ef", "solo"]
+STRATEGIES: tuple[Strategy, ...] = ("ddp", "diloco", "noloco", "ef", "solo")
+
+EF_DEFAULT_INNER_STEPS = 10
+"""S, the default inner steps between compressed error-feedback exchanges."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,7 +73,8 @@ class SimConfig:
     """One simulated run: N replicas of a task under one synchronisation strategy."""
 
     strategy: Strategy = "noloco"
-    """ddp (gradients averaged every step), diloco, noloco or solo (no communication)."""
+    """ddp (gradients averaged every step), diloco, noloco, ef (compressed error-feedback pair
+    exchange of pseudo-gradients, then DiLoCo's outer step) or solo (no communication)."""
     num_replicas: int = 8
     """Number of simulated nodes."""
     rounds: int = 40
@@ -83,6 +88,8 @@ class SimConfig:
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
     noloco: NoLoCoConfig = field(default_factory=NoLoCoConfig)
     network: NetworkModel = field(default_factory=NetworkModel)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """Codec and error feedback for diloco and ef payloads (noloco, ddp, solo: fp32 only)."""
     miss_prob: float = 0.0
     """Probability that a replica misses a round's exchange (then it takes a solo outer step)."""
     eval_every: int = 1
@@ -103,6 +110,16 @@ class SimConfig:
             raise ConfigError(f"sim.miss_prob must be in [0, 1), got {self.miss_prob}")
         if self.eval_every < 1:
             raise ConfigError(f"sim.eval_every must be >= 1, got {self.eval_every}")
+        if not self.compression.lossless and self.strategy in ("noloco", "ddp", "solo"):
+            raise ConfigError(
+                f"compression.codec {self.compression.codec!r} applies to diloco and ef only; "
+                f"{self.strategy} sends fp32 (see README, 'Compression')"
+            )
+        if self.strategy == "ef" and self.compression.error_feedback == "econtrol":
+            raise ConfigError(
+                "compression.error_feedback 'econtrol' needs every receiver to track each "
+                "sender's estimator, which changing pairs cannot; use it with diloco, or ef14"
+            )
         if self.network.speeds and len(self.network.speeds) != self.num_replicas:
             raise ConfigError(
                 f"network.speeds has {len(self.network.speeds)} entries for "
@@ -116,6 +133,8 @@ class SimConfig:
             return self.inner_steps
         if self.strategy == "diloco":
             return self.diloco.inner_steps
+        if self.strategy == "ef":
+            return EF_DEFAULT_INNER_STEPS
         return self.noloco.inner_steps
 
     @property

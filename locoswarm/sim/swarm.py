@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
+from locoswarm.compression import get_codec
+from locoswarm.compression.error_feedback import EControl, ErrorFeedback, Pending, make_feedback
 from locoswarm.sim.clock import SimClock
 from locoswarm.sim.config import InnerConfig, SimConfig
 from locoswarm.sync.diloco import diloco_outer_step, group_mean, outer_grad
@@ -185,6 +187,12 @@ class Swarm:
         self._fault_rng = random.Random(f"miss/{cfg.seed}")
         self._scratch = copy.deepcopy(self.replicas[0].model)
         self._tensor_bytes = self.num_parameters * cfg.bytes_per_element
+        comp = cfg.compression
+        self._feedback: list[ErrorFeedback] = []
+        if cfg.strategy == "ef" or (cfg.strategy == "diloco" and not comp.lossless):
+            codec = get_codec(comp.codec, block_size=comp.block_size, topk_ratio=comp.topk_ratio)
+            kind = "none" if comp.lossless else comp.error_feedback
+            self._feedback = [make_feedback(kind, codec, eta=comp.eta) for _ in range(n)]
 
     def run(self, on_eval: Callable[[EvalPoint], None] | None = None) -> SimResult:
         cfg = self.cfg
@@ -197,7 +205,9 @@ class Swarm:
                 for i, rep in enumerate(self.replicas):
                     rep.inner_steps(cfg.h)
                     self.clock.compute(i, cfg.h)
-                if cfg.strategy != "solo":
+                if self._feedback:
+                    self._compressed_outer_step(r)
+                elif cfg.strategy != "solo":
                     self._outer_step(r)
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
                 point = self._evaluate(r + 1)
@@ -233,11 +243,17 @@ class Swarm:
         for rep in self.replicas[1:]:
             rep.set_theta(theta)
 
-    def _outer_step(self, r: int) -> None:
+    def _present(self) -> list[int]:
+        """Replicas that take part in this round's exchange (the rest miss it)."""
         cfg = self.cfg
         present = [i for i in range(cfg.num_replicas) if self._fault_rng.random() >= cfg.miss_prob]
         for i in set(range(cfg.num_replicas)) - set(present):
             self.missed[i] += 1
+        return present
+
+    def _outer_step(self, r: int) -> None:
+        cfg = self.cfg
+        present = self._present()
         # The pairing seed counter is the inner step count at sync time, as in the reference.
         step_counter = (r + 1) * cfg.h
         if cfg.strategy == "noloco":
@@ -254,6 +270,54 @@ class Swarm:
                 self._diloco_group(group, thetas)
         for rep in self.replicas:
             rep.set_theta(rep.phi)  # blocking mode: theta <- phi before training on
+
+    def _compressed_outer_step(self, r: int) -> None:
+        """ef (pairs) or diloco (groups) on error-feedback-compressed pseudo-gradients.
+
+        Each member encodes its outer gradient plus residual, the group averages the decoded
+        messages in a fixed order, every member commits its residual and takes DiLoCo's outer
+        step on that average (compression.md sections 3.5 and 3.7). A replica that misses the
+        round aborts: its residual keeps the whole value and theta restarts from phi, so the
+        progress it made reaches the swarm with its next message instead of being lost.
+        """
+        cfg = self.cfg
+        present = self._present()
+        if cfg.strategy == "ef":
+            size = 2
+        else:
+            size = cfg.diloco.group_size or max(1, len(present))
+        groups = pairing(cfg.seed, (r + 1) * cfg.h, present, group_size=size) if present else []
+        pending = [
+            fb.prepare("params", outer_grad(rep.phi, rep.theta()))
+            for fb, rep in zip(self._feedback, self.replicas, strict=True)
+        ]
+        for i in set(range(cfg.num_replicas)) - set(present):
+            self._feedback[i].abort(pending[i])
+        for group in groups:
+            for j in group:
+                self._feedback[j].commit(pending[j])
+            grad = group_mean([self._received(j, pending[j]) for j in group])
+            sizes = [pending[j].encoded.num_bytes for j in group]
+            n = len(group)
+            for j, own in zip(group, sizes, strict=True):
+                rep = self.replicas[j]
+                rep.phi, rep.momentum = diloco_outer_step(rep.phi, grad, rep.momentum, cfg.diloco)
+                if cfg.strategy == "ef":  # each member sends its message to every other member
+                    sent, received = (n - 1) * own, sum(sizes) - own
+                else:  # compressed reduce-scatter + all-gather, as a ring
+                    sent = received = 2 * (n - 1) / n * own
+                self.bytes_sent[j] += sent
+                self.bytes_received[j] += received
+            hops = n - 1 if cfg.strategy == "ef" else 2 * (n - 1)
+            self.clock.sync(group, bytes_per_member=max(sizes) * max(1, n - 1), hops=hops)
+        for rep in self.replicas:
+            rep.set_theta(rep.phi)
+
+    def _received(self, j: int, pending: Pending) -> Tensor:
+        """What the group averages for member j: its decoded message, or for EControl its
+        updated estimator h_j (each member keeps a copy of every group member's h)."""
+        fb = self._feedback[j]
+        return fb.estimate[pending.key] if isinstance(fb, EControl) else pending.decoded
 
     def _noloco_group(self, group: Sequence[int], thetas: list[Tensor]) -> None:
         cfg = self.cfg.noloco
