@@ -97,7 +97,8 @@ class TopKCodec:
         size = self.chunk_size
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_CHUNK_SIZE:
             raise ConfigError(f"codec topk: chunk_size {size!r} is outside [1, {MAX_CHUNK_SIZE}]")
-        k = min(size, max(1, math.ceil(self.ratio * size)))
+        # The 1e-12 shave keeps ratios like 0.07 * 100 = 7.000000000000001 from rounding up to 8.
+        k = min(size, max(1, math.ceil(self.ratio * size * (1 - 1e-12))))
         object.__setattr__(self, "k_per_chunk", k)
 
     def encode(self, tensor: Tensor, *, name: str = "") -> Encoded:
