@@ -282,10 +282,7 @@ class Swarm:
         """
         cfg = self.cfg
         present = self._present()
-        if cfg.strategy == "ef":
-            size = 2
-        else:
-            size = cfg.diloco.group_size or max(1, len(present))
+        size = 2 if cfg.strategy == "ef" else cfg.diloco.group_size or max(1, len(present))
         groups = pairing(cfg.seed, (r + 1) * cfg.h, present, group_size=size) if present else []
         pending = [
             fb.prepare("params", outer_grad(rep.phi, rep.theta()))
@@ -302,6 +299,8 @@ class Swarm:
             for j, own in zip(group, sizes, strict=True):
                 rep = self.replicas[j]
                 rep.phi, rep.momentum = diloco_outer_step(rep.phi, grad, rep.momentum, cfg.diloco)
+                sent: float
+                received: float
                 if cfg.strategy == "ef":  # each member sends its message to every other member
                     sent, received = (n - 1) * own, sum(sizes) - own
                 else:  # compressed reduce-scatter + all-gather, as a ring

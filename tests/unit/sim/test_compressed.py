@@ -78,5 +78,5 @@ def test_invalid_combinations_are_config_errors() -> None:
         _cfg("noloco", "int8")
     with pytest.raises(ConfigError, match="econtrol"):
         _cfg("ef", "int8", "econtrol")
-    with pytest.raises(ConfigError, match="compression.codec"):
+    with pytest.raises(ConfigError, match=r"compression\.codec"):
         CompressionConfig(codec="zstd")
