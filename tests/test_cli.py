@@ -95,3 +95,21 @@ def test_user_task_plugin_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     curve = json.loads(out.read_text())["curve"]
     assert curve[-1]["val_loss_mean"] < curve[0]["val_loss_mean"]
+
+
+def test_outer_optimizer_defaults_follow_the_strategy() -> None:
+    from locoswarm.node.cli import build_parser, sim_config_from_args
+
+    def cfg(*args: str):  # type: ignore[no-untyped-def]
+        return sim_config_from_args(build_parser().parse_args(["sim", *args]))
+
+    assert (cfg("--sync", "diloco").diloco.lr, cfg("--sync", "diloco").diloco.momentum) == (
+        0.7,
+        0.9,
+    )
+    assert cfg("--sync", "diloco", "--heavy-ball").diloco.momentum == 0.3
+    assert (cfg("--sync", "noloco").noloco.alpha, cfg("--sync", "noloco").noloco.beta) == (0.5, 0.7)
+    ef = cfg("--sync", "ef", "--codec", "int4")
+    assert (ef.diloco.lr, ef.diloco.momentum, ef.compression.codec) == (1.0, 0.0, "int4")
+    assert ef.h == 10
+    assert cfg("--sync", "ef", "--outer-momentum", "0.5").diloco.momentum == 0.5

@@ -65,12 +65,17 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lr", type=float, default=1e-3, help="inner AdamW peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo lr / NoLoCo beta")
+    p.add_argument(
+        "--outer-lr",
+        type=float,
+        default=None,
+        help="DiLoCo lr (0.7) / NoLoCo beta (0.7) / ef outer lr (1.0)",
+    )
     p.add_argument(
         "--outer-momentum",
         type=float,
         default=None,
-        help="DiLoCo momentum (0.9 Nesterov, 0.3 heavy-ball) / NoLoCo alpha (0.5)",
+        help="DiLoCo momentum (0.9 Nesterov, 0.3 heavy-ball) / NoLoCo alpha (0.5) / ef (0)",
     )
     p.add_argument(
         "--gamma",
@@ -134,15 +139,23 @@ def sim_config_from_args(a: argparse.Namespace) -> SimConfig:
         val_batches=a.val_batches,
         max_bytes=a.max_bytes,
     )
-    diloco_momentum = (
-        a.outer_momentum if a.outer_momentum is not None else (0.3 if a.heavy_ball else 0.9)
-    )
+    # ef averages pseudo-gradients within changing pairs and has no pull between replicas' phi:
+    # momentum would amplify their drift (measured: worse than solo), so it defaults to plain
+    # averaging (lr 1, no momentum).
+    if a.sync == "ef":
+        default_lr, default_momentum = 1.0, 0.0
+    else:
+        default_lr, default_momentum = 0.7, (0.3 if a.heavy_ball else 0.9)
+    outer_lr = default_lr if a.outer_lr is None else a.outer_lr
     diloco = DiLoCoConfig(
-        lr=a.outer_lr, momentum=diloco_momentum, nesterov=not a.heavy_ball, group_size=a.group_size
+        lr=outer_lr,
+        momentum=default_momentum if a.outer_momentum is None else a.outer_momentum,
+        nesterov=not a.heavy_ball,
+        group_size=a.group_size,
     )
     noloco = NoLoCoConfig(
         alpha=0.5 if a.outer_momentum is None else a.outer_momentum,
-        beta=a.outer_lr,
+        beta=outer_lr,
         gamma=a.gamma,
         group_size=a.group_size or 2,
     )
