@@ -100,7 +100,7 @@ def test_user_task_plugin_runs(tmp_path: Path) -> None:
 def test_outer_optimizer_defaults_follow_the_strategy() -> None:
     from locoswarm.node.cli import build_parser, sim_config_from_args
 
-    def cfg(*args: str):  # type: ignore[no-untyped-def]
+    def cfg(*args: str):
         return sim_config_from_args(build_parser().parse_args(["sim", *args]))
 
     assert (cfg("--sync", "diloco").diloco.lr, cfg("--sync", "diloco").diloco.momentum) == (
