@@ -251,16 +251,25 @@ class Swarm:
             self.missed[i] += 1
         return present
 
+    def _groups(self, r: int, present: list[int]) -> list[tuple[int, ...]]:
+        """This round's groups among the present replicas: pairs for noloco (its group size) and
+        ef, groups of diloco's size (default: everyone present) for diloco."""
+        cfg = self.cfg
+        if not present:
+            return []
+        if cfg.strategy == "noloco":
+            size = cfg.noloco.group_size
+        elif cfg.strategy == "ef":
+            size = 2
+        else:
+            size = cfg.diloco.group_size or len(present)
+        # The pairing seed counter is the inner step count at sync time, as in the reference.
+        return pairing(cfg.seed, (r + 1) * cfg.h, present, group_size=size)
+
     def _outer_step(self, r: int) -> None:
         cfg = self.cfg
         present = self._present()
-        # The pairing seed counter is the inner step count at sync time, as in the reference.
-        step_counter = (r + 1) * cfg.h
-        if cfg.strategy == "noloco":
-            size = cfg.noloco.group_size
-        else:
-            size = cfg.diloco.group_size or max(1, len(present))
-        groups = pairing(cfg.seed, step_counter, present, group_size=size) if present else []
+        groups = self._groups(r, present)
         groups += [(i,) for i in range(cfg.num_replicas) if i not in present]
         thetas = [rep.theta() for rep in self.replicas]
         for group in groups:
@@ -282,8 +291,7 @@ class Swarm:
         """
         cfg = self.cfg
         present = self._present()
-        size = 2 if cfg.strategy == "ef" else cfg.diloco.group_size or max(1, len(present))
-        groups = pairing(cfg.seed, (r + 1) * cfg.h, present, group_size=size) if present else []
+        groups = self._groups(r, present)
         pending = [
             fb.prepare("params", outer_grad(rep.phi, rep.theta()))
             for fb, rep in zip(self._feedback, self.replicas, strict=True)

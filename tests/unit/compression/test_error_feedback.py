@@ -14,10 +14,6 @@ def t(*xs: float) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.float32)
 
 
-def top1() -> object:
-    return get_codec("topk", topk_ratio=0.25)  # d = 4 -> k = 1
-
-
 def test_t1_topk_ef14_sequence_and_invariant() -> None:
     ef = EF14(get_codec("topk", topk_ratio=0.25))
     gs = [t(0.5, -2, 1, 0.25), t(0.5, 0.5, 0.5, 0.125), t(0, 0, 0, 0)]
