@@ -22,9 +22,13 @@ class DataError(ConfigError):
 class PeerError(LocoswarmError):
     """A remote peer misbehaved or could not be reached. Carries who, for scoring and logs."""
 
-    def __init__(self, peer: str | None, message: str) -> None:
+    def __init__(self, peer: str | None, message: str, *, reason: str | None = None) -> None:
         super().__init__(f"peer {peer or '?'}: {message}")
         self.peer = peer
+        self.message = message
+        self.reason = reason
+        """Machine-readable cause, e.g. ``"bad_checksum"`` (the wire protocol's Reason names, lower
+        case without the ``REASON_`` prefix); ``None`` when the raiser gave none."""
 
 
 class ProtocolViolation(PeerError):

@@ -1,0 +1,1 @@
+"""Generated from ../locoswarm.proto by ``python -m locoswarm.protocol.codegen``."""

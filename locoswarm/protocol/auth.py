@@ -1,0 +1,135 @@
+"""Swarm-secret call authentication: HMAC tokens in call metadata, checked by a server interceptor.
+
+A token is HMAC-SHA256(secret, method | peer id | timestamp | nonce). The server accepts it when
+the timestamp is within the configured window of its clock and the nonce has not been seen inside
+that window (replays are refused). Health and reflection calls need no token, so stock probes work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from locoswarm.protocol.config import AuthConfig
+from locoswarm.protocol.reasons import REASON_METADATA_KEY
+
+PEER_KEY = "locoswarm-peer"
+TS_KEY = "locoswarm-ts"
+NONCE_KEY = "locoswarm-nonce"
+AUTH_KEY = "locoswarm-auth"
+
+SERVICE = "/locoswarm.v1.Peer/"
+_METHOD_KINDS = {
+    SERVICE + "Exchange": "stream_stream",
+    SERVICE + "FetchState": "unary_stream",
+    SERVICE + "Status": "unary_unary",
+}
+
+
+def _mac(secret: bytes, method: str, peer: str, ts: str, nonce: str) -> str:
+    message = "\n".join((method, peer, ts, nonce)).encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def call_metadata(
+    config: AuthConfig, method: str, peer_id: str, *, now: float | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Metadata for one call: who calls and, with a secret, a fresh token."""
+    if config.secret is None:
+        return ((PEER_KEY, peer_id),)
+    ts = f"{time.time() if now is None else now:.3f}"
+    nonce = secrets.token_hex(16)
+    return (
+        (PEER_KEY, peer_id),
+        (TS_KEY, ts),
+        (NONCE_KEY, nonce),
+        (AUTH_KEY, _mac(config.secret, method, peer_id, ts, nonce)),
+    )
+
+
+class TokenVerifier:
+    """Checks tokens and remembers nonces for one window (replay protection)."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        if config.secret is None:
+            raise ValueError("TokenVerifier needs a secret")
+        self.secret = config.secret
+        self.window_s = config.window_s
+        self.max_nonces = config.max_nonces
+        self._nonces: OrderedDict[str, float] = OrderedDict()
+
+    def verify(self, method: str, metadata: dict[str, str], *, now: float | None = None) -> str:
+        """Return the caller's peer id, or raise ``ValueError`` saying what was wrong."""
+        now = time.time() if now is None else now
+        peer = metadata.get(PEER_KEY, "")
+        ts, nonce, token = (metadata.get(k, "") for k in (TS_KEY, NONCE_KEY, AUTH_KEY))
+        if not (peer and ts and nonce and token):
+            raise ValueError("missing token")
+        try:
+            stamp = float(ts)
+        except ValueError:
+            raise ValueError("malformed timestamp") from None
+        if not abs(now - stamp) <= self.window_s:
+            raise ValueError(f"timestamp {ts} outside the {self.window_s:.0f}s window")
+        if not hmac.compare_digest(token, _mac(self.secret, method, peer, ts, nonce)):
+            raise ValueError("bad token")
+        self._forget_expired(now)
+        if nonce in self._nonces:
+            raise ValueError("replayed token")
+        self._nonces[nonce] = stamp + self.window_s
+        return peer
+
+    def _forget_expired(self, now: float) -> None:
+        # Nonces are stored in arrival order; expiry times are close to that order, so popping
+        # from the front until one is still live forgets nearly all expired ones cheaply.
+        while self._nonces:
+            _, expiry = next(iter(self._nonces.items()))
+            if expiry >= now and len(self._nonces) < self.max_nonces:
+                break
+            self._nonces.popitem(last=False)
+
+
+def _deny(kind: str, detail: str) -> grpc.RpcMethodHandler:
+    trailing = ((REASON_METADATA_KEY, "unauthenticated"),)
+
+    async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, detail, trailing_metadata=trailing)
+
+    factory: Callable[..., grpc.RpcMethodHandler] = getattr(grpc, f"{kind}_rpc_method_handler")
+    return factory(abort)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every locoswarm call without a valid token with UNAUTHENTICATED and nothing else."""
+
+    def __init__(self, config: AuthConfig, on_reject: Callable[[str], None] | None = None) -> None:
+        self.verifier = TokenVerifier(config)
+        self.on_reject = on_reject
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        kind = _METHOD_KINDS.get(method)
+        if kind is None:  # health, reflection, or an unknown method gRPC itself refuses
+            return await continuation(handler_call_details)
+        metadata = {
+            k: v if isinstance(v, str) else v.decode(errors="replace")
+            for k, v in handler_call_details.invocation_metadata or ()
+        }
+        try:
+            self.verifier.verify(method, metadata)
+        except ValueError as exc:
+            if self.on_reject is not None:
+                self.on_reject("unauthenticated")
+            return _deny(kind, f"unauthenticated: {exc}")
+        return await continuation(handler_call_details)

@@ -1,0 +1,297 @@
+"""Framing of one payload: header, chunks, trailer; and the checks a receiver makes on each.
+
+A payload is a run of bytes described by ``TensorSpec`` entries. This module turns a header and
+payload into ``Frame`` messages, and checks incoming frames one at a time against ``Limits``
+*before* it allocates the payload buffer. It knows bytes and names, not tensors or codecs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from locoswarm.errors import PeerError, ProtocolViolation
+from locoswarm.protocol._gen import locoswarm_pb2 as pb
+from locoswarm.protocol.config import PROTOCOL_VERSION, Limits
+from locoswarm.protocol.reasons import error_for
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorSpec:
+    """One tensor's slice of a payload, as the sender's compression layer wrote it."""
+
+    name: str
+    codec: str
+    dtype: str
+    shape: tuple[int, ...]
+    num_bytes: int
+    block_size: int = 0
+    k_per_chunk: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Header:
+    """What a payload is and who sent it. ``total_bytes`` is the sum of the specs' byte counts."""
+
+    run_id: str
+    outer_step: int
+    strategy: str
+    sender_id: str
+    model_fingerprint: str
+    tensors: tuple[TensorSpec, ...] = ()
+    kind: str = ""
+    protocol_version: int = PROTOCOL_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(spec.num_bytes for spec in self.tensors)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LocalView:
+    """What the receiving node expects of a header: its run, model and outer step."""
+
+    run_id: str
+    model_fingerprint: str
+    outer_step: int | None = None
+    """Our outer step, or None to skip the staleness check (state transfer)."""
+
+
+@dataclass(slots=True)
+class Received:
+    """A complete payload that passed every check."""
+
+    header: Header
+    payload: bytearray = field(repr=False)
+
+
+def header_to_pb(header: Header, chunk_bytes: int) -> pb.Header:
+    total = header.total_bytes
+    return pb.Header(
+        protocol_version=header.protocol_version,
+        run_id=header.run_id,
+        outer_step=header.outer_step,
+        strategy=header.strategy,
+        sender_id=header.sender_id,
+        model_fingerprint=header.model_fingerprint,
+        tensors=[
+            pb.TensorSpec(
+                name=s.name,
+                codec=s.codec,
+                dtype=s.dtype,
+                shape=list(s.shape),
+                num_bytes=s.num_bytes,
+                block_size=s.block_size,
+                k_per_chunk=s.k_per_chunk,
+            )
+            for s in header.tensors
+        ],
+        total_bytes=total,
+        chunk_bytes=chunk_bytes,
+        num_chunks=-(-total // chunk_bytes),
+        kind=header.kind,
+    )
+
+
+def encode_frames(
+    header: Header, payload: bytes | bytearray, chunk_bytes: int
+) -> Iterator[pb.Frame]:
+    """Frames for one payload: header, chunks of at most ``chunk_bytes``, trailer with CRC-32."""
+    if len(payload) != header.total_bytes:
+        raise ValueError(f"payload has {len(payload)} bytes, header declares {header.total_bytes}")
+    yield pb.Frame(header=header_to_pb(header, chunk_bytes))
+    view = memoryview(payload)
+    crc = 0
+    index = 0
+    for start in range(0, len(payload), chunk_bytes):
+        data = bytes(view[start : start + chunk_bytes])  # protobuf bytes fields need bytes
+        crc = zlib.crc32(data, crc)
+        yield pb.Frame(chunk=pb.Chunk(index=index, data=data))
+        index += 1
+    yield pb.Frame(trailer=pb.Trailer(total_bytes=len(payload), num_chunks=index, crc32=crc))
+
+
+def _reject(reason: str, peer: str | None, detail: str) -> PeerError:
+    return error_for(reason, peer, detail)
+
+
+def _check_name(value: str, what: str, limits: Limits, peer: str | None) -> None:
+    if len(value) > limits.max_name_chars:
+        raise _reject(
+            "malformed", peer, f"{what} is {len(value)} chars, limit {limits.max_name_chars}"
+        )
+
+
+def check_header(
+    msg: pb.Header, limits: Limits, view: LocalView, *, peer: str | None, max_bytes: int
+) -> Header:
+    """Validate a received header before anything is allocated; return it as a ``Header``.
+
+    Raises the ``PeerError`` subclass for the first problem found, with its wire reason.
+    """
+    if msg.protocol_version != PROTOCOL_VERSION:
+        raise _reject(
+            "version", peer, f"protocol version {msg.protocol_version}, ours {PROTOCOL_VERSION}"
+        )
+    for what in ("run_id", "strategy", "sender_id", "model_fingerprint", "kind"):
+        _check_name(getattr(msg, what), what, limits, peer)
+    if msg.run_id != view.run_id:
+        raise _reject("wrong_run", peer, f"run {msg.run_id!r}, ours {view.run_id!r}")
+    if msg.model_fingerprint != view.model_fingerprint:
+        raise _reject(
+            "fingerprint",
+            peer,
+            f"model fingerprint {msg.model_fingerprint!r}, ours {view.model_fingerprint!r}",
+        )
+    if view.outer_step is not None and abs(msg.outer_step - view.outer_step) > limits.max_lag:
+        raise _reject(
+            "stale_round",
+            peer,
+            f"outer step {msg.outer_step}, ours {view.outer_step} (lag window {limits.max_lag})",
+        )
+    if len(msg.tensors) > limits.max_tensors:
+        raise _reject("too_large", peer, f"{len(msg.tensors)} tensors, limit {limits.max_tensors}")
+    if msg.total_bytes > max_bytes:
+        raise _reject("too_large", peer, f"declared {msg.total_bytes} bytes, limit {max_bytes}")
+    if msg.chunk_bytes > limits.max_chunk_bytes:
+        raise _reject(
+            "too_large", peer, f"chunk size {msg.chunk_bytes}, limit {limits.max_chunk_bytes}"
+        )
+    if msg.total_bytes > 0 and msg.chunk_bytes == 0:
+        raise _reject("malformed", peer, "chunk_bytes is 0 for a non-empty payload")
+    if msg.num_chunks > limits.max_chunks:
+        raise _reject(
+            "too_many_chunks", peer, f"{msg.num_chunks} chunks, limit {limits.max_chunks}"
+        )
+    if msg.total_bytes > 0 and msg.num_chunks != -(-msg.total_bytes // msg.chunk_bytes):
+        raise _reject(
+            "size_mismatch",
+            peer,
+            f"{msg.num_chunks} chunks of {msg.chunk_bytes} bytes cannot carry {msg.total_bytes}",
+        )
+    specs = []
+    for spec in msg.tensors:
+        _check_name(spec.name, "tensor name", limits, peer)
+        if spec.codec not in limits.allowed_codecs:
+            raise _reject("unknown_codec", peer, f"tensor {spec.name!r}: codec {spec.codec[:32]!r}")
+        _check_name(spec.dtype, "dtype", limits, peer)
+        if len(spec.shape) > limits.max_ndim:
+            raise _reject("malformed", peer, f"tensor {spec.name!r} has {len(spec.shape)} dims")
+        specs.append(
+            TensorSpec(
+                name=spec.name,
+                codec=spec.codec,
+                dtype=spec.dtype,
+                shape=tuple(spec.shape),
+                num_bytes=spec.num_bytes,
+                block_size=spec.block_size,
+                k_per_chunk=spec.k_per_chunk,
+            )
+        )
+    declared = sum(s.num_bytes for s in specs)
+    if declared != msg.total_bytes:
+        raise _reject(
+            "size_mismatch",
+            peer,
+            f"tensor byte counts add up to {declared}, header declares {msg.total_bytes}",
+        )
+    return Header(
+        run_id=msg.run_id,
+        outer_step=msg.outer_step,
+        strategy=msg.strategy,
+        sender_id=msg.sender_id,
+        model_fingerprint=msg.model_fingerprint,
+        tensors=tuple(specs),
+        kind=msg.kind,
+        protocol_version=msg.protocol_version,
+    )
+
+
+class PayloadReader:
+    """Checks one payload's frames in order and assembles the bytes.
+
+    Feed it the frames after ``header`` has been checked; ``feed`` returns the ``Received``
+    payload when the trailer has arrived and matched, ``None`` before that.
+    """
+
+    def __init__(self, header: Header, msg: pb.Header, *, peer: str | None) -> None:
+        self.header = header
+        self.peer = peer
+        self.chunk_bytes = msg.chunk_bytes
+        self.num_chunks = msg.num_chunks
+        self.total = msg.total_bytes
+        self.buffer = bytearray(self.total)  # safe: total was checked against the limits
+        self.offset = 0
+        self.index = 0
+        self.crc = 0
+
+    def feed(self, frame: pb.Frame) -> Received | None:
+        body = frame.WhichOneof("body")
+        if body == "chunk":
+            self._chunk(frame.chunk)
+            return None
+        if body == "trailer":
+            return self._trailer(frame.trailer)
+        raise _reject("out_of_order", self.peer, f"a {body or 'empty'} frame inside a payload")
+
+    def _chunk(self, chunk: pb.Chunk) -> None:
+        if chunk.index != self.index:
+            raise _reject("out_of_order", self.peer, f"chunk {chunk.index}, expected {self.index}")
+        if self.index >= self.num_chunks:
+            raise _reject(
+                "too_many_chunks", self.peer, f"chunk {chunk.index} of {self.num_chunks} declared"
+            )
+        size = len(chunk.data)
+        if size > self.chunk_bytes:
+            raise _reject(
+                "chunk_too_large", self.peer, f"chunk of {size} bytes, declared {self.chunk_bytes}"
+            )
+        if self.offset + size > self.total:
+            raise _reject(
+                "size_mismatch", self.peer, f"{self.offset + size} bytes, declared {self.total}"
+            )
+        self.buffer[self.offset : self.offset + size] = chunk.data
+        self.crc = zlib.crc32(chunk.data, self.crc)
+        self.offset += size
+        self.index += 1
+
+    def _trailer(self, trailer: pb.Trailer) -> Received:
+        if self.offset != self.total or self.index != self.num_chunks:
+            raise _reject(
+                "truncated",
+                self.peer,
+                f"trailer after {self.offset} of {self.total} bytes, "
+                f"{self.index} of {self.num_chunks} chunks",
+            )
+        if trailer.total_bytes != self.total or trailer.num_chunks != self.num_chunks:
+            raise _reject(
+                "size_mismatch",
+                self.peer,
+                f"trailer declares {trailer.total_bytes} bytes in {trailer.num_chunks} chunks",
+            )
+        if trailer.crc32 != self.crc:
+            raise _reject(
+                "bad_checksum", self.peer, f"crc32 {trailer.crc32:08x}, computed {self.crc:08x}"
+            )
+        return Received(header=self.header, payload=self.buffer)
+
+
+def expect_header(frame: pb.Frame, *, peer: str | None) -> pb.Header:
+    """The header of a frame that must be one."""
+    body = frame.WhichOneof("body")
+    if body != "header":
+        raise _reject("out_of_order", peer, f"expected a header, got a {body or 'empty'} frame")
+    return frame.header
+
+
+def truncated(peer: str | None, reader: PayloadReader | None) -> ProtocolViolation:
+    """The error for a stream that ended before its payload was complete."""
+    where = (
+        "before the header"
+        if reader is None
+        else (f"after {reader.offset} of {reader.total} bytes")
+    )
+    err = _reject("truncated", peer, f"stream ended {where}")
+    assert isinstance(err, ProtocolViolation)  # our own table maps truncated to it
+    return err

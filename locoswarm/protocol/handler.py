@@ -1,0 +1,66 @@
+"""What the server calls: the interface ``node/`` implements, in bytes and headers only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from locoswarm.protocol.frames import Header, LocalView, Received
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A payload to send: its header and exactly ``header.total_bytes`` bytes."""
+
+    header: Header
+    payload: bytes | bytearray = field(repr=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StatusInfo:
+    """What ``Status`` reports about a node."""
+
+    peer_id: str
+    run_id: str
+    outer_step: int
+    strategy: str
+    version: str
+    num_peers: int
+    bytes_sent: int
+    bytes_received: int
+    model_fingerprint: str
+
+
+class ExchangeHandler(Protocol):
+    """The node side of the wire. Raise a ``PeerError`` subclass to refuse; set its ``reason``."""
+
+    def local_view(self) -> LocalView:
+        """Our run id, model fingerprint and outer step, against which headers are checked."""
+        ...
+
+    async def admit(self, peer: str, header: Header) -> None:
+        """Called once a header passed the protocol checks, before its payload is read.
+
+        Refuse (e.g. ``PeerUnavailable(peer, ..., reason="busy")``) to stop the transfer early.
+        """
+        ...
+
+    async def on_exchange(self, peer: str, request: Received) -> Outgoing:
+        """Called with a complete, validated payload; returns ours for the same outer step."""
+        ...
+
+    async def on_fetch_state(self, peer: str) -> Outgoing:
+        """Our current state for a late joiner."""
+        ...
+
+    def status(self) -> StatusInfo:
+        """A snapshot for ``Status``."""
+        ...
+
+    def on_transfer(self, direction: str, num_bytes: int) -> None:
+        """Told of every payload chunk sent ("sent") or received ("received")."""
+        ...
+
+    def on_reject(self, reason: str) -> None:
+        """Told of every call this server refused, by reason (for metrics)."""
+        ...
