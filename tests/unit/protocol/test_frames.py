@@ -1,0 +1,156 @@
+"""Header checks and the payload reader, one test per rejection reason; no sockets."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from locoswarm.errors import IncompatiblePeer, PeerError, PeerUnavailable, ProtocolViolation
+from locoswarm.protocol import Header, Limits, LocalView, TensorSpec
+from locoswarm.protocol._gen import locoswarm_pb2 as pb
+from locoswarm.protocol.frames import PayloadReader, check_header, encode_frames
+
+LIMITS = Limits(max_payload_bytes=1 << 20, max_chunk_bytes=1 << 16, max_tensors=4)
+VIEW = LocalView(run_id="r", model_fingerprint="f", outer_step=10)
+
+
+def header(num_bytes: int = 1000, **kw: Any) -> Header:
+    fields: dict[str, Any] = {
+        "run_id": "r",
+        "outer_step": 10,
+        "strategy": "ef",
+        "sender_id": "s",
+        "model_fingerprint": "f",
+        "tensors": (
+            TensorSpec(
+                name="a", codec="int8", dtype="float32", shape=(10, 10), num_bytes=num_bytes
+            ),
+        ),
+    }
+    fields.update(kw)
+    return Header(**fields)
+
+
+def frames(payload: bytes, chunk: int = 256, **kw: Any) -> list[pb.Frame]:
+    return list(encode_frames(header(len(payload), **kw), payload, chunk))
+
+
+def check(msg: pb.Header) -> Header:
+    return check_header(msg, LIMITS, VIEW, peer="p", max_bytes=LIMITS.max_payload_bytes)
+
+
+def read(fs: list[pb.Frame]) -> bytes:
+    hdr = check(fs[0].header)
+    reader = PayloadReader(hdr, fs[0].header, peer="p")
+    for frame in fs[1:]:
+        got = reader.feed(frame)
+        if got is not None:
+            return bytes(got.payload)
+    raise AssertionError("no trailer")
+
+
+def test_a_payload_survives_framing() -> None:
+    payload = os.urandom(1000)
+    fs = frames(payload)
+    assert len(fs) == 1 + 4 + 1
+    assert read(fs) == payload
+    assert check(fs[0].header) == header(1000)
+
+
+def test_encode_refuses_a_payload_that_does_not_match_its_header() -> None:
+    with pytest.raises(ValueError, match="declares"):
+        list(encode_frames(header(10), b"123", 4))
+
+
+def _expect(reason: str, cls: type[PeerError], fn: Any, *args: Any) -> None:
+    with pytest.raises(cls) as info:
+        fn(*args)
+    assert info.value.reason == reason
+    assert info.value.peer == "p"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason", "cls"),
+    [
+        ("protocol_version", 2, "version", IncompatiblePeer),
+        ("run_id", "other", "wrong_run", IncompatiblePeer),
+        ("model_fingerprint", "g", "fingerprint", IncompatiblePeer),
+        ("outer_step", 13, "stale_round", PeerUnavailable),
+        ("outer_step", 7, "stale_round", PeerUnavailable),
+        ("total_bytes", 1 << 30, "too_large", ProtocolViolation),
+        ("chunk_bytes", 1 << 20, "too_large", ProtocolViolation),
+        ("chunk_bytes", 0, "malformed", ProtocolViolation),
+        ("num_chunks", 1 << 30, "too_many_chunks", ProtocolViolation),
+        ("num_chunks", 3, "size_mismatch", ProtocolViolation),
+        ("total_bytes", 999, "size_mismatch", ProtocolViolation),
+        ("strategy", "x" * 300, "malformed", ProtocolViolation),
+    ],
+)
+def test_header_field_checks(field: str, value: object, reason: str, cls: type[PeerError]) -> None:
+    msg = frames(os.urandom(1000))[0].header
+    setattr(msg, field, value)
+    _expect(reason, cls, check, msg)
+
+
+def test_header_lag_window_edges_pass() -> None:
+    for step in (8, 12):
+        check(frames(b"x" * 1000, outer_step=step)[0].header)
+
+
+def test_tensor_spec_checks() -> None:
+    msg = frames(os.urandom(1000))[0].header
+    msg.tensors[0].codec = "zstd"
+    _expect("unknown_codec", ProtocolViolation, check, msg)
+    msg = frames(os.urandom(1000))[0].header
+    msg.tensors[0].shape.extend([1] * 9)
+    _expect("malformed", ProtocolViolation, check, msg)
+    many = tuple(
+        TensorSpec(name=str(i), codec="fp32", dtype="float32", shape=(1,), num_bytes=4)
+        for i in range(5)
+    )
+    msg = frames(os.urandom(20), tensors=many)[0].header
+    _expect("too_large", ProtocolViolation, check, msg)
+
+
+def test_state_checks_skip_staleness() -> None:
+    msg = frames(os.urandom(1000), outer_step=1)[0].header
+    view = LocalView(run_id="r", model_fingerprint="f")
+    assert check_header(msg, LIMITS, view, peer="p", max_bytes=1 << 20).outer_step == 1
+
+
+def _mutated(mutate: Any) -> list[pb.Frame]:
+    fs = frames(os.urandom(1000))
+    return mutate(fs) or fs
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda fs: fs[1].chunk.__setattr__("data", b"\0" + fs[1].chunk.data[1:]), "bad_checksum"),
+        (lambda fs: fs[1].chunk.__setattr__("index", 1), "out_of_order"),
+        (lambda fs: fs[2].chunk.__setattr__("data", fs[2].chunk.data + b"!"), "chunk_too_large"),
+        (lambda fs: fs[4].chunk.__setattr__("data", fs[4].chunk.data + b"!"), "size_mismatch"),
+        (lambda fs: [*fs[:3], fs[-1]], "truncated"),
+        (
+            lambda fs: [*fs[:5], pb.Frame(chunk=pb.Chunk(index=4, data=b"")), fs[-1]],
+            "too_many_chunks",
+        ),
+        (lambda fs: [fs[0], fs[0], *fs[1:]], "out_of_order"),
+        (lambda fs: fs[-1].trailer.__setattr__("total_bytes", 5), "size_mismatch"),
+    ],
+)
+def test_payload_reader_rejects(mutate: Any, reason: str) -> None:
+    fs = _mutated(mutate)
+    with pytest.raises(PeerError) as info:
+        read(fs)
+    assert info.value.reason == reason
+
+
+def test_a_large_declaration_is_refused_before_allocation() -> None:
+    msg = frames(b"")[0].header
+    msg.tensors[0].num_bytes = msg.total_bytes = 1 << 50
+    msg.chunk_bytes, msg.num_chunks = 1 << 16, (1 << 32) - 1
+    with pytest.raises(ProtocolViolation):  # would be a MemoryError if it allocated first
+        check(msg)
