@@ -2,13 +2,18 @@
 
 A token is HMAC-SHA256(secret, method | peer id | timestamp | nonce). The server accepts it when
 the timestamp is within the configured window of its clock and the nonce has not been seen inside
-that window (replays are refused). Health and reflection calls need no token, so stock probes work.
+that window (replays are refused). Only the unary health ``Check`` needs no token, so stock probes
+(Docker HEALTHCHECK, grpc_health_probe, Kubernetes) work; health ``Watch`` and reflection streams
+need one, so strangers cannot hold server slots with them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -26,11 +31,18 @@ NONCE_KEY = "locoswarm-nonce"
 AUTH_KEY = "locoswarm-auth"
 
 SERVICE = "/locoswarm.v1.Peer/"
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
+"""The only calls served without a token."""
 _METHOD_KINDS = {
     SERVICE + "Exchange": "stream_stream",
     SERVICE + "FetchState": "unary_stream",
     SERVICE + "Status": "unary_unary",
+    "/grpc.health.v1.Health/Watch": "unary_stream",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "stream_stream",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": "stream_stream",
 }
+_NONCE = re.compile(r"[0-9a-f]{32}")
+_TOKEN = re.compile(r"[0-9a-f]{64}")
 
 
 def _mac(secret: bytes, method: str, peer: str, ts: str, nonce: str) -> str:
@@ -66,12 +78,17 @@ class TokenVerifier:
         self._nonces: OrderedDict[str, float] = OrderedDict()
 
     def verify(self, method: str, metadata: dict[str, str], *, now: float | None = None) -> str:
-        """Return the caller's peer id, or raise ``ValueError`` saying what was wrong."""
+        """Return the caller's peer id, or raise ``ValueError`` saying what was wrong.
+
+        ``metadata`` holds one value per key; callers refuse repeated keys before.
+        """
         now = time.time() if now is None else now
         peer = metadata.get(PEER_KEY, "")
         ts, nonce, token = (metadata.get(k, "") for k in (TS_KEY, NONCE_KEY, AUTH_KEY))
         if not (peer and ts and nonce and token):
             raise ValueError("missing token")
+        if not (_NONCE.fullmatch(nonce) and _TOKEN.fullmatch(token)) or len(peer) > 256:
+            raise ValueError("malformed token")
         try:
             stamp = float(ts)
         except ValueError:
@@ -99,7 +116,13 @@ class TokenVerifier:
 def _deny(kind: str, detail: str) -> grpc.RpcMethodHandler:
     trailing = ((REASON_METADATA_KEY, "unauthenticated"),)
 
-    async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def abort(request: Any, context: Any) -> None:
+        if kind.startswith("stream"):
+            # Take the caller's first message (our client sends only its header before it is
+            # accepted) so the status is not lost to a write still in flight (grpc/grpc#36066).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await anext(aiter(request))
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, detail, trailing_metadata=trailing)
 
     factory: Callable[..., grpc.RpcMethodHandler] = getattr(grpc, f"{kind}_rpc_method_handler")
@@ -119,14 +142,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        kind = _METHOD_KINDS.get(method)
-        if kind is None:  # health, reflection, or an unknown method gRPC itself refuses
+        if method in OPEN_METHODS:
             return await continuation(handler_call_details)
-        metadata = {
-            k: v if isinstance(v, str) else v.decode(errors="replace")
-            for k, v in handler_call_details.invocation_metadata or ()
-        }
+        kind = _METHOD_KINDS.get(method, "unary_unary")
+        metadata: dict[str, str] = {}
+        repeated = False
+        for key, value in handler_call_details.invocation_metadata or ():
+            repeated |= key in metadata and key.startswith("locoswarm-")
+            metadata[key] = value if isinstance(value, str) else value.decode(errors="replace")
         try:
+            if repeated:
+                raise ValueError("repeated locoswarm-* metadata")
             self.verifier.verify(method, metadata)
         except ValueError as exc:
             if self.on_reject is not None:

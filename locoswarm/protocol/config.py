@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from locoswarm.errors import ConfigError
+from locoswarm.protocol.ratelimit import TokenBucket
 
 PROTOCOL_VERSION = 1
 """Bumped whenever a change to locoswarm.proto breaks peers that run the previous version."""
 
 MiB = 1 << 20
+MIN_CHUNK_BYTES = 16 << 10
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -24,6 +26,10 @@ class Limits:
     """Largest payload (all tensors of one exchange) a peer may declare."""
     max_state_bytes: int = 8 << 30
     """Largest state a FetchState reply may declare."""
+    max_inflight_bytes: int = 8 << 30
+    """Most payload bytes this node receives at once over all calls (more are refused as busy)."""
+    max_elements: int = 1 << 34
+    """Most elements one tensor spec may declare (its shape's product)."""
     max_tensors: int = 4096
     """Most tensor specs in one header."""
     max_chunk_bytes: int = 8 * MiB
@@ -40,16 +46,27 @@ class Limits:
     """Codec ids a payload may name. node/ sets this from the compression layer."""
 
     def __post_init__(self) -> None:
-        for name in ("max_payload_bytes", "max_state_bytes", "max_tensors", "max_chunk_bytes"):
+        for name in (
+            "max_payload_bytes",
+            "max_state_bytes",
+            "max_inflight_bytes",
+            "max_tensors",
+            "max_elements",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"protocol.limits.{name} must be > 0, got {getattr(self, name)}")
+        if not MIN_CHUNK_BYTES <= self.max_chunk_bytes <= 64 * MiB:
+            raise ConfigError(
+                f"protocol.limits.max_chunk_bytes must be in 16 KiB..64 MiB, "
+                f"got {self.max_chunk_bytes}"
+            )
         if self.max_lag < 0:
             raise ConfigError(f"protocol.limits.max_lag must be >= 0, got {self.max_lag}")
 
     @property
     def max_chunks(self) -> int:
-        """Most chunks a payload may declare: the largest payload in 64 KiB chunks."""
-        return -(-max(self.max_payload_bytes, self.max_state_bytes) // (64 << 10))
+        """Most chunks a payload may declare: the largest payload in the smallest chunks."""
+        return -(-max(self.max_payload_bytes, self.max_state_bytes) // MIN_CHUNK_BYTES)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,8 +87,11 @@ class TlsConfig:
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError("protocol.tls needs both cert_file and key_file, or neither")
-        if self.require_client_auth and self.ca_file is None:
-            raise ConfigError("protocol.tls.require_client_auth needs protocol.tls.ca_file")
+        if self.require_client_auth and (self.ca_file is None or self.cert_file is None):
+            raise ConfigError(
+                "protocol.tls.require_client_auth needs protocol.tls.ca_file, cert_file and "
+                "key_file"
+            )
         for name in ("cert_file", "key_file", "ca_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -91,14 +111,17 @@ class AuthConfig:
     """Shared swarm secret; None turns authentication off."""
     window_s: float = 60.0
     """A token's timestamp may differ from our clock by at most this much."""
-    max_nonces: int = 1_000_000
-    """Most remembered nonces (for replay detection) before the oldest are forgotten."""
+    max_nonces: int = 100_000
+    """Most remembered nonces (for replay detection; about 100 bytes each). Past it the oldest
+    are forgotten early, so keep it above the calls a node answers within ``window_s``."""
 
     def __post_init__(self) -> None:
         if self.secret is not None and len(self.secret) < 16:
             raise ConfigError("protocol.auth.secret must be at least 16 bytes")
         if self.window_s <= 0:
             raise ConfigError(f"protocol.auth.window_s must be > 0, got {self.window_s}")
+        if self.max_nonces < 1:
+            raise ConfigError(f"protocol.auth.max_nonces must be >= 1, got {self.max_nonces}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -136,7 +159,7 @@ class ProtocolConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"protocol.port must be in 0..65535, got {self.port}")
-        if not 16 << 10 <= self.chunk_bytes <= self.limits.max_chunk_bytes:
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= self.limits.max_chunk_bytes:
             raise ConfigError(
                 f"protocol.chunk_bytes must be in 16 KiB..limits.max_chunk_bytes "
                 f"({self.limits.max_chunk_bytes}), got {self.chunk_bytes}"
@@ -159,6 +182,29 @@ class ProtocolConfig:
             raise ConfigError(
                 f"protocol.max_upload_bytes_per_s must be > 0, got {self.max_upload_bytes_per_s}"
             )
+
+    @property
+    def send_chunk_bytes(self) -> int:
+        """Chunk size this node sends: ``chunk_bytes``, cut under an upload cap so that a chunk
+        leaves about every 0.25 s and never trips a receiver's progress timeout."""
+        if self.max_upload_bytes_per_s is None:
+            return self.chunk_bytes
+        paced = int(self.max_upload_bytes_per_s / 4)
+        return max(MIN_CHUNK_BYTES, min(self.chunk_bytes, paced))
+
+    def make_bucket(self) -> TokenBucket | None:
+        """The node's upload bucket (share one between server and client), or None."""
+        if self.max_upload_bytes_per_s is None:
+            return None
+        return TokenBucket(self.max_upload_bytes_per_s, self.send_chunk_bytes)
+
+    def server_options(self) -> list[tuple[str, int | str]]:
+        """``channel_options`` plus the server-only ones."""
+        return [
+            *self.channel_options(),
+            ("grpc.max_concurrent_streams", self.max_concurrent_rpcs),
+            ("grpc.compression_enabled_algorithms_bitset", 1),  # accept identity only
+        ]
 
     def channel_options(self) -> list[tuple[str, int | str]]:
         """gRPC options shared by server and channels (ops.md §1.3-1.4)."""

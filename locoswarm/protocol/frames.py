@@ -11,7 +11,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from locoswarm.errors import PeerError, ProtocolViolation
+from locoswarm.errors import ProtocolViolation
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.config import PROTOCOL_VERSION, Limits
 from locoswarm.protocol.reasons import error_for
@@ -112,13 +112,9 @@ def encode_frames(
     yield pb.Frame(trailer=pb.Trailer(total_bytes=len(payload), num_chunks=index, crc32=crc))
 
 
-def _reject(reason: str, peer: str | None, detail: str) -> PeerError:
-    return error_for(reason, peer, detail)
-
-
 def _check_name(value: str, what: str, limits: Limits, peer: str | None) -> None:
     if len(value) > limits.max_name_chars:
-        raise _reject(
+        raise error_for(
             "malformed", peer, f"{what} is {len(value)} chars, limit {limits.max_name_chars}"
         )
 
@@ -131,41 +127,43 @@ def check_header(
     Raises the ``PeerError`` subclass for the first problem found, with its wire reason.
     """
     if msg.protocol_version != PROTOCOL_VERSION:
-        raise _reject(
+        raise error_for(
             "version", peer, f"protocol version {msg.protocol_version}, ours {PROTOCOL_VERSION}"
         )
     for what in ("run_id", "strategy", "sender_id", "model_fingerprint", "kind"):
         _check_name(getattr(msg, what), what, limits, peer)
     if msg.run_id != view.run_id:
-        raise _reject("wrong_run", peer, f"run {msg.run_id!r}, ours {view.run_id!r}")
+        raise error_for("wrong_run", peer, f"run {msg.run_id!r}, ours {view.run_id!r}")
     if msg.model_fingerprint != view.model_fingerprint:
-        raise _reject(
+        raise error_for(
             "fingerprint",
             peer,
             f"model fingerprint {msg.model_fingerprint!r}, ours {view.model_fingerprint!r}",
         )
     if view.outer_step is not None and abs(msg.outer_step - view.outer_step) > limits.max_lag:
-        raise _reject(
+        raise error_for(
             "stale_round",
             peer,
             f"outer step {msg.outer_step}, ours {view.outer_step} (lag window {limits.max_lag})",
         )
     if len(msg.tensors) > limits.max_tensors:
-        raise _reject("too_large", peer, f"{len(msg.tensors)} tensors, limit {limits.max_tensors}")
+        raise error_for(
+            "too_large", peer, f"{len(msg.tensors)} tensors, limit {limits.max_tensors}"
+        )
     if msg.total_bytes > max_bytes:
-        raise _reject("too_large", peer, f"declared {msg.total_bytes} bytes, limit {max_bytes}")
+        raise error_for("too_large", peer, f"declared {msg.total_bytes} bytes, limit {max_bytes}")
     if msg.chunk_bytes > limits.max_chunk_bytes:
-        raise _reject(
+        raise error_for(
             "too_large", peer, f"chunk size {msg.chunk_bytes}, limit {limits.max_chunk_bytes}"
         )
     if msg.total_bytes > 0 and msg.chunk_bytes == 0:
-        raise _reject("malformed", peer, "chunk_bytes is 0 for a non-empty payload")
+        raise error_for("malformed", peer, "chunk_bytes is 0 for a non-empty payload")
     if msg.num_chunks > limits.max_chunks:
-        raise _reject(
+        raise error_for(
             "too_many_chunks", peer, f"{msg.num_chunks} chunks, limit {limits.max_chunks}"
         )
-    if msg.total_bytes > 0 and msg.num_chunks != -(-msg.total_bytes // msg.chunk_bytes):
-        raise _reject(
+    if msg.num_chunks != (-(-msg.total_bytes // msg.chunk_bytes) if msg.total_bytes else 0):
+        raise error_for(
             "size_mismatch",
             peer,
             f"{msg.num_chunks} chunks of {msg.chunk_bytes} bytes cannot carry {msg.total_bytes}",
@@ -174,10 +172,24 @@ def check_header(
     for spec in msg.tensors:
         _check_name(spec.name, "tensor name", limits, peer)
         if spec.codec not in limits.allowed_codecs:
-            raise _reject("unknown_codec", peer, f"tensor {spec.name!r}: codec {spec.codec[:32]!r}")
+            raise error_for(
+                "unknown_codec", peer, f"tensor {spec.name!r}: codec {spec.codec[:32]!r}"
+            )
         _check_name(spec.dtype, "dtype", limits, peer)
         if len(spec.shape) > limits.max_ndim:
-            raise _reject("malformed", peer, f"tensor {spec.name!r} has {len(spec.shape)} dims")
+            raise error_for("malformed", peer, f"tensor {spec.name!r} has {len(spec.shape)} dims")
+        elements = 1
+        for dim in spec.shape:
+            elements *= dim
+        if elements > limits.max_elements:
+            raise error_for("too_large", peer, f"tensor {spec.name!r} declares {elements} elements")
+        if spec.k_per_chunk > elements or spec.block_size > limits.max_chunk_bytes:
+            raise error_for(
+                "malformed",
+                peer,
+                f"tensor {spec.name!r}: block_size {spec.block_size}, k_per_chunk "
+                f"{spec.k_per_chunk} for {elements} elements",
+            )
         specs.append(
             TensorSpec(
                 name=spec.name,
@@ -191,7 +203,7 @@ def check_header(
         )
     declared = sum(s.num_bytes for s in specs)
     if declared != msg.total_bytes:
-        raise _reject(
+        raise error_for(
             "size_mismatch",
             peer,
             f"tensor byte counts add up to {declared}, header declares {msg.total_bytes}",
@@ -233,22 +245,24 @@ class PayloadReader:
             return None
         if body == "trailer":
             return self._trailer(frame.trailer)
-        raise _reject("out_of_order", self.peer, f"a {body or 'empty'} frame inside a payload")
+        raise error_for("out_of_order", self.peer, f"a {body or 'empty'} frame inside a payload")
 
     def _chunk(self, chunk: pb.Chunk) -> None:
         if chunk.index != self.index:
-            raise _reject("out_of_order", self.peer, f"chunk {chunk.index}, expected {self.index}")
+            raise error_for(
+                "out_of_order", self.peer, f"chunk {chunk.index}, expected {self.index}"
+            )
         if self.index >= self.num_chunks:
-            raise _reject(
+            raise error_for(
                 "too_many_chunks", self.peer, f"chunk {chunk.index} of {self.num_chunks} declared"
             )
         size = len(chunk.data)
         if size > self.chunk_bytes:
-            raise _reject(
+            raise error_for(
                 "chunk_too_large", self.peer, f"chunk of {size} bytes, declared {self.chunk_bytes}"
             )
         if self.offset + size > self.total:
-            raise _reject(
+            raise error_for(
                 "size_mismatch", self.peer, f"{self.offset + size} bytes, declared {self.total}"
             )
         self.buffer[self.offset : self.offset + size] = chunk.data
@@ -258,20 +272,20 @@ class PayloadReader:
 
     def _trailer(self, trailer: pb.Trailer) -> Received:
         if self.offset != self.total or self.index != self.num_chunks:
-            raise _reject(
+            raise error_for(
                 "truncated",
                 self.peer,
                 f"trailer after {self.offset} of {self.total} bytes, "
                 f"{self.index} of {self.num_chunks} chunks",
             )
         if trailer.total_bytes != self.total or trailer.num_chunks != self.num_chunks:
-            raise _reject(
+            raise error_for(
                 "size_mismatch",
                 self.peer,
                 f"trailer declares {trailer.total_bytes} bytes in {trailer.num_chunks} chunks",
             )
         if trailer.crc32 != self.crc:
-            raise _reject(
+            raise error_for(
                 "bad_checksum", self.peer, f"crc32 {trailer.crc32:08x}, computed {self.crc:08x}"
             )
         return Received(header=self.header, payload=self.buffer)
@@ -281,7 +295,7 @@ def expect_header(frame: pb.Frame, *, peer: str | None) -> pb.Header:
     """The header of a frame that must be one."""
     body = frame.WhichOneof("body")
     if body != "header":
-        raise _reject("out_of_order", peer, f"expected a header, got a {body or 'empty'} frame")
+        raise error_for("out_of_order", peer, f"expected a header, got a {body or 'empty'} frame")
     return frame.header
 
 
@@ -292,6 +306,4 @@ def truncated(peer: str | None, reader: PayloadReader | None) -> ProtocolViolati
         if reader is None
         else (f"after {reader.offset} of {reader.total} bytes")
     )
-    err = _reject("truncated", peer, f"stream ended {where}")
-    assert isinstance(err, ProtocolViolation)  # our own table maps truncated to it
-    return err
+    return ProtocolViolation(peer, f"truncated: stream ended {where}", reason="truncated")

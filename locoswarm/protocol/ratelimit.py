@@ -32,4 +32,8 @@ class TokenBucket:
     async def take(self, num_bytes: int) -> None:
         wait_s = self.reserve(num_bytes)
         if wait_s > 0:
-            await asyncio.sleep(wait_s)
+            try:
+                await asyncio.sleep(wait_s)
+            except asyncio.CancelledError:
+                self._tokens += num_bytes  # nothing was sent: give the reservation back
+                raise

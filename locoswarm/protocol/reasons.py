@@ -96,7 +96,8 @@ def status_of(reason: str) -> grpc.StatusCode:
 def error_for(reason: str, peer: str | None, detail: str) -> PeerError:
     """The exception a caller raises for a refusal with this reason."""
     cls = _TABLE.get(reason, (_S.INTERNAL, PeerUnavailable))[1]
-    return cls(peer, f"{reason}: {detail}", reason=reason)
+    message = detail if detail.startswith(f"{reason}:") else f"{reason}: {detail}"
+    return cls(peer, message, reason=reason)
 
 
 def error_from_status(

@@ -1,15 +1,17 @@
 """The gRPC server of a node: the ``Peer`` service, health and reflection, limits and auth.
 
-The servicer checks every frame (``frames.py``) and hands the node's ``ExchangeHandler`` only
-complete, validated payloads. Exceptions become gRPC statuses here and nowhere else.
+The servicer checks every frame and hands the node's ``ExchangeHandler`` only complete,
+validated payloads. Every call runs under the server's own deadline, every write under the
+progress timeout, and exceptions become gRPC statuses here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -22,14 +24,7 @@ from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
 from locoswarm.protocol.auth import PEER_KEY, AuthInterceptor
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
-from locoswarm.protocol.frames import (
-    PayloadReader,
-    Received,
-    check_header,
-    encode_frames,
-    expect_header,
-    truncated,
-)
+from locoswarm.protocol.frames import PayloadReader, truncated
 from locoswarm.protocol.handler import ExchangeHandler, Outgoing
 from locoswarm.protocol.ratelimit import TokenBucket
 from locoswarm.protocol.reasons import (
@@ -39,20 +34,27 @@ from locoswarm.protocol.reasons import (
     reason_of,
     status_of,
 )
+from locoswarm.protocol.streams import check_first, next_frame, outgoing_frames, read_chunks
 from locoswarm.protocol.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "locoswarm.v1.Peer"
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpcio ships no type information
+_DRAIN_FRAME_COST = 4096  # bytes charged per drained frame, so empty frames cannot stall us
 
 
-def _peer_of(context: Context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == PEER_KEY:
-            text = value if isinstance(value, str) else value.decode(errors="replace")
-            return text[:256]
-    return str(context.peer())
+def peer_of(context: Context, max_chars: int) -> str:
+    """The caller's id from call metadata (the one the auth interceptor checked)."""
+    values = [v for k, v in context.invocation_metadata() or () if k == PEER_KEY]
+    if len(values) > 1:
+        raise error_for("malformed", None, f"{len(values)} {PEER_KEY} entries in call metadata")
+    if not values:
+        return str(context.peer())
+    text = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
+    if not text or len(text) > max_chars:
+        raise error_for("malformed", None, f"caller id of {len(text)} characters")
+    return text
 
 
 class _Tracked:
@@ -82,52 +84,57 @@ class _Servicer(pb_grpc.PeerServicer):
         self.handler = handler
         self.bucket = bucket
         self.busy = 0
+        self.inflight_bytes = 0
         self.stopping = False
 
     @contextlib.contextmanager
-    def _slot(self, peer: str) -> Any:
+    def _slot(self, peer: str) -> Iterator[list[int]]:
+        """One of ``max_concurrent_exchanges`` transfer slots; yields its byte reservation."""
         if self.stopping:
             raise PeerUnavailable(peer, "node is shutting down", reason="shutting_down")
         if self.busy >= self.config.max_concurrent_exchanges:
             raise PeerUnavailable(peer, f"{self.busy} transfers in flight (limit)", reason="busy")
         self.busy += 1
+        reserved = [0]
         try:
-            yield
+            yield reserved
         finally:
             self.busy -= 1
+            self.inflight_bytes -= reserved[0]
 
-    async def _next(self, frames: AsyncIterator[pb.Frame], peer: str) -> pb.Frame | None:
+    def _deadline(self, context: Context) -> float:
+        remaining = context.time_remaining()
+        cap = self.config.call_timeout_s
+        return cap if remaining is None else max(0.0, min(cap, remaining))
+
+    async def _write(self, context: Context, frame: pb.Frame, peer: str) -> None:
         try:
             async with asyncio.timeout(self.config.frame_timeout_s):
-                return await anext(frames)
-        except StopAsyncIteration:
-            return None
+                await context.write(frame)
         except TimeoutError:
-            raise PeerUnavailable(
-                peer, f"no frame for {self.config.frame_timeout_s:.1f}s", reason="timeout"
-            ) from None
+            raise PeerUnavailable(peer, "caller stopped reading", reason="timeout") from None
 
-    async def _read_payload(
-        self, frames: AsyncIterator[pb.Frame], peer: str, reader: PayloadReader
-    ) -> Received:
-        while True:
-            frame = await self._next(frames, peer)
-            if frame is None:
-                raise truncated(peer, reader)
-            if frame.WhichOneof("body") == "chunk":
-                self.handler.on_transfer("received", len(frame.chunk.data))
-            received = reader.feed(frame)
-            if received is not None:
-                return received
+    async def _send(self, context: Context, outgoing: Outgoing, peer: str) -> None:
+        async for frame in outgoing_frames(
+            outgoing, self.config.send_chunk_bytes, self.bucket, self.handler.on_transfer
+        ):
+            await self._write(context, frame, peer)
 
-    async def _frames_out(self, outgoing: Outgoing) -> AsyncIterator[pb.Frame]:
-        for frame in encode_frames(outgoing.header, outgoing.payload, self.config.chunk_bytes):
-            if frame.WhichOneof("body") == "chunk":
-                size = len(frame.chunk.data)
-                if self.bucket is not None:
-                    await self.bucket.take(size)
-                self.handler.on_transfer("sent", size)
-            yield frame
+    async def _drain(self, frames: _Tracked, peer: str) -> None:
+        """After refusing mid-stream, read and drop what the sender still has in flight.
+
+        Ending the call while the sender is still writing makes grpc.aio clients report INTERNAL
+        instead of our status (grpc/grpc#36066), so we wait, within a byte and time budget, for
+        the sender to see the reject frame and half-close.
+        """
+        budget = 4 * self.limits.max_chunk_bytes
+        with contextlib.suppress(PeerError, TimeoutError):
+            async with asyncio.timeout(min(2.0, self.config.frame_timeout_s)):
+                while budget > 0:
+                    frame = await next_frame(frames, peer, self.config.frame_timeout_s)
+                    if frame is None:
+                        return
+                    budget -= max(_DRAIN_FRAME_COST, frame.ByteSize())
 
     def _note(self, exc: PeerError) -> str:
         """Count and log a refusal; return its wire reason."""
@@ -136,100 +143,104 @@ class _Servicer(pb_grpc.PeerServicer):
         log.info("refused a call from %s: %s", exc.peer, exc)
         return reason
 
-    async def _refuse(self, context: Context, exc: PeerError, *, noted: bool = False) -> None:
-        reason = reason_of(exc) if noted else self._note(exc)
+    async def _abort(self, context: Context, reason: str, detail: str) -> None:
         await context.abort(
             status_of(reason),
-            f"{reason}: {exc.message}",
+            detail if detail.startswith(f"{reason}:") else f"{reason}: {detail}",
             trailing_metadata=((REASON_METADATA_KEY, reason),),
         )
 
-    async def _drain(self, frames: AsyncIterator[pb.Frame], peer: str) -> None:
-        """After refusing mid-stream, read and drop what the sender still has in flight.
+    def _reserve(self, peer: str, reserved: list[int], num_bytes: int) -> None:
+        """Count a payload against the node-wide budget before its buffer is allocated."""
+        if self.inflight_bytes + num_bytes > self.limits.max_inflight_bytes:
+            raise PeerUnavailable(
+                peer, f"{self.inflight_bytes} bytes already in flight (limit)", reason="busy"
+            )
+        self.inflight_bytes += num_bytes
+        reserved[0] += num_bytes
 
-        Ending the call while the sender is still writing makes grpc.aio clients report INTERNAL
-        instead of our status (grpc/grpc#36066), so we wait, within a byte and time budget, for
-        the sender to see the reject frame and half-close.
-        """
-        budget = 4 * self.limits.max_chunk_bytes
-        with contextlib.suppress(PeerError):
-            while budget > 0:
-                frame = await self._next(frames, peer)
-                if frame is None:
-                    return
-                budget -= frame.ByteSize()
+    async def _exchange(self, frames: _Tracked, context: Context, peer: str) -> None:
+        with self._slot(peer) as reserved:
+            first = await next_frame(frames, peer, self.config.frame_timeout_s)
+            if first is None:
+                raise truncated(peer, None)
+            header, msg = check_first(
+                first,
+                peer=peer,
+                limits=self.limits,
+                view=self.handler.local_view(),
+                max_bytes=self.limits.max_payload_bytes,
+            )
+            if header.sender_id != peer:
+                raise error_for("malformed", peer, f"header names sender {header.sender_id!r}")
+            await self.handler.admit(peer, header)
+            self._reserve(peer, reserved, msg.total_bytes)
+            reader = PayloadReader(header, msg, peer=peer)
+            await self._write(context, pb.Frame(reply=pb.Reply(accepted=True)), peer)
+            received = await read_chunks(
+                frames,
+                reader,
+                peer=peer,
+                frame_timeout_s=self.config.frame_timeout_s,
+                on_transfer=self.handler.on_transfer,
+            )
+            outgoing = await self.handler.on_exchange(peer, received)
+            await self._send(context, outgoing, peer)
 
-    async def Exchange(
-        self, request_iterator: AsyncIterator[pb.Frame], context: Context
-    ) -> AsyncIterator[pb.Frame]:
-        peer = _peer_of(context)
+    async def Exchange(self, request_iterator: AsyncIterator[pb.Frame], context: Context) -> None:
         frames = _Tracked(aiter(request_iterator))
+        peer = "?"
         try:
-            with self._slot(peer):
-                first = await self._next(frames, peer)
-                if first is None:
-                    raise truncated(peer, None)
-                msg = expect_header(first, peer=peer)
-                header = check_header(
-                    msg,
-                    self.limits,
-                    self.handler.local_view(),
-                    peer=peer,
-                    max_bytes=self.limits.max_payload_bytes,
-                )
-                await self.handler.admit(peer, header)
-                yield pb.Frame(reply=pb.Reply(accepted=True))
-                reader = PayloadReader(header, msg, peer=peer)
-                received = await self._read_payload(frames, peer, reader)
-                outgoing = await self.handler.on_exchange(peer, received)
-                async for frame in self._frames_out(outgoing):
-                    yield frame
-        except PeerError as exc:
+            peer = peer_of(context, self.limits.max_name_chars)
+            async with asyncio.timeout(self._deadline(context)):
+                await self._exchange(frames, context, peer)
+        except (PeerError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = PeerUnavailable(peer, "call deadline passed", reason="timeout")
             reason = self._note(exc)
             # The reply frame says why even where the status cannot get through (see _drain).
-            yield pb.Frame(
-                reply=pb.Reply(accepted=False, reason=reason_code(reason), detail=exc.message)
-            )
+            with contextlib.suppress(Exception):
+                await self._write(
+                    context,
+                    pb.Frame(
+                        reply=pb.Reply(
+                            accepted=False, reason=reason_code(reason), detail=exc.message
+                        )
+                    ),
+                    peer,
+                )
             if not frames.ended and reason != "timeout":
                 await self._drain(frames, peer)
-            await self._refuse(context, exc, noted=True)
+            await self._abort(context, reason, exc.message)
         except Exception:
             log.exception("Exchange from %s failed on our side", peer)
-            await self._refuse(context, error_for("internal", peer, "internal error"))
+            self.handler.on_reject("internal")
+            await self._abort(context, "internal", "internal error")
 
-    async def FetchState(
-        self, request: pb.FetchStateRequest, context: Context
-    ) -> AsyncIterator[pb.Frame]:
-        peer = _peer_of(context)
+    async def FetchState(self, request: pb.FetchStateRequest, context: Context) -> None:
+        peer = "?"
         try:
+            peer = peer_of(context, self.limits.max_name_chars)
             view = self.handler.local_view()
             if request.protocol_version != PROTOCOL_VERSION:
                 raise error_for("version", peer, f"protocol version {request.protocol_version}")
             if request.run_id != view.run_id:
                 raise error_for("wrong_run", peer, f"run {request.run_id[:64]!r}")
-            with self._slot(peer):
-                outgoing = await self.handler.on_fetch_state(peer)
-                async for frame in self._frames_out(outgoing):
-                    yield frame
-        except PeerError as exc:
-            await self._refuse(context, exc)
+            async with asyncio.timeout(self._deadline(context)):
+                with self._slot(peer):
+                    outgoing = await self.handler.on_fetch_state(peer)
+                    await self._send(context, outgoing, peer)
+        except (PeerError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = PeerUnavailable(peer, "call deadline passed", reason="timeout")
+            await self._abort(context, self._note(exc), exc.message)
         except Exception:
             log.exception("FetchState for %s failed on our side", peer)
-            await self._refuse(context, error_for("internal", peer, "internal error"))
+            self.handler.on_reject("internal")
+            await self._abort(context, "internal", "internal error")
 
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusReply:
-        info = self.handler.status()
-        return pb.StatusReply(
-            peer_id=info.peer_id,
-            run_id=info.run_id,
-            outer_step=info.outer_step,
-            strategy=info.strategy,
-            version=info.version,
-            num_peers=info.num_peers,
-            bytes_sent=info.bytes_sent,
-            bytes_received=info.bytes_received,
-            model_fingerprint=info.model_fingerprint,
-        )
+        return pb.StatusReply(**dataclasses.asdict(self.handler.status()))
 
 
 @dataclass
@@ -248,17 +259,17 @@ class PeerServer:
     ) -> AsyncIterator[PeerServer]:
         """Bind, serve, and on exit stop within ``config.shutdown_grace_s``.
 
-        ``bucket`` caps what this node sends; pass the node's client bucket to share one cap.
+        ``bucket`` caps what this node sends; give the server and the client the same one
+        (``config.make_bucket()``) so the cap holds for the node as a whole.
         """
-        if bucket is None and config.max_upload_bytes_per_s is not None:
-            bucket = TokenBucket(config.max_upload_bytes_per_s, config.chunk_bytes)
         interceptors = []
         if config.auth.secret is not None:
             interceptors.append(AuthInterceptor(config.auth, on_reject=handler.on_reject))
         server = grpc.aio.server(
             interceptors=interceptors,
-            options=config.channel_options(),
+            options=config.server_options(),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            compression=grpc.Compression.NoCompression,  # gzip of float bytes: 19 MB/s (ops.md)
         )
         servicer = _Servicer(config, handler, bucket)
         pb_grpc.add_PeerServicer_to_server(servicer, server)

@@ -28,7 +28,9 @@ RUN = "run-test"
 FINGERPRINT = "fp-1234"
 
 
-def make_header(payload_len: int, *, outer_step: int = 5, sender: str = "a", **kw: Any) -> Header:
+def make_header(
+    payload_len: int, *, outer_step: int = 5, sender: str = "client", **kw: Any
+) -> Header:
     spec = TensorSpec(
         name="w", codec="fp32", dtype="float32", shape=(payload_len // 4,), num_bytes=payload_len
     )
@@ -56,6 +58,7 @@ class RecordingHandler:
         self.bytes = {"sent": 0, "received": 0}
         self.hold: asyncio.Event | None = None
         self.entered = asyncio.Event()
+        self.rejected = asyncio.Event()
 
     def local_view(self) -> LocalView:
         return LocalView(run_id=RUN, model_fingerprint=FINGERPRINT, outer_step=self.outer_step)
@@ -109,6 +112,7 @@ class RecordingHandler:
 
     def on_reject(self, reason: str) -> None:
         self.rejects.append(reason)
+        self.rejected.set()
 
 
 def loopback(config: ProtocolConfig | None = None, **kw: Any) -> ProtocolConfig:

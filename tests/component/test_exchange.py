@@ -13,7 +13,15 @@ import grpc
 import pytest
 
 from locoswarm.errors import IncompatiblePeer, PeerError, PeerUnavailable, ProtocolViolation
-from locoswarm.protocol import LocalView, Outgoing, ProtocolConfig, Received
+from locoswarm.protocol import (
+    LocalView,
+    Outgoing,
+    PeerClient,
+    PeerServer,
+    ProtocolConfig,
+    Received,
+    TokenBucket,
+)
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
 from locoswarm.protocol.frames import encode_frames
@@ -67,7 +75,7 @@ async def _send_raw(
 
     async with grpc.aio.insecure_channel(address) as channel:
         call = pb_grpc.PeerStub(channel).Exchange(
-            requests(), timeout=20, metadata=(("locoswarm-peer", "raw"),)
+            requests(), timeout=20, metadata=(("locoswarm-peer", "client"),)
         )
         reply_reason = ""
         try:
@@ -285,3 +293,140 @@ async def test_a_violation_is_translated_for_the_client(small_chunks: ProtocolCo
             await client.exchange(address, Outgoing(make_header(4), b"abcd"), view=VIEW)
         assert info.value.reason == "rejected"
         assert handler.rejects == ["rejected"]
+
+
+async def test_a_stalled_responder_times_out_on_the_client(small_chunks: ProtocolConfig) -> None:
+    handler = RecordingHandler()
+    handler.hold = asyncio.Event()  # never set: the server accepts, then says nothing
+    async with serving(small_chunks, handler) as (address, _), dialling(small_chunks) as client:
+        with pytest.raises(PeerUnavailable) as info:
+            await client.exchange(
+                address, Outgoing(make_header(4), b"abcd"), view=VIEW, timeout_s=0.5
+            )
+        assert info.value.reason == "timeout"
+        handler.hold.set()
+
+
+class CountingBucket(TokenBucket):
+    def __init__(self, rate: float, burst: float) -> None:
+        super().__init__(rate, burst)
+        self.taken = 0
+
+    def reserve(self, num_bytes: int, *, now: float | None = None) -> float:
+        self.taken += num_bytes
+        return super().reserve(num_bytes, now=now)
+
+
+async def test_a_capped_upload_is_paced_under_the_receivers_progress_timeout(
+    small_chunks: ProtocolConfig,
+) -> None:
+    receiver = dataclasses.replace(small_chunks, frame_timeout_s=0.5)
+    sender = dataclasses.replace(small_chunks, max_upload_bytes_per_s=100e3)
+    # 64 KiB chunks at 100 kB/s would leave 0.65 s between chunks, past the receiver's 0.5 s.
+    assert sender.send_chunk_bytes / 100e3 <= 0.25
+    payload = os.urandom(120_000)
+    bucket = CountingBucket(100e3, sender.send_chunk_bytes)
+    async with (
+        serving(receiver) as (address, handler),
+        PeerClient(sender, peer_id="client", bucket=bucket) as client,
+    ):
+        got = await client.exchange(
+            address, Outgoing(make_header(len(payload)), payload), view=VIEW
+        )
+    assert bytes(got.payload) == payload[::-1]
+    assert bucket.taken == len(payload)  # every payload byte went through the cap
+    assert handler.rejects == []
+
+
+def test_exchange_runs_on_uvloop(small_chunks: ProtocolConfig) -> None:
+    import uvloop
+
+    async def main() -> bytes:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        async with serving(small_chunks) as (address, _), dialling(small_chunks) as client:
+            got = await client.exchange(address, Outgoing(make_header(8), b"01234567"), view=VIEW)
+            return bytes(got.payload)
+
+    assert uvloop.run(main()) == b"76543210"
+
+
+async def test_a_caller_that_stops_reading_loses_its_slot(small_chunks: ProtocolConfig) -> None:
+    config = dataclasses.replace(small_chunks, call_timeout_s=1.0, frame_timeout_s=0.3)
+    handler = RecordingHandler(state=os.urandom(48 << 20))  # more than the flow-control windows
+    async with (
+        serving(config, handler) as (address, _),
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        call = pb_grpc.PeerStub(channel).FetchState(
+            pb.FetchStateRequest(protocol_version=1, run_id=RUN, requester_id="client"),
+            metadata=(("locoswarm-peer", "client"),),
+        )  # no deadline, and we read only the header
+        assert (await call.read()).WhichOneof("body") == "header"
+        await asyncio.wait_for(handler.rejected.wait(), 15)
+        assert handler.rejects == ["timeout"]
+        call.cancel()
+    assert handler.bytes["sent"] < len(handler.state)
+
+
+async def test_the_header_must_name_the_caller(small_chunks: ProtocolConfig) -> None:
+    async with serving(small_chunks) as (address, handler):
+        code, reason, _ = await _send_raw(address, _frames(b"abcd", sender="someone-else"))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "malformed")
+        assert handler.exchanges == []
+
+
+async def test_a_stopping_server_refuses_new_transfers(small_chunks: ProtocolConfig) -> None:
+    handler = RecordingHandler()
+    async with PeerServer.start(small_chunks, handler) as server:
+        address = f"127.0.0.1:{server.port}"
+        await server.begin_shutdown()
+        async with dialling(small_chunks) as client:
+            with pytest.raises(PeerUnavailable) as info:
+                await client.exchange(address, Outgoing(make_header(4), b"abcd"), view=VIEW)
+            assert info.value.reason == "shutting_down"
+            with pytest.raises(PeerUnavailable):
+                await client.fetch_state(address, view=VIEW)
+
+
+class BadResponder(pb_grpc.PeerServicer):
+    """A hostile peer: accepts, then answers with a payload whose checksum is wrong."""
+
+    def __init__(self, mutate: Callable[[list[pb.Frame]], list[pb.Frame]]) -> None:
+        self.mutate = mutate
+
+    async def Exchange(self, request_iterator, context):
+        frames = aiter(request_iterator)
+        await anext(frames)  # the header
+        await context.write(pb.Frame(reply=pb.Reply(accepted=True)))
+        async for _ in frames:
+            pass
+        for frame in self.mutate(_frames(os.urandom(200_000), sender="server")):
+            await context.write(frame)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (_corrupt_chunk, "bad_checksum"),
+        (_truncate, "truncated"),
+        (lambda fs: [*fs, fs[1]], "out_of_order"),
+        (_declare_huge, "too_large"),
+        (_field("model_fingerprint", "fp-evil"), "fingerprint"),
+    ],
+)
+async def test_the_client_checks_a_hostile_reply(
+    small_chunks: ProtocolConfig, mutate: Callable[[list[pb.Frame]], list[pb.Frame]], reason: str
+) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_PeerServicer_to_server(BadResponder(mutate), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with dialling(small_chunks) as client:
+            with pytest.raises(PeerError) as info:
+                await client.exchange(
+                    f"127.0.0.1:{port}", Outgoing(make_header(8), b"12345678"), view=VIEW
+                )
+            assert info.value.reason == reason
+    finally:
+        await server.stop(None)

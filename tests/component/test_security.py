@@ -17,6 +17,7 @@ from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
 from locoswarm.protocol.auth import call_metadata
 from locoswarm.protocol.certs import make_ca, make_leaf, write_pem
+from locoswarm.protocol.frames import encode_frames
 from locoswarm.protocol.reasons import REASON_METADATA_KEY
 from tests.component.conftest import FINGERPRINT, RUN, dialling, make_header, serving
 
@@ -174,3 +175,54 @@ async def test_mutual_tls_needs_a_certificate_from_the_swarm_ca(
             with pytest.raises(PeerUnavailable):
                 await outsider.status(address, timeout_s=3)
         assert len(handler.exchanges) == 1
+
+
+async def test_health_watch_and_reflection_need_a_token_when_a_secret_is_set(
+    authed: ProtocolConfig,
+) -> None:
+    async with serving(authed) as (address, handler), grpc.aio.insecure_channel(address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await watch.read()
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.ServerReflectionInfo(iter([request]), timeout=5):
+                pass
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert handler.rejects == ["unauthenticated"] * 2
+
+
+async def test_a_replayed_exchange_token_is_refused(authed: ProtocolConfig) -> None:
+    token = call_metadata(authed.auth, "/locoswarm.v1.Peer/Exchange", "client")
+    frames = list(encode_frames(make_header(4), b"abcd", 1 << 16))
+    async with serving(authed) as (address, handler), grpc.aio.insecure_channel(address) as channel:
+        codes = []
+        for attempt in range(2):
+            sent = frames if attempt == 0 else frames[:1]  # as our client: header, then wait
+            call = pb_grpc.PeerStub(channel).Exchange(iter(sent), metadata=token, timeout=5)
+            try:
+                async for _frame in call:
+                    pass
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as err:
+                codes.append(err.code())
+        assert codes == [grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED]
+        assert len(handler.exchanges) == 1
+
+
+async def test_repeated_identity_metadata_is_refused(authed: ProtocolConfig) -> None:
+    token = call_metadata(authed.auth, "/locoswarm.v1.Peer/Status", "mallory")
+    spoofed = (("locoswarm-peer", "victim"), *token)
+    assert await _raw_status_code(authed, spoofed) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def _raw_status_code(
+    config: ProtocolConfig, metadata: tuple[tuple[str, str], ...]
+) -> grpc.StatusCode:
+    async with serving(config) as (address, _):
+        code, _ = await _raw_status(address, metadata)
+        return code

@@ -36,7 +36,8 @@ def test_a_fresh_token_verifies_once() -> None:
         (lambda md: md.update({"locoswarm-ts": "nan"}), "outside"),
         (lambda md: md.update({"locoswarm-ts": "1100.000"}), "outside"),
         (lambda md: md.update({"locoswarm-peer": "peer-b"}), "bad token"),
-        (lambda md: md.update({"locoswarm-nonce": "00"}), "bad token"),
+        (lambda md: md.update({"locoswarm-nonce": "0" * 32}), "bad token"),
+        (lambda md: md.update({"locoswarm-nonce": "00"}), "malformed token"),
     ],
 )
 def test_bad_tokens(edit, message: str) -> None:

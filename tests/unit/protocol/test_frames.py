@@ -148,9 +148,17 @@ def test_payload_reader_rejects(mutate: Any, reason: str) -> None:
     assert info.value.reason == reason
 
 
-def test_a_large_declaration_is_refused_before_allocation() -> None:
-    msg = frames(b"")[0].header
-    msg.tensors[0].num_bytes = msg.total_bytes = 1 << 50
-    msg.chunk_bytes, msg.num_chunks = 1 << 16, (1 << 32) - 1
-    with pytest.raises(ProtocolViolation):  # would be a MemoryError if it allocated first
-        check(msg)
+def test_shape_and_codec_parameters_are_bounded() -> None:
+    msg = frames(os.urandom(1000))[0].header
+    msg.tensors[0].shape[:] = [2**63, 2**63]
+    _expect("too_large", ProtocolViolation, check, msg)
+    msg = frames(os.urandom(1000))[0].header
+    msg.tensors[0].k_per_chunk = 101  # more kept values than the 100 elements
+    _expect("malformed", ProtocolViolation, check, msg)
+
+
+def test_an_empty_payload_declares_no_chunks() -> None:
+    msg = frames(b"", tensors=())[0].header
+    assert check(msg).total_bytes == 0
+    msg.num_chunks = 100_000
+    _expect("size_mismatch", ProtocolViolation, check, msg)

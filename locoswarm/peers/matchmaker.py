@@ -1,0 +1,182 @@
+"""One node's matchmaking over rounds: propose as the dialler, accept at most one proposal.
+
+The transport is injected: ``propose(peer, outer_step)`` returns a session (accepted) or None
+(refused or unreachable). In the daemon it opens the Exchange call, whose reply frame is the
+acceptance; in tests it is a call on another in-process ``Matchmaker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+from locoswarm.peers.config import PeersConfig
+from locoswarm.peers.health import PeerHealth
+from locoswarm.peers.pairing import ResponderState, decide_proposal, plan_round
+from locoswarm.peers.records import PeerRecord
+
+S = TypeVar("S")
+Propose = Callable[[str, int], Awaitable[S | None]]
+
+
+@dataclass(slots=True)
+class Match(Generic[S]):
+    """The outcome of one round's matchmaking."""
+
+    outer_step: int
+    role: Literal["dialler", "responder", "solo"]
+    partners: tuple[str, ...]
+    """The peers we exchange with (for a responder: the dialler)."""
+    reason: str
+    sessions: dict[str, S] = field(default_factory=dict)
+    """The dialler's accepted sessions, by peer."""
+
+
+class Matchmaker(Generic[S]):
+    """Matchmaking state of one node. Single-threaded: use it from the node's event loop only."""
+
+    def __init__(
+        self,
+        config: PeersConfig,
+        peer_id: str,
+        *,
+        health: PeerHealth | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.peer_id = peer_id
+        self.health = health or PeerHealth(config)
+        self.clock = clock
+        self._step: int | None = None
+        self._matched = False
+        self._dialling = False
+        self._accepted: str | None = None
+        self._picked = asyncio.Event()  # an incoming proposal was accepted this round
+        self._round_started = asyncio.Condition()
+        self._known: set[str] = set()
+
+    # -- the responder side ------------------------------------------------------------------
+
+    async def on_proposal(
+        self, proposer: str, outer_step: int, *, wait_s: float
+    ) -> tuple[bool, str]:
+        """Decide on a peer's proposal for ``outer_step``; wait up to ``wait_s`` for our round."""
+        deadline = self.clock() + wait_s
+        while True:
+            ok = self.health.available(proposer, self.clock())[0]
+            state = ResponderState(self._step, self._matched, self._dialling, proposer_ok=ok)
+            accept, reason = decide_proposal(state, outer_step)
+            if accept is not None:
+                break
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return False, reason
+            async with self._round_started:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._round_started.wait(), remaining)
+        if accept:
+            self._matched = True
+            self._accepted = proposer
+            self._picked.set()
+        return accept, reason
+
+    # -- the whole round -----------------------------------------------------------------------
+
+    async def _start(self, outer_step: int) -> None:
+        self._step = outer_step
+        self._matched = False
+        self._dialling = False
+        self._accepted = None
+        self._picked = asyncio.Event()
+        async with self._round_started:
+            self._round_started.notify_all()
+
+    async def _dial(
+        self, targets: Sequence[str], outer_step: int, propose: Propose[S]
+    ) -> dict[str, S]:
+        """Propose to ``targets`` at once; return the sessions of those who accepted."""
+        self._dialling = True
+        try:
+            results = await asyncio.gather(*(propose(p, outer_step) for p in targets))
+        finally:
+            self._dialling = False
+        sessions = {p: s for p, s in zip(targets, results, strict=True) if s is not None}
+        now = self.clock()
+        for peer in targets:
+            if peer not in sessions:
+                self.health.failed(peer, now)
+        return sessions
+
+    def _responder(self, outer_step: int) -> Match[S]:
+        assert self._accepted is not None  # set together with _picked
+        return Match(outer_step, "responder", (self._accepted,), "accepted a proposal")
+
+    async def match(
+        self,
+        me: PeerRecord,
+        view: Sequence[PeerRecord],
+        propose: Propose[S],
+        *,
+        deadline_s: float,
+    ) -> Match[S]:
+        """Find this round's partners within ``deadline_s``, or settle for a solo step."""
+        step = me.outer_step
+        await self._start(step)
+        now = self.clock()
+        self._known = {r.peer_id for r in view}
+        plan = plan_round(
+            me,
+            view,
+            run_id=self.config.run_id,
+            group_size=self.config.group_size,
+            lag_window=self.config.lag_window,
+            available=lambda p: self.health.available(p, now)[0],
+        )
+        reason = plan.reason
+        tried: set[str] = set()
+        try:
+            async with asyncio.timeout(deadline_s):
+                if plan.role == "dial":
+                    sessions = await self._dial(plan.targets, step, propose)
+                    tried.update(plan.targets)
+                    if sessions:
+                        self._matched = True
+                        return Match(step, "dialler", tuple(sessions), plan.reason, sessions)
+                    reason = "no planned partner accepted"
+                elif plan.fallbacks or plan.role == "listen":
+                    listen_s = deadline_s * self.config.listen_share
+                    try:
+                        await asyncio.wait_for(self._picked.wait(), listen_s)
+                    except TimeoutError:
+                        reason = f"no proposal within {listen_s:.1f}s"
+                if self._picked.is_set():
+                    return self._responder(step)
+                for peer in plan.fallbacks:
+                    if peer in tried or self._picked.is_set():
+                        continue
+                    tried.add(peer)
+                    sessions = await self._dial((peer,), step, propose)
+                    if sessions:
+                        self._matched = True
+                        return Match(step, "dialler", (peer,), "a free peer accepted", sessions)
+                    if self._picked.is_set():
+                        break
+                if self._picked.is_set():
+                    return self._responder(step)
+                if plan.role == "solo" and not plan.fallbacks:
+                    return self._solo(step, plan.reason)
+                await self._picked.wait()  # nobody else to try: a late proposal may still come
+                return self._responder(step)
+        except TimeoutError:
+            reason = f"{reason}; deadline of {deadline_s:.1f}s passed"
+        if self._picked.is_set():
+            return self._responder(step)
+        return self._solo(step, reason)
+
+    def _solo(self, outer_step: int, reason: str) -> Match[S]:
+        self._matched = True  # later proposals for this step are refused
+        return Match(outer_step, "solo", (), reason)

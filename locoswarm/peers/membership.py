@@ -1,0 +1,177 @@
+"""Swarm membership in the hivemind DHT: publish, refresh and withdraw our record; list others.
+
+hivemind's ``DHT`` runs in a forked process (with its ``p2pd``); start it before any gRPC object
+exists. Every call here awaits an MPFuture (``return_future=True``), so the event loop never
+blocks. Records are checked with ``records.parse_record``; knows nothing of gRPC or tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from locoswarm.errors import ConfigError, PeerUnavailable
+from locoswarm.peers.config import PeersConfig
+from locoswarm.peers.records import PeerRecord, parse_record
+
+log = logging.getLogger(__name__)
+
+
+def _start_dht(config: PeersConfig) -> hivemind.DHT:
+    """Start the DHT process, retrying an unreachable bootstrap a bounded number of times."""
+    last: BaseException | None = None
+    for attempt in range(1, config.bootstrap_attempts + 1):
+        dht = None
+        try:
+            dht = hivemind.DHT(
+                initial_peers=list(config.initial_peers),
+                start=True,
+                host_maddrs=list(config.host_maddrs),
+                announce_maddrs=list(config.announce_maddrs) or None,
+                identity_path=str(config.identity_path) if config.identity_path else None,
+                client_mode=config.client_mode,
+                bootstrap_timeout=config.bootstrap_timeout_s,
+                ensure_bootstrap_success=bool(config.initial_peers),
+                await_ready=True,
+            )
+            return dht
+        except Exception as exc:  # noqa: BLE001 - hivemind raises plain exceptions on bootstrap
+            last = exc
+            if dht is not None:
+                dht.shutdown()
+            log.warning(
+                "DHT bootstrap attempt %d/%d failed: %s", attempt, config.bootstrap_attempts, exc
+            )
+            if attempt < config.bootstrap_attempts:
+                time.sleep(min(2.0 ** (attempt - 1), 10.0))  # in a worker thread, not the loop
+    addresses = ", ".join(config.initial_peers) or "(none)"
+    raise PeerUnavailable(
+        None,
+        f"cannot join the swarm through {addresses} after {config.bootstrap_attempts} attempts: "
+        f"{last}",
+        reason="bootstrap",
+    )
+
+
+@dataclass
+class Membership:
+    """A started DHT plus our record in it. Create with ``async with Membership.start(...)``."""
+
+    config: PeersConfig
+    dht: hivemind.DHT
+    record: PeerRecord | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Records from the DHT that failed validation, counted by reason."""
+    _expiry: float = 0.0
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(cls, config: PeersConfig) -> AsyncIterator[Membership]:
+        """Start the DHT (in a thread: it forks and may block), yield, then withdraw and stop."""
+        if not config.initial_peers:
+            log.info("no --join address given: starting a new swarm")
+        dht = await asyncio.to_thread(_start_dht, config)
+        membership = cls(config=config, dht=dht)
+        try:
+            yield membership
+        finally:
+            try:
+                await membership.withdraw()
+            finally:
+                await asyncio.to_thread(dht.shutdown)
+
+    @property
+    def dht_peer_id(self) -> str:
+        return str(self.dht.peer_id)
+
+    def visible_maddrs(self) -> list[str]:
+        """Multiaddrs other nodes can join through."""
+        return [str(m) for m in self.dht.get_visible_maddrs(latest=True)]
+
+    def join_command(self, program: str = "locoswarm run") -> str:
+        """The exact command line that joins this node's swarm."""
+        addrs = [
+            m for m in self.visible_maddrs() if "/127.0.0.1/" not in m
+        ] or self.visible_maddrs()
+        args = " ".join(shlex.quote(m) for m in addrs)
+        return f"{program} --run-id {shlex.quote(self.config.run_id)} --join {args}"
+
+    async def announce(self, record: PeerRecord) -> bool:
+        """Publish (or refresh) our record; it expires ``record_ttl_s`` from now."""
+        self.record = record
+        self._expiry = get_dht_time() + self.config.record_ttl_s
+        stored = await self.dht.store(
+            self.config.records_key,
+            record.to_wire(),
+            self._expiry,
+            subkey=record.peer_id,
+            return_future=True,
+        )
+        return bool(stored)
+
+    async def withdraw(self) -> None:
+        """Replace our record with a tombstone that outlives it (the DHT keeps the later expiry)."""
+        if self.record is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self.dht.store(
+                    self.config.records_key,
+                    None,
+                    max(self._expiry, get_dht_time()) + 1.0,
+                    subkey=self.record.peer_id,
+                    return_future=True,
+                ),
+                timeout=self.config.bootstrap_timeout_s,
+            )
+        self.record = None
+
+    async def refresh_forever(self) -> None:
+        """Re-publish our record every ``refresh_interval_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.refresh_interval_s)
+            if self.record is not None:
+                try:
+                    await self.announce(self.record)
+                except Exception as exc:  # noqa: BLE001 - task boundary: keep refreshing
+                    log.warning("could not refresh our DHT record: %s", exc)
+
+    async def list_peers(self) -> list[PeerRecord]:
+        """Live records of the run (ours included), validated; withdrawn and bad ones dropped."""
+        found: Any = await self.dht.get(self.config.records_key, latest=True, return_future=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        now = get_dht_time()
+        records = []
+        for subkey, item in found.value.items():
+            if getattr(item, "expiration_time", 0.0) < now:
+                continue
+            record, why = parse_record(subkey, getattr(item, "value", None))
+            if record is None:
+                if why != "withdrawn":
+                    self.dropped[why] = self.dropped.get(why, 0) + 1
+                continue
+            records.append(record)
+        return records
+
+
+def check_join_addresses(addresses: tuple[str, ...]) -> None:
+    """Refuse malformed multiaddrs at startup, naming the bad one."""
+    from multiaddr import Multiaddr
+
+    for address in addresses:
+        try:
+            Multiaddr(address)
+        except Exception as exc:  # noqa: BLE001 - multiaddr raises several types
+            raise ConfigError(f"--join {address!r} is not a multiaddr: {exc}") from None
+        if "/p2p/" not in address:
+            raise ConfigError(f"--join {address!r} lacks the /p2p/<peer id> part")

@@ -1,0 +1,143 @@
+"""Matchmaking decisions as pure functions that return a reason.
+
+Each round a node shuffles the sorted ids of its live, compatible peers with a seed derived from
+(run, outer step) and cuts the order into groups; where views agree, groups agree without a
+message. The group's dialler (its lowest reachable id) proposes; the others accept at most one
+proposal per round (``decide_proposal``). Knows nothing of gRPC or tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from locoswarm.peers.records import PeerRecord
+
+Role = Literal["dial", "listen", "solo"]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a node intends to do this round, before any message is exchanged."""
+
+    role: Role
+    group: tuple[str, ...]
+    """Its planned group (itself included), in shuffle order."""
+    targets: tuple[str, ...]
+    """Whom it proposes to first (the rest of its group when it dials)."""
+    fallbacks: tuple[str, ...]
+    """Peers it may dial, in order, if its planned group does not form."""
+    reason: str
+
+
+def compatible(me: PeerRecord, other: PeerRecord, lag_window: int) -> tuple[bool, str]:
+    """Whether ``other`` may be our partner at all."""
+    if other.model_fingerprint != me.model_fingerprint:
+        return False, "different model fingerprint"
+    if other.sync != me.sync:
+        return False, f"sync mode {other.sync}, ours {me.sync}"
+    if abs(other.outer_step - me.outer_step) > lag_window:
+        return False, f"outer step {other.outer_step}, ours {me.outer_step}"
+    return True, "ok"
+
+
+def round_seed(run_id: str, outer_step: int) -> int:
+    """A seed every node of the run derives alike for this outer step."""
+    digest = hashlib.sha256(f"{run_id}\n{outer_step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def shuffled(ids: Sequence[str], run_id: str, outer_step: int) -> list[str]:
+    """The round's order: sorted ids shuffled with the round's seed."""
+    order = sorted(set(ids))
+    random.Random(round_seed(run_id, outer_step)).shuffle(order)
+    return order
+
+
+def cut_groups(order: Sequence[str], group_size: int) -> list[tuple[str, ...]]:
+    """Consecutive groups of ``group_size``; a last group of one is left alone (a solo step)."""
+    return [tuple(order[i : i + group_size]) for i in range(0, len(order), group_size)]
+
+
+def can_dial(caller: PeerRecord, callee: PeerRecord) -> bool:
+    """Anyone may dial a node with an address; nobody can dial a client-mode node."""
+    return callee.address is not None and callee.peer_id != caller.peer_id
+
+
+def dialler(group: Sequence[PeerRecord]) -> PeerRecord | None:
+    """The group member that proposes: the lowest reachable id, or None if none is reachable."""
+    reachable = [r for r in group if r.address is not None]
+    if not reachable:
+        return None
+    lowest = min(reachable, key=lambda r: r.peer_id)
+    if len(group) == 2 and group[0].client_mode != group[1].client_mode:
+        # A client-mode member and a reachable one: the client dials (it cannot be dialled).
+        return next(r for r in group if r.client_mode)
+    return lowest
+
+
+def plan_round(
+    me: PeerRecord,
+    view: Sequence[PeerRecord],
+    *,
+    run_id: str,
+    group_size: int,
+    lag_window: int,
+    available: Callable[[str], bool] = lambda _peer: True,
+) -> Plan:
+    """Decide this round's role from our view of the swarm (``view`` may include us)."""
+    by_id = {me.peer_id: me}
+    for record in view:
+        if (
+            record.peer_id != me.peer_id
+            and compatible(me, record, lag_window)[0]
+            and available(record.peer_id)
+        ):
+            by_id[record.peer_id] = record
+    order = shuffled(list(by_id), run_id, me.outer_step)
+    fallbacks = tuple(p for p in order if p != me.peer_id and can_dial(me, by_id[p]))
+    if len(by_id) == 1:
+        return Plan("solo", (me.peer_id,), (), (), "no live compatible peer")
+    group = next(g for g in cut_groups(order, group_size) if me.peer_id in g)
+    if len(group) == 1:
+        return Plan("solo", group, (), fallbacks, "odd one out this round")
+    members = [by_id[p] for p in group]
+    lead = dialler(members)
+    if lead is None:
+        return Plan("solo", group, (), fallbacks, "no member of the group can be dialled")
+    if lead.peer_id == me.peer_id:
+        targets = tuple(p for p in group if p != me.peer_id and can_dial(me, by_id[p]))
+        return Plan("dial", group, targets, fallbacks, "lowest reachable id of the group")
+    return Plan("listen", group, (), fallbacks, f"{lead.peer_id} dials this group")
+
+
+@dataclass(frozen=True, slots=True)
+class ResponderState:
+    """What a node knows when a proposal arrives."""
+
+    outer_step: int | None
+    """The outer step it is matching for now, or None before its first round."""
+    matched: bool
+    """It already accepted a proposal or finished matching for that step."""
+    dialling: bool
+    """It has a proposal of its own in flight."""
+    proposer_ok: bool = True
+    """The proposer is known, compatible and not banned."""
+
+
+def decide_proposal(state: ResponderState, proposal_step: int) -> tuple[bool | None, str]:
+    """Accept (True), refuse (False) or wait for our round to start (None), with the reason."""
+    if not state.proposer_ok:
+        return False, "proposer is incompatible, backing off or banned"
+    if state.outer_step is None or proposal_step > state.outer_step:
+        return None, f"not at outer step {proposal_step} yet"
+    if proposal_step < state.outer_step:
+        return False, f"outer step {proposal_step} is over, we are at {state.outer_step}"
+    if state.matched:
+        return False, "already in an exchange this outer step"
+    if state.dialling:
+        return False, "proposing to another peer"
+    return True, "ok"

@@ -1,0 +1,91 @@
+"""Reading and writing one framed payload over a gRPC stream, shared by server and client.
+
+Every wait is bounded: ``next_frame`` by the per-frame progress timeout, the whole call by its
+deadline (the callers wrap it). Sending draws on the node's upload bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from locoswarm.errors import PeerUnavailable
+from locoswarm.protocol._gen import locoswarm_pb2 as pb
+from locoswarm.protocol.config import Limits
+from locoswarm.protocol.frames import (
+    Header,
+    LocalView,
+    PayloadReader,
+    Received,
+    check_header,
+    encode_frames,
+    expect_header,
+    truncated,
+)
+from locoswarm.protocol.handler import Outgoing
+from locoswarm.protocol.ratelimit import TokenBucket
+from locoswarm.protocol.reasons import error_for, reason_name
+
+OnTransfer = Callable[[str, int], None]
+
+
+async def next_frame(
+    frames: AsyncIterator[pb.Frame], peer: str | None, timeout_s: float | None
+) -> pb.Frame | None:
+    """The next frame, None at the end of the stream; a stall past ``timeout_s`` is a timeout."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await anext(frames)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise PeerUnavailable(peer, f"no frame for {timeout_s:.1f}s", reason="timeout") from None
+
+
+def raise_if_refused(frame: pb.Frame, peer: str | None) -> None:
+    """A reject reply may come at any point of a stream; it ends the call with its reason."""
+    if frame.WhichOneof("body") == "reply" and not frame.reply.accepted:
+        raise error_for(reason_name(frame.reply.reason), peer, frame.reply.detail)
+
+
+async def outgoing_frames(
+    outgoing: Outgoing, chunk_bytes: int, bucket: TokenBucket | None, on_transfer: OnTransfer
+) -> AsyncIterator[pb.Frame]:
+    """Header, chunks and trailer of ``outgoing``; each chunk waits for the upload bucket."""
+    for frame in encode_frames(outgoing.header, outgoing.payload, chunk_bytes):
+        if frame.WhichOneof("body") == "chunk":
+            size = len(frame.chunk.data)
+            if bucket is not None:
+                await bucket.take(size)
+            on_transfer("sent", size)
+        yield frame
+
+
+def check_first(
+    first: pb.Frame, *, peer: str | None, limits: Limits, view: LocalView, max_bytes: int
+) -> tuple[Header, pb.Header]:
+    """Check the first frame of a payload as its header (a reject reply ends the call)."""
+    raise_if_refused(first, peer)
+    msg = expect_header(first, peer=peer)
+    return check_header(msg, limits, view, peer=peer, max_bytes=max_bytes), msg
+
+
+async def read_chunks(
+    frames: AsyncIterator[pb.Frame],
+    reader: PayloadReader,
+    *,
+    peer: str | None,
+    frame_timeout_s: float,
+    on_transfer: OnTransfer,
+) -> Received:
+    """Feed chunks to ``reader`` up to the trailer; return the complete, checked payload."""
+    while True:
+        frame = await next_frame(frames, peer, frame_timeout_s)
+        if frame is None:
+            raise truncated(peer, reader)
+        if frame.WhichOneof("body") == "chunk":
+            on_transfer("received", len(frame.chunk.data))
+        raise_if_refused(frame, peer)
+        received = reader.feed(frame)
+        if received is not None:
+            return received

@@ -1,0 +1,183 @@
+"""Matchmaking over simulated, inconsistent views: in-process matchmakers, a fake transport.
+
+The transport delivers a proposal to the other node's ``Matchmaker.on_proposal`` after a random
+delay, or never (a dead node). Invariants: nobody is in two exchanges in a round, every dialler's
+partners agree that they are its responders, and every node is done within the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+
+import pytest
+
+from locoswarm.peers import Match, Matchmaker, PeerRecord, PeersConfig
+
+DEADLINE_S = 0.3
+
+
+def record(peer: str, step: int, *, client: bool = False, fp: str = "fp") -> PeerRecord:
+    return PeerRecord(
+        peer_id=peer,
+        address=None if client else f"127.0.0.1:{1000 + int(peer[1:])}",
+        outer_step=step,
+        model_fingerprint=fp,
+        sync="noloco",
+        version="t",
+    )
+
+
+@dataclass
+class Session:
+    dialler: str
+    responder: str
+
+
+class Swarm:
+    def __init__(
+        self,
+        n: int,
+        *,
+        seed: int,
+        clients: AbstractSet[int] = frozenset(),
+        dead: AbstractSet[int] = frozenset(),
+        group_size: int = 2,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.ids = [f"n{i:02d}" for i in range(n)]
+        self.clients = {self.ids[i] for i in clients}
+        self.dead = {self.ids[i] for i in dead}
+        config = PeersConfig(
+            run_id="sim", group_size=group_size, backoff_base_s=0.01, backoff_max_s=0.02
+        )
+        self.nodes = {p: Matchmaker[Session](config, p) for p in self.ids}
+
+    def view_of(self, me: str, step: int) -> list[PeerRecord]:
+        # Each node misses a random ~25% of the others: views disagree.
+        return [
+            record(p, step, client=p in self.clients)
+            for p in self.ids
+            if p == me or self.rng.random() > 0.25
+        ]
+
+    def transport(self, me: str):
+        async def propose(peer: str, step: int) -> Session | None:
+            await asyncio.sleep(self.rng.uniform(0, 0.02))
+            if peer in self.dead:
+                await asyncio.sleep(10)  # never answers; the dialler's deadline cuts it off
+                return None
+            accepted, _ = await self.nodes[peer].on_proposal(me, step, wait_s=DEADLINE_S)
+            await asyncio.sleep(self.rng.uniform(0, 0.02))
+            return Session(me, peer) if accepted else None
+
+        return propose
+
+    async def round(self, step: int) -> dict[str, Match[Session]]:
+        async def one(peer: str) -> Match[Session]:
+            await asyncio.sleep(self.rng.uniform(0, 0.05))  # nodes reach the boundary apart
+            me = record(peer, step, client=peer in self.clients)
+            return await self.nodes[peer].match(
+                me, self.view_of(peer, step), self.transport(peer), deadline_s=DEADLINE_S
+            )
+
+        live = [p for p in self.ids if p not in self.dead]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        results = await asyncio.gather(*(one(p) for p in live))
+        assert loop.time() - start < DEADLINE_S + 0.5  # bounded: nobody waits past its deadline
+        return dict(zip(live, results, strict=True))
+
+
+def check_round(results: dict[str, Match[Session]], clients: set[str], group_size: int = 2) -> None:
+    exchanges: dict[str, int] = {p: 0 for p in results}
+    for peer, match in results.items():
+        if match.role == "dialler":
+            assert 1 <= len(match.partners) <= group_size - 1
+            for partner in match.partners:
+                exchanges[peer] += 1 if partner == match.partners[0] else 0
+                other = results[partner]
+                assert other.role == "responder", (peer, partner)
+                assert other.partners == (peer,), (peer, partner)
+                exchanges[partner] += 1
+                assert not (peer in clients and partner in clients)
+        elif match.role == "responder":
+            (dialler,) = match.partners
+            # Either the dialler holds the session, or it gave up at its deadline after we
+            # accepted (in the daemon its call is cancelled and we take a solo step).
+            gave_up = results[dialler].role == "solo" and "deadline" in results[dialler].reason
+            assert gave_up or peer in results[dialler].partners, (peer, results[dialler])
+        else:
+            assert match.partners == ()
+            assert match.reason
+    assert all(count <= 1 for count in exchanges.values()), exchanges
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 8])
+async def test_inconsistent_views_never_double_book(n: int) -> None:
+    swarm = Swarm(n, seed=n)
+    paired = 0
+    for step in range(6):
+        results = await swarm.round(step)
+        check_round(results, swarm.clients)
+        paired += sum(m.role != "solo" for m in results.values())
+    assert paired >= 6 * (n - 1) // 2  # most nodes do find partners despite the views
+
+
+async def test_a_dead_partner_means_a_solo_step_or_another_partner_in_time() -> None:
+    swarm = Swarm(6, seed=1, dead={0, 3})
+    for step in range(4):
+        check_round(await swarm.round(step), swarm.clients)
+
+
+async def test_client_mode_nodes_dial_and_are_never_paired_together() -> None:
+    swarm = Swarm(6, seed=2, clients={0, 1, 2})
+    for step in range(4):
+        results = await swarm.round(step)
+        check_round(results, swarm.clients)
+        for peer in swarm.clients:
+            assert results[peer].role != "responder"
+
+
+async def test_an_all_client_swarm_goes_solo_with_a_reason() -> None:
+    swarm = Swarm(4, seed=3, clients={0, 1, 2, 3})
+    results = await swarm.round(0)
+    assert {m.role for m in results.values()} == {"solo"}
+    assert all(
+        "dialled" in m.reason or "no proposal" in m.reason or "deadline" in m.reason
+        for m in results.values()
+    )
+
+
+async def test_diloco_groups_of_four() -> None:
+    swarm = Swarm(10, seed=4, group_size=4)
+    for step in range(4):
+        check_round(await swarm.round(step), swarm.clients, group_size=4)
+
+
+async def test_a_lone_node_goes_solo_at_once() -> None:
+    swarm = Swarm(1, seed=5)
+    (match,) = (await swarm.round(0)).values()
+    assert (match.role, match.reason) == ("solo", "no live compatible peer")
+
+
+async def test_a_proposal_waits_for_our_round_then_is_accepted() -> None:
+    node = Matchmaker[Session](PeersConfig(run_id="x"), "n01")
+    pending = asyncio.create_task(node.on_proposal("n00", 3, wait_s=1.0))
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+
+    async def never(peer: str, step: int) -> Session | None:
+        return None
+
+    me, other = record("n01", 3), record("n00", 3)
+    match = await node.match(me, [me, other], never, deadline_s=1.0)
+    assert await pending == (True, "ok")
+    assert (match.role, match.partners) == ("responder", ("n00",))
+    assert await node.on_proposal("n02", 3, wait_s=0.1) == (
+        False,
+        "already in an exchange this outer step",
+    )
+    assert (await node.on_proposal("n02", 2, wait_s=0.1))[0] is False
