@@ -166,7 +166,7 @@ class Membership:
 
 def check_join_addresses(addresses: tuple[str, ...]) -> None:
     """Refuse malformed multiaddrs at startup, naming the bad one."""
-    from multiaddr import Multiaddr
+    from hivemind.utils.multiaddr import Multiaddr
 
     for address in addresses:
         try:

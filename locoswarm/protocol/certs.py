@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def write_pem(pem: Pem, directory: Path, stem: str) -> tuple[Path, Path]:
     """Write ``<stem>.key`` (mode 0600) and ``<stem>.pem`` into ``directory``; return both paths."""
     directory.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(pem.key)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file already existed with a looser mode
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem.key)
     cert_path.write_bytes(pem.cert)
     return key_path, cert_path

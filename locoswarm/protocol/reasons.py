@@ -61,6 +61,7 @@ _STATUS_FALLBACK: dict[grpc.StatusCode, str] = {
     _S.INVALID_ARGUMENT: "malformed",
     _S.FAILED_PRECONDITION: "version",
     _S.OUT_OF_RANGE: "stale_round",
+    _S.RESOURCE_EXHAUSTED: "busy",
 }
 
 

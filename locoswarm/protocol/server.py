@@ -271,7 +271,9 @@ class PeerServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             compression=grpc.Compression.NoCompression,  # gzip of float bytes: 19 MB/s (ops.md)
         )
-        servicer = _Servicer(config, handler, bucket)
+        servicer = _Servicer(
+            config, handler, bucket if bucket is not None else config.make_bucket()
+        )
         pb_grpc.add_PeerServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
