@@ -53,7 +53,7 @@ async def seen_ids(member: Membership) -> set[str]:
     return {r.peer_id for r in await member.list_peers()}
 
 
-async def wait_for(predicate, timeout_s: float) -> float:  # type: ignore[no-untyped-def]
+async def wait_for(predicate, timeout_s: float) -> float:
     """Poll an async predicate; return how long it took (fails the test past ``timeout_s``)."""
     start = time.monotonic()
     async with asyncio.timeout(timeout_s):
