@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 import zlib
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -138,84 +139,13 @@ def _version(dist: str) -> str | None:
 
 
 def make_certs(directory: Path) -> dict[str, Path]:
-    """A throw-away CA and a server certificate (SAN IP:127.0.0.1, DNS:localhost), PEM files.
+    """A throw-away CA and a server certificate for 127.0.0.1 and localhost, as PEM files."""
+    from locoswarm.protocol.certs import make_ca, make_leaf, write_pem
 
-    Args:
-        directory: Where to write ``ca.pem``, ``server.pem`` and ``server.key``.
-
-    Returns:
-        The paths by name: ``ca``, ``cert``, ``key``.
-    """
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    not_before, not_after = now - dt.timedelta(hours=1), now + dt.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "locoswarm bench CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = {
-        "ca": directory / "ca.pem",
-        "cert": directory / "server.pem",
-        "key": directory / "server.key",
-    }
-    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
+    ca = make_ca("locoswarm bench CA")
+    _, ca_path = write_pem(ca, directory, "ca")
+    key_path, cert_path = write_pem(make_leaf(ca, "bench-server"), directory, "server")
+    return {"ca": ca_path, "cert": cert_path, "key": key_path}
 
 
 def _cert_paths(cert_dir: str) -> dict[str, Path]:
@@ -395,6 +325,9 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
         TlsConfig,
     )
 
+    # Received payloads are read-only bytes; we only read them (``x += y``), so torch's warning
+    # about non-writable buffers is noise here.
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
     numel = a.num_bytes // 4
     x = torch.randn(numel, generator=torch.Generator().manual_seed(SEEDS[a.role]))
     view = LocalView(run_id=RUN_ID, model_fingerprint=FINGERPRINT, outer_step=0)
@@ -434,23 +367,29 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
                 self.received = asyncio.Event()
                 self.t_done = 0.0
                 self.tensor_s = 0.0
-                self.last: tuple[bytes, bytearray] | None = None
+                self.last: tuple[bytes, bytes] | None = None
+                self.out = b""
 
             def local_view(self) -> LocalView:
                 return view
 
-            async def admit(self, peer: str, header: Header) -> None:
-                return None
+            async def admit(self, peer: str, _header: Header) -> Outgoing:
+                # Our side of the swap is ready when the request arrives: both cross at once.
+                start = time.monotonic()
+                self.out = x.numpy().tobytes()
+                self.tensor_s = time.monotonic() - start
+                return Outgoing(header=header("listen"), payload=self.out)
 
-            async def on_exchange(self, peer: str, request: Received) -> Outgoing:
+            async def on_exchange(self, peer: str, received: Received) -> None:
                 self.t_done = time.monotonic()
-                out = x.numpy().tobytes()
-                y = torch.frombuffer(request.payload, dtype=torch.float32)
+                y = torch.frombuffer(received.payload, dtype=torch.float32)
                 x.add_(y).mul_(0.5)
-                self.tensor_s = time.monotonic() - self.t_done
-                self.last = (out, request.payload)
+                self.tensor_s += time.monotonic() - self.t_done
+                self.last = (self.out, received.payload)
                 self.received.set()
-                return Outgoing(header=header("listen"), payload=out)
+
+            def on_abandoned(self, peer: str, header: Header, reason: str) -> None:
+                pass
 
             async def on_fetch_state(self, peer: str) -> Outgoing:
                 raise NotImplementedError
@@ -499,7 +438,7 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
     assert port[0] == "addr"
     address = f"{HOST}:{port[1]}"
     client = PeerClient(config, peer_id="dial")
-    last: tuple[bytes, bytearray] | None = None
+    last: tuple[bytes, bytes] | None = None
     try:
         conn.send(("ready", info))
         while True:

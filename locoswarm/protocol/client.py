@@ -18,7 +18,14 @@ from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
 from locoswarm.protocol.auth import SERVICE, call_metadata
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
-from locoswarm.protocol.frames import LocalView, PayloadReader, Received, truncated
+from locoswarm.protocol.frames import (
+    LocalView,
+    OutFrame,
+    PayloadReader,
+    Received,
+    serialize,
+    truncated,
+)
 from locoswarm.protocol.handler import Outgoing, StatusInfo
 from locoswarm.protocol.ratelimit import TokenBucket
 from locoswarm.protocol.reasons import error_for, error_from_status
@@ -61,7 +68,18 @@ class PeerClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _exchange_method(self, address: str) -> Any:
+        """Exchange with a serializer that passes pre-serialised chunk frames through."""
+        return self._channel(address).stream_stream(
+            SERVICE + "Exchange",
+            request_serializer=serialize,
+            response_deserializer=pb.Frame.FromString,
+        )
+
     def _stub(self, address: str) -> pb_grpc.PeerStub:
+        return pb_grpc.PeerStub(self._channel(address))
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             options = list(self.config.channel_options())
@@ -81,7 +99,7 @@ class PeerClient:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
         self._channels.move_to_end(address)
-        return pb_grpc.PeerStub(channel)
+        return channel
 
     async def close(self) -> None:
         channels, self._channels = self._channels, OrderedDict()
@@ -112,9 +130,11 @@ class PeerClient:
         view: LocalView,
         max_bytes: int,
         first_timeout_s: float,
+        *,
+        expect_end: bool = True,
     ) -> Received:
-        """Read one payload; its first frame may take up to ``first_timeout_s`` (the peer may be
-        receiving our upload or waiting for its own outer step meanwhile)."""
+        """Read one payload (and, with ``expect_end``, the end of the stream after it); its first
+        frame may take up to ``first_timeout_s``."""
         first = await next_frame(frames, address, first_timeout_s)
         if first is None:
             raise truncated(address, None)
@@ -128,29 +148,36 @@ class PeerClient:
             frame_timeout_s=self.config.frame_timeout_s,
             on_transfer=self.on_transfer,
         )
-        if await next_frame(frames, address, self.config.frame_timeout_s) is not None:
+        if expect_end and await next_frame(frames, address, self.config.frame_timeout_s):
             raise error_for("out_of_order", address, "a frame after the trailer")
         return received
 
     async def exchange(
         self, address: str, outgoing: Outgoing, *, view: LocalView, timeout_s: float | None = None
     ) -> Received:
-        """Send ``outgoing`` to the node at ``address`` and return its validated reply payload.
+        """Swap payloads with the node at ``address``; return its validated payload.
 
-        Nothing but the header is sent before the peer accepts. Raises a ``PeerError`` subclass
-        (with ``reason``) when the peer refuses, misbehaves, stalls or the deadline passes.
+        Only the header goes out before the peer accepts; then both payloads cross at once. We
+        confirm receipt with a final reply frame, and return only once the peer has ended the
+        call with OK, i.e. it has our payload too. Raises a ``PeerError`` subclass (with
+        ``reason``) when the peer refuses, misbehaves, stalls or the deadline passes.
         """
         timeout_s = timeout_s or self.config.call_timeout_s
-        accepted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[bool] = loop.create_future()
+        confirm: asyncio.Future[bool] = loop.create_future()
 
-        async def requests() -> AsyncIterator[pb.Frame]:
+        async def requests() -> AsyncIterator[OutFrame]:
             async for frame in outgoing_frames(
                 outgoing, self.config.send_chunk_bytes, self.bucket, self.on_transfer
             ):
                 # Not a byte of payload before the peer accepts, and none once anything failed.
-                if frame.WhichOneof("body") != "header" and not await accepted:
+                is_header = isinstance(frame, pb.Frame) and frame.WhichOneof("body") == "header"
+                if not is_header and not await accepted:
                     return
                 yield frame
+            if await confirm:
+                yield pb.Frame(reply=pb.Reply(accepted=True))
 
         async def reply(call: Any) -> Received:
             frames = aiter(call)
@@ -161,18 +188,31 @@ class PeerClient:
             if first.WhichOneof("body") != "reply":
                 raise error_for("out_of_order", address, "expected a reply frame first")
             accepted.set_result(True)
-            return await self._read_reply(
-                frames, address, view, self.config.limits.max_payload_bytes, timeout_s
+            received = await self._read_reply(
+                frames,
+                address,
+                view,
+                self.config.limits.max_payload_bytes,
+                self.config.frame_timeout_s,
+                expect_end=False,
             )
+            confirm.set_result(True)
+            # The call ends OK once the peer has our payload and our confirmation.
+            last = await next_frame(frames, address, timeout_s)
+            if last is not None:
+                raise_if_refused(last, address)  # it found our payload bad
+                raise error_for("out_of_order", address, "a frame after the payload")
+            return received
 
-        call = self._stub(address).Exchange(
+        call = self._exchange_method(address)(
             requests(), timeout=timeout_s, metadata=self._metadata("Exchange")
         )
         try:
             return await self._settle(address, call, reply(call))
         finally:
-            if not accepted.done():
-                accepted.set_result(False)
+            for future in (accepted, confirm):
+                if not future.done():
+                    future.set_result(False)
 
     async def fetch_state(
         self, address: str, *, view: LocalView, timeout_s: float | None = None

@@ -13,7 +13,7 @@ class Outgoing:
     """A payload to send: its header and exactly ``header.total_bytes`` bytes."""
 
     header: Header
-    payload: bytes | bytearray = field(repr=False)
+    payload: bytes | bytearray | memoryview = field(repr=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -32,21 +32,30 @@ class StatusInfo:
 
 
 class ExchangeHandler(Protocol):
-    """The node side of the wire. Raise a ``PeerError`` subclass to refuse; set its ``reason``."""
+    """The node side of the wire. Raise a ``PeerError`` subclass to refuse; set its ``reason``.
+
+    An Exchange is a swap: once ``admit`` returns our payload, both payloads cross at once, and
+    then exactly one of ``on_exchange`` (both arrived, the dialler confirmed) or ``on_abandoned``
+    is called for it.
+    """
 
     def local_view(self) -> LocalView:
         """Our run id, model fingerprint and outer step, against which headers are checked."""
         ...
 
-    async def admit(self, peer: str, header: Header) -> None:
-        """Called once a header passed the protocol checks, before its payload is read.
+    async def admit(self, peer: str, header: Header) -> Outgoing:
+        """A header passed the protocol checks: accept by returning our payload for the swap.
 
-        Refuse (e.g. ``PeerUnavailable(peer, ..., reason="busy")``) to stop the transfer early.
+        Refuse (e.g. ``PeerUnavailable(peer, ..., reason="busy")``) to stop it before any payload.
         """
         ...
 
-    async def on_exchange(self, peer: str, request: Received) -> Outgoing:
-        """Called with a complete, validated payload; returns ours for the same outer step."""
+    async def on_exchange(self, peer: str, received: Received) -> None:
+        """The dialler's complete, validated payload, after it confirmed it has ours."""
+        ...
+
+    def on_abandoned(self, peer: str, header: Header, reason: str) -> None:
+        """An admitted exchange failed; nothing of it may be applied."""
         ...
 
     async def on_fetch_state(self, peer: str) -> Outgoing:

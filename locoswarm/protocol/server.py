@@ -21,10 +21,9 @@ from grpc_reflection.v1alpha import reflection
 
 from locoswarm.errors import PeerError, PeerUnavailable
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
-from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
 from locoswarm.protocol.auth import PEER_KEY, AuthInterceptor
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
-from locoswarm.protocol.frames import PayloadReader, truncated
+from locoswarm.protocol.frames import Header, PayloadReader, serialize, truncated
 from locoswarm.protocol.handler import ExchangeHandler, Outgoing
 from locoswarm.protocol.ratelimit import TokenBucket
 from locoswarm.protocol.reasons import (
@@ -34,7 +33,13 @@ from locoswarm.protocol.reasons import (
     reason_of,
     status_of,
 )
-from locoswarm.protocol.streams import check_first, next_frame, outgoing_frames, read_chunks
+from locoswarm.protocol.streams import (
+    check_first,
+    next_frame,
+    outgoing_frames,
+    raise_if_refused,
+    read_chunks,
+)
 from locoswarm.protocol.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -75,7 +80,7 @@ class _Tracked:
             raise
 
 
-class _Servicer(pb_grpc.PeerServicer):
+class _Servicer:
     def __init__(
         self, config: ProtocolConfig, handler: ExchangeHandler, bucket: TokenBucket | None
     ) -> None:
@@ -107,7 +112,7 @@ class _Servicer(pb_grpc.PeerServicer):
         cap = self.config.call_timeout_s
         return cap if remaining is None else max(0.0, min(cap, remaining))
 
-    async def _write(self, context: Context, frame: pb.Frame, peer: str) -> None:
+    async def _write(self, context: Context, frame: pb.Frame | bytes, peer: str) -> None:
         try:
             async with asyncio.timeout(self.config.frame_timeout_s):
                 await context.write(frame)
@@ -173,10 +178,30 @@ class _Servicer(pb_grpc.PeerServicer):
             )
             if header.sender_id != peer:
                 raise error_for("malformed", peer, f"header names sender {header.sender_id!r}")
-            await self.handler.admit(peer, header)
-            self._reserve(peer, reserved, msg.total_bytes)
-            reader = PayloadReader(header, msg, peer=peer)
-            await self._write(context, pb.Frame(reply=pb.Reply(accepted=True)), peer)
+            outgoing = await self.handler.admit(peer, header)
+            try:
+                await self._swap(frames, context, peer, reserved, header, msg, outgoing)
+            except BaseException as exc:
+                reason = reason_of(exc) if isinstance(exc, PeerError) else "abandoned"
+                self.handler.on_abandoned(peer, header, reason)
+                raise
+
+    async def _swap(
+        self,
+        frames: _Tracked,
+        context: Context,
+        peer: str,
+        reserved: list[int],
+        header: Header,
+        msg: pb.Header,
+        outgoing: Outgoing,
+    ) -> None:
+        """Send our payload while the dialler's arrives; then wait for its confirmation."""
+        self._reserve(peer, reserved, msg.total_bytes)
+        reader = PayloadReader(header, msg, peer=peer)
+        await self._write(context, pb.Frame(reply=pb.Reply(accepted=True)), peer)
+        sending = asyncio.ensure_future(self._send(context, outgoing, peer))
+        try:
             received = await read_chunks(
                 frames,
                 reader,
@@ -184,8 +209,20 @@ class _Servicer(pb_grpc.PeerServicer):
                 frame_timeout_s=self.config.frame_timeout_s,
                 on_transfer=self.handler.on_transfer,
             )
-            outgoing = await self.handler.on_exchange(peer, received)
-            await self._send(context, outgoing, peer)
+            await sending
+        finally:
+            if not sending.done():
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+        confirmation = await next_frame(frames, peer, self.config.frame_timeout_s)
+        if confirmation is None:
+            raise truncated(peer, None)
+        raise_if_refused(confirmation, peer)  # the dialler found our payload bad
+        if confirmation.WhichOneof("body") != "reply":
+            raise error_for("out_of_order", peer, "expected the dialler's confirmation")
+        if await next_frame(frames, peer, self.config.frame_timeout_s) is not None:
+            raise error_for("out_of_order", peer, "a frame after the confirmation")
+        await self.handler.on_exchange(peer, received)
 
     async def Exchange(self, request_iterator: AsyncIterator[pb.Frame], context: Context) -> None:
         frames = _Tracked(aiter(request_iterator))
@@ -243,6 +280,30 @@ class _Servicer(pb_grpc.PeerServicer):
         return pb.StatusReply(**dataclasses.asdict(self.handler.status()))
 
 
+def _method_handlers(servicer: _Servicer) -> grpc.GenericRpcHandler:
+    """The Peer service with a serializer that passes pre-serialised chunk frames through."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Exchange": grpc.stream_stream_rpc_method_handler(
+                servicer.Exchange,
+                request_deserializer=pb.Frame.FromString,
+                response_serializer=serialize,
+            ),
+            "FetchState": grpc.unary_stream_rpc_method_handler(
+                servicer.FetchState,
+                request_deserializer=pb.FetchStateRequest.FromString,
+                response_serializer=serialize,
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                servicer.Status,
+                request_deserializer=pb.StatusRequest.FromString,
+                response_serializer=pb.StatusReply.SerializeToString,
+            ),
+        },
+    )
+
+
 @dataclass
 class PeerServer:
     """A running server. Use ``async with PeerServer.start(config, handler) as server``."""
@@ -274,7 +335,7 @@ class PeerServer:
         servicer = _Servicer(
             config, handler, bucket if bucket is not None else config.make_bucket()
         )
-        pb_grpc.add_PeerServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers((_method_handlers(servicer),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

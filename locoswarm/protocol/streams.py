@@ -15,6 +15,7 @@ from locoswarm.protocol.config import Limits
 from locoswarm.protocol.frames import (
     Header,
     LocalView,
+    OutFrame,
     PayloadReader,
     Received,
     check_header,
@@ -50,11 +51,10 @@ def raise_if_refused(frame: pb.Frame, peer: str | None) -> None:
 
 async def outgoing_frames(
     outgoing: Outgoing, chunk_bytes: int, bucket: TokenBucket | None, on_transfer: OnTransfer
-) -> AsyncIterator[pb.Frame]:
+) -> AsyncIterator[OutFrame]:
     """Header, chunks and trailer of ``outgoing``; each chunk waits for the upload bucket."""
-    for frame in encode_frames(outgoing.header, outgoing.payload, chunk_bytes):
-        if frame.WhichOneof("body") == "chunk":
-            size = len(frame.chunk.data)
+    for frame, size in encode_frames(outgoing.header, outgoing.payload, chunk_bytes):
+        if size:
             if bucket is not None:
                 await bucket.take(size)
             on_transfer("sent", size)
@@ -83,9 +83,10 @@ async def read_chunks(
         frame = await next_frame(frames, peer, frame_timeout_s)
         if frame is None:
             raise truncated(peer, reader)
-        if frame.WhichOneof("body") == "chunk":
-            on_transfer("received", len(frame.chunk.data))
         raise_if_refused(frame, peer)
+        before = reader.offset
         received = reader.feed(frame)
+        if reader.offset > before:
+            on_transfer("received", reader.offset - before)
         if received is not None:
             return received

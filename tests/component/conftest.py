@@ -47,6 +47,12 @@ def make_header(
     return Header(**fields)
 
 
+def REPLY(num_bytes: int, sender: str = "client") -> bytes:
+    """What ``RecordingHandler`` sends back to ``sender`` for a payload of ``num_bytes``."""
+    seed = sender.encode() * 8
+    return (seed * (num_bytes // len(seed) + 1))[:num_bytes]
+
+
 class RecordingHandler:
     """Answers an exchange with the received bytes reversed; records what reached it."""
 
@@ -54,6 +60,7 @@ class RecordingHandler:
         self.outer_step = outer_step
         self.state = state
         self.exchanges: list[Received] = []
+        self.abandoned: list[str] = []
         self.rejects: list[str] = []
         self.bytes = {"sent": 0, "received": 0}
         self.hold: asyncio.Event | None = None
@@ -63,18 +70,20 @@ class RecordingHandler:
     def local_view(self) -> LocalView:
         return LocalView(run_id=RUN, model_fingerprint=FINGERPRINT, outer_step=self.outer_step)
 
-    async def admit(self, peer: str, header: Header) -> None:
+    async def admit(self, peer: str, header: Header) -> Outgoing:
         if header.kind == "refuse-me":
             raise PeerUnavailable(peer, "already exchanging this outer step", reason="busy")
-
-    async def on_exchange(self, peer: str, request: Received) -> Outgoing:
         self.entered.set()
         if self.hold is not None:
             await self.hold.wait()
-        self.exchanges.append(request)
-        reply = bytes(request.payload[::-1])
-        header = make_header(len(reply), outer_step=self.outer_step, sender="server")
-        return Outgoing(header=header, payload=reply)
+        reply = REPLY(header.total_bytes, header.sender_id)
+        return Outgoing(make_header(len(reply), outer_step=self.outer_step, sender="server"), reply)
+
+    async def on_exchange(self, peer: str, received: Received) -> None:
+        self.exchanges.append(received)
+
+    def on_abandoned(self, peer: str, header: Header, reason: str) -> None:
+        self.abandoned.append(reason)
 
     async def on_fetch_state(self, peer: str) -> Outgoing:
         spec = TensorSpec(

@@ -24,10 +24,11 @@ from locoswarm.protocol import (
 )
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
-from locoswarm.protocol.frames import encode_frames
+from locoswarm.protocol.frames import frame_messages
 from locoswarm.protocol.reasons import REASON_METADATA_KEY, reason_name
 from tests.component.conftest import (
     FINGERPRINT,
+    REPLY,
     RUN,
     RecordingHandler,
     dialling,
@@ -43,7 +44,7 @@ async def test_exchange_round_trips_bit_exact(small_chunks: ProtocolConfig, payl
         got = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-        assert bytes(got.payload) == payload[::-1]
+        assert got.payload == REPLY(len(payload))
         assert got.header.sender_id == "server"
         assert got.header.tensors[0].num_bytes == len(payload)
         (seen,) = handler.exchanges
@@ -59,7 +60,7 @@ async def test_empty_payload_round_trips(small_chunks: ProtocolConfig) -> None:
 
 
 def _frames(payload: bytes, chunk: int = 64 << 10, **header_kw: Any) -> list[pb.Frame]:
-    return list(encode_frames(make_header(len(payload), **header_kw), payload, chunk))
+    return frame_messages(make_header(len(payload), **header_kw), payload, chunk)
 
 
 async def _send_raw(
@@ -199,7 +200,7 @@ async def test_malformed_input_is_refused_and_the_server_keeps_serving(
         good = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-        assert bytes(good.payload) == payload[::-1]
+        assert good.payload == REPLY(len(payload))
 
 
 async def test_header_refusal_comes_as_a_reply_frame_too(small_chunks: ProtocolConfig) -> None:
@@ -249,7 +250,7 @@ async def test_concurrent_transfers_are_bounded(small_chunks: ProtocolConfig) ->
             await client.exchange(address, Outgoing(make_header(4), b"wxyz"), view=VIEW)
         assert info.value.reason == "busy"
         handler.hold.set()
-        assert bytes((await first).payload) == b"dcba"
+        assert (await first).payload == REPLY(4)
 
 
 async def test_fetch_state_and_status(small_chunks: ProtocolConfig) -> None:
@@ -282,7 +283,7 @@ def test_a_frame_crc_is_zlib_crc32() -> None:
 
 async def test_a_violation_is_translated_for_the_client(small_chunks: ProtocolConfig) -> None:
     class Lying(RecordingHandler):
-        async def on_exchange(self, peer: str, request: Received) -> Outgoing:
+        async def on_exchange(self, peer: str, received: Received) -> None:
             raise ProtocolViolation(peer, "payload did not decode")
 
     async with (
@@ -293,6 +294,7 @@ async def test_a_violation_is_translated_for_the_client(small_chunks: ProtocolCo
             await client.exchange(address, Outgoing(make_header(4), b"abcd"), view=VIEW)
         assert info.value.reason == "rejected"
         assert handler.rejects == ["rejected"]
+        assert handler.abandoned == ["rejected"]
 
 
 async def test_a_stalled_responder_times_out_on_the_client(small_chunks: ProtocolConfig) -> None:
@@ -333,7 +335,7 @@ async def test_a_capped_upload_is_paced_under_the_receivers_progress_timeout(
         got = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-    assert bytes(got.payload) == payload[::-1]
+    assert got.payload == REPLY(len(payload))
     assert bucket.taken == len(payload)  # every payload byte went through the cap
     assert handler.rejects == []
 
@@ -347,7 +349,7 @@ def test_exchange_runs_on_uvloop(small_chunks: ProtocolConfig) -> None:
             got = await client.exchange(address, Outgoing(make_header(8), b"01234567"), view=VIEW)
             return bytes(got.payload)
 
-    assert uvloop.run(main()) == b"76543210"
+    assert uvloop.run(main()) == REPLY(8)
 
 
 async def test_a_caller_that_stops_reading_loses_its_slot(small_chunks: ProtocolConfig) -> None:
@@ -398,8 +400,6 @@ class BadResponder(pb_grpc.PeerServicer):
         frames = aiter(request_iterator)
         await anext(frames)  # the header
         await context.write(pb.Frame(reply=pb.Reply(accepted=True)))
-        async for _ in frames:
-            pass
         for frame in self.mutate(_frames(os.urandom(200_000), sender="server")):
             await context.write(frame)
 

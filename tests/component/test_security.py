@@ -17,9 +17,9 @@ from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
 from locoswarm.protocol.auth import call_metadata
 from locoswarm.protocol.certs import make_ca, make_leaf, write_pem
-from locoswarm.protocol.frames import encode_frames
+from locoswarm.protocol.frames import frame_messages
 from locoswarm.protocol.reasons import REASON_METADATA_KEY
-from tests.component.conftest import FINGERPRINT, RUN, dialling, make_header, serving
+from tests.component.conftest import FINGERPRINT, REPLY, RUN, dialling, make_header, serving
 
 VIEW = LocalView(run_id=RUN, model_fingerprint=FINGERPRINT, outer_step=5)
 SECRET = b"swarm-secret-0123456789"
@@ -36,7 +36,7 @@ async def test_exchange_status_and_state_with_a_valid_token(authed: ProtocolConf
         got = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-        assert bytes(got.payload) == payload[::-1]
+        assert got.payload == REPLY(len(payload))
         assert (await client.status(address)).peer_id == "server"
         state = await client.fetch_state(
             address, view=LocalView(run_id=RUN, model_fingerprint=FINGERPRINT)
@@ -147,7 +147,7 @@ async def test_tls_exchange(small_chunks: ProtocolConfig, pki: dict[str, Path]) 
         got = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-        assert bytes(got.payload) == payload[::-1]
+        assert got.payload == REPLY(len(payload))
     async with serving(server_cfg) as (address, _), dialling(small_chunks) as plain:
         with pytest.raises(PeerUnavailable):  # a plaintext caller cannot talk to a TLS server
             await plain.status(address, timeout_s=3)
@@ -160,7 +160,7 @@ async def test_mutual_tls_needs_a_certificate_from_the_swarm_ca(
     async with serving(server_cfg) as (address, handler):
         async with dialling(_tls(small_chunks, pki, "client", mutual=True)) as member:
             got = await member.exchange(address, Outgoing(make_header(4), b"abcd"), view=VIEW)
-            assert bytes(got.payload) == b"dcba"
+            assert got.payload == REPLY(4)
         no_cert = dataclasses.replace(small_chunks, tls=TlsConfig(ca_file=pki["ca"]))
         async with dialling(no_cert) as anonymous:
             with pytest.raises(PeerUnavailable):
@@ -198,11 +198,12 @@ async def test_health_watch_and_reflection_need_a_token_when_a_secret_is_set(
 
 async def test_a_replayed_exchange_token_is_refused(authed: ProtocolConfig) -> None:
     token = call_metadata(authed.auth, "/locoswarm.v1.Peer/Exchange", "client")
-    frames = list(encode_frames(make_header(4), b"abcd", 1 << 16))
+    frames = frame_messages(make_header(4), b"abcd", 1 << 16)
     async with serving(authed) as (address, handler), grpc.aio.insecure_channel(address) as channel:
         codes = []
         for attempt in range(2):
-            sent = frames if attempt == 0 else frames[:1]  # as our client: header, then wait
+            confirm = pb.Frame(reply=pb.Reply(accepted=True))
+            sent = [*frames, confirm] if attempt == 0 else frames[:1]  # as our client does
             call = pb_grpc.PeerStub(channel).Exchange(iter(sent), metadata=token, timeout=5)
             try:
                 async for _frame in call:
