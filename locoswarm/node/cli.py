@@ -1,7 +1,8 @@
-"""The ``locoswarm`` command line: ``locoswarm sim`` runs an in-process swarm simulation.
+"""The ``locoswarm`` command line: ``run`` (a node), ``status``, ``demo`` and ``sim``.
 
-Parses arguments into typed config sections and maps errors to exit codes (0 clean, 2 for a
-configuration or data error, 1 for anything else). Knows nothing about the maths it configures.
+Parses arguments into typed config sections, owns the process's signal handling (first SIGINT or
+SIGTERM: graceful stop; second: forced exit) and maps errors to exit codes (0 clean, 2 for a
+configuration or data error, 1 for anything else, without a traceback for users' mistakes).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from locoswarm.compression.config import CODEC_CHOICES, FEEDBACK_CHOICES, CompressionConfig
-from locoswarm.errors import ConfigError
+from locoswarm.errors import CheckpointError, ConfigError, PeerError
 from locoswarm.sim.config import STRATEGIES, InnerConfig, NetworkModel, SimConfig
 from locoswarm.sim.swarm import EvalPoint, run_sim
 from locoswarm.sync.diloco import DiLoCoConfig
@@ -225,9 +226,14 @@ def _cmd_sim(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from locoswarm.node.run import add_demo_arguments, add_run_arguments, add_status_arguments
+
     parser = argparse.ArgumentParser(prog="locoswarm", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_run_arguments(sub.add_parser("run", help="run a node (joins a swarm with --join)"))
+    add_status_arguments(sub.add_parser("status", help="show a running node's status"))
+    add_demo_arguments(sub.add_parser("demo", help="a small local swarm on 127.0.0.1"))
     sim = sub.add_parser("sim", help="simulate a swarm in one process")
     add_sim_arguments(sim)
     sim.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
@@ -248,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"locoswarm: error: {e}", file=sys.stderr)
         return 2
+    except (PeerError, CheckpointError) as e:
+        print(f"locoswarm: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

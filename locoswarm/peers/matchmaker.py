@@ -1,8 +1,10 @@
 """One node's matchmaking over rounds: propose as the dialler, accept at most one proposal.
 
-The transport is injected: ``propose(peer, outer_step)`` returns a session (accepted) or None
-(refused or unreachable). In the daemon it opens the Exchange call, whose reply frame is the
-acceptance; in tests it is a call on another in-process ``Matchmaker``.
+The transport is injected: ``propose(peer, outer_step)`` returns a session (accepted), None
+(refused: busy, another round; no penalty) or raises a ``PeerError`` (unreachable, timed out,
+misbehaved: the peer backs off, and repeated violations get it banned). In the daemon it opens
+the Exchange call, whose reply frame is the acceptance; in tests it is a call on another
+in-process ``Matchmaker``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
+from locoswarm.errors import PeerError, ProtocolViolation
 from locoswarm.peers.config import PeersConfig
 from locoswarm.peers.health import PeerHealth
 from locoswarm.peers.pairing import ResponderState, decide_proposal, plan_round
@@ -52,12 +55,13 @@ class Matchmaker(Generic[S]):
         self.health = health or PeerHealth(config)
         self.clock = clock
         self._step: int | None = None
+        self._open = False  # inside match(): proposals may be decided now
+        self._waiting = 0  # proposals waiting for our next round boundary
         self._matched = False
         self._dialling = False
         self._accepted: str | None = None
         self._picked = asyncio.Event()  # an incoming proposal was accepted this round
         self._round_started = asyncio.Condition()
-        self._known: set[str] = set()
 
     # -- the responder side ------------------------------------------------------------------
 
@@ -68,16 +72,21 @@ class Matchmaker(Generic[S]):
         deadline = self.clock() + wait_s
         while True:
             ok = self.health.available(proposer, self.clock())[0]
-            state = ResponderState(self._step, self._matched, self._dialling, proposer_ok=ok)
-            accept, reason = decide_proposal(state, outer_step)
+            step = self._step if self._open else None
+            state = ResponderState(step, self._matched, self._dialling, proposer_ok=ok)
+            accept, reason = decide_proposal(state, outer_step, self.config.lag_window)
             if accept is not None:
                 break
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return False, reason
-            async with self._round_started:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._round_started.wait(), remaining)
+            self._waiting += 1
+            try:
+                async with self._round_started:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._round_started.wait(), remaining)
+            finally:
+                self._waiting -= 1
         if accept:
             self._matched = True
             self._accepted = proposer
@@ -88,6 +97,7 @@ class Matchmaker(Generic[S]):
 
     async def _start(self, outer_step: int) -> None:
         self._step = outer_step
+        self._open = True
         self._matched = False
         self._dialling = False
         self._accepted = None
@@ -101,15 +111,19 @@ class Matchmaker(Generic[S]):
         """Propose to ``targets`` at once; return the sessions of those who accepted."""
         self._dialling = True
         try:
-            results = await asyncio.gather(*(propose(p, outer_step) for p in targets))
+            results = await asyncio.gather(*(self._try(p, outer_step, propose) for p in targets))
         finally:
             self._dialling = False
-        sessions = {p: s for p, s in zip(targets, results, strict=True) if s is not None}
-        now = self.clock()
-        for peer in targets:
-            if peer not in sessions:
-                self.health.failed(peer, now)
-        return sessions
+        return {p: s for p, s in zip(targets, results, strict=True) if s is not None}
+
+    async def _try(self, peer: str, outer_step: int, propose: Propose[S]) -> S | None:
+        try:
+            return await propose(peer, outer_step)
+        except ProtocolViolation:
+            self.health.violated(peer, self.clock())
+        except PeerError:
+            self.health.failed(peer, self.clock())
+        return None
 
     def _responder(self, outer_step: int) -> Match[S]:
         assert self._accepted is not None  # set together with _picked
@@ -126,8 +140,16 @@ class Matchmaker(Generic[S]):
         """Find this round's partners within ``deadline_s``, or settle for a solo step."""
         step = me.outer_step
         await self._start(step)
+        try:
+            return await self._match(me, view, propose, deadline_s)
+        finally:
+            self._open = False
+
+    async def _match(
+        self, me: PeerRecord, view: Sequence[PeerRecord], propose: Propose[S], deadline_s: float
+    ) -> Match[S]:
+        step = me.outer_step
         now = self.clock()
-        self._known = {r.peer_id for r in view}
         plan = plan_round(
             me,
             view,
@@ -147,7 +169,7 @@ class Matchmaker(Generic[S]):
                         self._matched = True
                         return Match(step, "dialler", tuple(sessions), plan.reason, sessions)
                     reason = "no planned partner accepted"
-                elif plan.fallbacks or plan.role == "listen":
+                elif plan.fallbacks or plan.role == "listen" or self._waiting:
                     listen_s = deadline_s * self.config.listen_share
                     try:
                         await asyncio.wait_for(self._picked.wait(), listen_s)

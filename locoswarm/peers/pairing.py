@@ -119,23 +119,32 @@ class ResponderState:
     """What a node knows when a proposal arrives."""
 
     outer_step: int | None
-    """The outer step it is matching for now, or None before its first round."""
+    """The outer step it is matching for now, or None while it is not matching (training
+    between two round boundaries)."""
     matched: bool
     """It already accepted a proposal or finished matching for that step."""
     dialling: bool
     """It has a proposal of its own in flight."""
     proposer_ok: bool = True
-    """The proposer is known, compatible and not banned."""
+    """The proposer is not backing off or banned. (It need not be in our view: views
+    disagree, and a free peer dialling us is how a round still pairs.)"""
 
 
-def decide_proposal(state: ResponderState, proposal_step: int) -> tuple[bool | None, str]:
-    """Accept (True), refuse (False) or wait for our round to start (None), with the reason."""
+def decide_proposal(
+    state: ResponderState, proposal_step: int, lag_window: int
+) -> tuple[bool | None, str]:
+    """Accept (True), refuse (False) or wait for our next round boundary (None), with the reason.
+
+    Partners meet at their own round boundaries: a node that is still training when a proposal
+    comes makes the proposer wait (boundedly) for its boundary. Their outer steps may differ by
+    up to ``lag_window`` (nodes drift apart when training overlaps the network).
+    """
     if not state.proposer_ok:
         return False, "proposer is incompatible, backing off or banned"
-    if state.outer_step is None or proposal_step > state.outer_step:
-        return None, f"not at outer step {proposal_step} yet"
-    if proposal_step < state.outer_step:
-        return False, f"outer step {proposal_step} is over, we are at {state.outer_step}"
+    if state.outer_step is None:
+        return None, "not at a round boundary yet"
+    if abs(proposal_step - state.outer_step) > lag_window:
+        return False, f"outer step {proposal_step} is too far from ours ({state.outer_step})"
     if state.matched:
         return False, "already in an exchange this outer step"
     if state.dialling:

@@ -153,14 +153,22 @@ class PeerClient:
         return received
 
     async def exchange(
-        self, address: str, outgoing: Outgoing, *, view: LocalView, timeout_s: float | None = None
+        self,
+        address: str,
+        outgoing: Outgoing,
+        *,
+        view: LocalView,
+        timeout_s: float | None = None,
+        check: Callable[[Received], Awaitable[object]] | None = None,
     ) -> Received:
         """Swap payloads with the node at ``address``; return its validated payload.
 
-        Only the header goes out before the peer accepts; then both payloads cross at once. We
-        confirm receipt with a final reply frame, and return only once the peer has ended the
-        call with OK, i.e. it has our payload too. Raises a ``PeerError`` subclass (with
-        ``reason``) when the peer refuses, misbehaves, stalls or the deadline passes.
+        Only the header goes out before the peer accepts; then both payloads cross at once.
+        ``check`` (e.g. decoding) runs on the peer's payload before we confirm receipt with a
+        final reply frame; if it raises, the peer is told the exchange failed. We return only
+        once the peer has ended the call with OK, i.e. it has our payload too. Raises a
+        ``PeerError`` subclass (with ``reason``) when the peer refuses, misbehaves, stalls or the
+        deadline passes.
         """
         timeout_s = timeout_s or self.config.call_timeout_s
         loop = asyncio.get_running_loop()
@@ -196,6 +204,8 @@ class PeerClient:
                 self.config.frame_timeout_s,
                 expect_end=False,
             )
+            if check is not None:
+                await check(received)
             confirm.set_result(True)
             # The call ends OK once the peer has our payload and our confirmation.
             last = await next_frame(frames, address, timeout_s)

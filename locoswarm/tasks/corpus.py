@@ -289,6 +289,13 @@ class BatchStream:
     def __iter__(self) -> BatchStream:
         return self
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The position in the stream (the sampler's generator state), for checkpoints."""
+        return {"generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._gen.set_state(state["generator"])
+
     def __next__(self) -> tuple[Tensor, Tensor]:
         high = self._data.numel() - self._seq_len
         starts = torch.randint(0, high, (self._batch_size,), generator=self._gen)

@@ -176,8 +176,22 @@ async def test_a_proposal_waits_for_our_round_then_is_accepted() -> None:
     match = await node.match(me, [me, other], never, deadline_s=1.0)
     assert await pending == (True, "ok")
     assert (match.role, match.partners) == ("responder", ("n00",))
-    assert await node.on_proposal("n02", 3, wait_s=0.1) == (
-        False,
-        "already in an exchange this outer step",
-    )
-    assert (await node.on_proposal("n02", 2, wait_s=0.1))[0] is False
+    # Between rounds, a proposal waits for the next boundary (here: none comes in time).
+    assert await node.on_proposal("n02", 3, wait_s=0.1) == (False, "not at a round boundary yet")
+
+
+async def test_proposals_are_decided_against_the_lag_window() -> None:
+    config = PeersConfig(run_id="x", lag_window=2)
+    node = Matchmaker[Session](config, "n01")
+    late = asyncio.create_task(node.on_proposal("n00", 1, wait_s=1.0))
+    close = asyncio.create_task(node.on_proposal("n02", 4, wait_s=1.0))
+    await asyncio.sleep(0.05)
+
+    async def never(peer: str, step: int) -> Session | None:
+        return None
+
+    me = record("n01", 5)
+    match = await node.match(me, [me], never, deadline_s=0.5)
+    assert (await late)[0] is False  # 4 rounds behind: outside the window
+    assert await close == (True, "ok")  # 1 round behind: partners meet at their own boundaries
+    assert (match.role, match.partners) == ("responder", ("n02",))

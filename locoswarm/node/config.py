@@ -1,0 +1,304 @@
+"""The node's one config object, ``NodeConfig``, and how it is loaded.
+
+Precedence: defaults < TOML file < ``LOCOSWARM_SECTION__KEY`` environment variables < flags.
+Unknown keys and badly typed values are a ``ConfigError`` naming the key. Each section is the
+dataclass its owner package defines; this module only composes and loads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from locoswarm.compression.config import CompressionConfig
+from locoswarm.errors import ConfigError
+from locoswarm.peers.config import PeersConfig
+from locoswarm.protocol.config import ProtocolConfig
+from locoswarm.sim.config import InnerConfig
+from locoswarm.tasks.task import TaskConfig
+
+SyncMode = Literal["noloco", "diloco", "ef"]
+ENV_PREFIX = "LOCOSWARM_"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SyncConfig:
+    """The outer step: which algorithm, how often, with what optimizer, and how long to wait."""
+
+    mode: SyncMode = "noloco"
+    """noloco (pairs, modified Nesterov), diloco (Nesterov on averaged outer gradients), ef
+    (compressed error-feedback exchanges of outer gradients)."""
+    inner_steps: int = 50
+    """H: inner steps per round."""
+    outer_lr: float | None = None
+    """noloco beta (0.7), diloco lr (0.7), ef lr (1.0) when None."""
+    outer_momentum: float | None = None
+    """noloco alpha (0.5), diloco Nesterov momentum (0.9), ef (0) when None."""
+    gamma: float | None = None
+    """noloco pull toward the partner's phi; None means gamma = beta (only theta is sent)."""
+    group_size: int = 2
+    """Nodes per exchange. Pairs (2) for every mode in this version."""
+    overlap: bool = True
+    """Apply each outer update one phase late so training never waits for the network; False
+    blocks training during the outer step (for comparison and exact tests)."""
+    match_deadline_s: float = 10.0
+    """How long a round looks for a partner before it takes a solo step."""
+    exchange_timeout_s: float = 120.0
+    """Deadline of one exchange, transfer included."""
+    rounds: int = 0
+    """Stop after this many rounds; 0 trains until stopped."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("noloco", "diloco", "ef"):
+            raise ConfigError(f"sync.mode must be noloco, diloco or ef, got {self.mode!r}")
+        if self.inner_steps < 1:
+            raise ConfigError(f"sync.inner_steps must be >= 1, got {self.inner_steps}")
+        if self.group_size != 2:
+            raise ConfigError(
+                f"sync.group_size {self.group_size}: this version exchanges in pairs only"
+            )
+        if self.match_deadline_s <= 0 or self.exchange_timeout_s <= 0 or self.rounds < 0:
+            raise ConfigError("sync deadlines must be > 0 and sync.rounds >= 0")
+
+    @property
+    def lr(self) -> float:
+        default = {"noloco": 0.7, "diloco": 0.7, "ef": 1.0}[self.mode]
+        return default if self.outer_lr is None else self.outer_lr
+
+    @property
+    def momentum(self) -> float:
+        default = {"noloco": 0.5, "diloco": 0.9, "ef": 0.0}[self.mode]
+        return default if self.outer_momentum is None else self.outer_momentum
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainerConfig:
+    """Inner training on this node's accelerator."""
+
+    device: str = "auto"
+    """auto (cuda when available), cuda, cuda:N or cpu."""
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    seed: int = 0
+    """Seeds the initial weights (the same on every node of a run) and, with the peer id, data."""
+    threads: int | None = None
+    """torch CPU threads; None keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(
+                f"trainer.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointConfig:
+    """Where and how often the node saves its state."""
+
+    dir: Path | None = None
+    """Directory for checkpoints; None disables them."""
+    every_rounds: int = 10
+    """Save every this many rounds (and on a clean stop)."""
+    keep: int = 2
+    """Checkpoints kept; older ones are deleted."""
+
+    def __post_init__(self) -> None:
+        if self.every_rounds < 1 or self.keep < 1:
+            raise ConfigError("checkpoint.every_rounds and checkpoint.keep must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NodeConfig:
+    """Everything one node needs. Sections are owned by their packages."""
+
+    run_id: str = "locoswarm"
+    """Swarm name: nodes only pair with nodes of the same run."""
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    announce: str | None = None
+    """``host:port`` other nodes dial for gRPC, when it differs from the bound address."""
+    metrics_port: int | None = 9310
+    """Port of the Prometheus /metrics endpoint; 0 picks a free one; None disables it."""
+    metrics_host: str = "0.0.0.0"
+    """Address the /metrics endpoint binds."""
+    secret_file: Path | None = None
+    """File holding the swarm secret (at least 16 bytes); None turns authentication off."""
+    ready_file: Path | None = None
+    """Write one JSON line with the node's addresses here once it serves (for scripts, tests)."""
+    log_every_s: float = 10.0
+    """Interval of the console progress line."""
+    shutdown_grace_s: float = 30.0
+    """How long a stop waits for the exchange in flight and the final checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.sync.mode == "noloco" and not self.compression.lossless:
+            raise ConfigError(
+                "sync.mode noloco sends weights: use compression.codec fp32 (compressed "
+                "exchanges are the diloco and ef modes)"
+            )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Turn a TOML, environment or flag value into the field's type, or name the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", ""))
+        if is_none and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: cannot use {value!r} as {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else str
+        return tuple(
+            _coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in items if v != ""
+        )
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table of settings, got {value!r}")
+        return build(hint, value, key)  # type: ignore[arg-type]
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str | int | float):
+                raise ValueError
+            return str(value)
+        if hint is Path:
+            return Path(str(value))
+        if hint is bytes:
+            return value.encode() if isinstance(value, str) else bytes(value)
+        if hint is frozenset or typing.get_origin(hint) is frozenset:
+            items = value.split(",") if isinstance(value, str) else value
+            return frozenset(str(v).strip() for v in items)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{key}: cannot use {value!r} as {getattr(hint, '__name__', hint)}"
+        ) from None
+    return value
+
+
+def build(cls: type[Any], data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Construct dataclass ``cls`` from nested ``data``; unknown keys are a ``ConfigError``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {key!r} conflicts with a value set for {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``LOCOSWARM_SYNC__MODE=diloco`` -> ``{"sync": {"mode": "diloco"}}``."""
+    dotted = {
+        name[len(ENV_PREFIX) :].lower().replace("__", "."): value
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX)
+    }
+    return _nest(dotted)
+
+
+def load_config(
+    file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Defaults < TOML ``file`` < environment < ``overrides`` (dotted keys, from flags)."""
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(Path(file).read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file}: {exc}") from None
+    data = _merge(data, from_env(os.environ if environ is None else environ))
+    data = _merge(data, _nest(overrides or {}))
+    return build(NodeConfig, data)  # type: ignore[no-any-return]
+
+
+def to_dict(config: Any) -> Any:
+    """A JSON-friendly view of a config (for logs and checkpoint metadata)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, frozenset):
+        return sorted(to_dict(v) for v in config)
+    if isinstance(config, tuple | list):
+        return [to_dict(v) for v in config]
+    if isinstance(config, Path):
+        return str(config)
+    if isinstance(config, bytes):
+        return "<secret>"
+    return config

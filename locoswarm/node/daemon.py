@@ -1,0 +1,518 @@
+"""The node daemon: owns every long-lived resource and task of one node.
+
+Start order: DHT process (it forks) -> task and model -> metrics endpoint -> gRPC server and
+client -> late join -> announce -> trainer thread and round loop. Stop order is the reverse. A
+stop request lets the round in flight finish (or abort) within ``shutdown_grace_s``, writes a
+checkpoint, withdraws the DHT record and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from locoswarm import __version__
+from locoswarm.compression.config import CODEC_CHOICES
+from locoswarm.errors import ConfigError, PeerError
+from locoswarm.node import checkpoint
+from locoswarm.node.config import NodeConfig, to_dict
+from locoswarm.node.handler import NodeHandler
+from locoswarm.node.metrics import NodeMetrics
+from locoswarm.node.outer import OuterStep, Prepared, fingerprint
+from locoswarm.node.trainer import Boundary, Trainer, flat_params, pick_device
+from locoswarm.peers import Matchmaker, PeerHealth, PeerRecord
+from locoswarm.peers.membership import Membership, check_join_addresses
+from locoswarm.protocol import (
+    LocalView,
+    PeerClient,
+    PeerServer,
+    ProtocolConfig,
+    Received,
+)
+from locoswarm.tasks.task import TaskFactory
+
+log = logging.getLogger("locoswarm.node")
+
+
+def weights_digest(flat: Tensor) -> str:
+    """A short hash of a weight vector (logged at save and load to prove resumes exact)."""
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
+
+
+def _read_secret(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"secret_file {path}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise ConfigError(f"secret_file {path}: the secret must be at least 16 bytes")
+    return secret
+
+
+class Daemon:
+    """One node. ``await Daemon(config).run()``; ``request_stop()`` from a signal handler."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.metrics = NodeMetrics()
+        self._stop = asyncio.Event()
+        self._train_stop = threading.Event()
+        self.next_round = 0
+        self.peer_id = ""
+        self._view: list[PeerRecord] = []
+        self.info: dict[str, Any] = {}
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._train_stop.set()
+
+    # -- the story of a node ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.config
+        check_join_addresses(cfg.peers.initial_peers)
+        secret = _read_secret(cfg.secret_file)
+        peers_cfg = dataclasses.replace(cfg.peers, run_id=cfg.run_id)
+        async with contextlib.AsyncExitStack() as stack:
+            membership = await stack.enter_async_context(Membership.start(peers_cfg))
+            self.peer_id = membership.dht_peer_id
+            trainer, outer = await asyncio.to_thread(self._build)
+            restored = self._restore(trainer, outer)
+            if cfg.metrics_port is not None:
+                port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
+                stack.callback(self.metrics.close)
+                self.info["metrics"] = f"http://{_display_host(cfg.metrics_host)}:{port}/metrics"
+            health = PeerHealth(peers_cfg)
+            matchmaker: Matchmaker[list[Tensor]] = Matchmaker(
+                peers_cfg, self.peer_id, health=health
+            )
+            protocol = _protocol_config(cfg.protocol, secret)
+            bucket = protocol.make_bucket()
+            handler = NodeHandler(
+                outer=outer,
+                matchmaker=matchmaker,
+                health=health,
+                metrics=self.metrics,
+                version=__version__,
+                match_wait_s=cfg.sync.match_deadline_s,
+                decode=lambda received, names: asyncio.to_thread(outer.decode, received, names),
+                num_peers=lambda: max(0, len(self._view) - 1),
+            )
+            handler.outer_step = self.next_round
+            address = None
+            if not peers_cfg.client_mode:
+                server = await stack.enter_async_context(
+                    PeerServer.start(protocol, handler, bucket=bucket)
+                )
+                address = cfg.announce or f"{_display_host(protocol.host)}:{server.port}"
+            client = PeerClient(
+                protocol, peer_id=self.peer_id, bucket=bucket, on_transfer=handler.on_transfer
+            )
+            stack.push_async_callback(client.close)
+            if not restored and peers_cfg.initial_peers:
+                await self._late_join(membership, client, trainer, outer)
+            handler.outer_step = self.next_round
+            record = PeerRecord(
+                peer_id=self.peer_id,
+                address=address,
+                outer_step=self.next_round,
+                model_fingerprint=outer.fingerprint,
+                sync=cfg.sync.mode,
+                version=__version__,
+                capabilities=CODEC_CHOICES,
+            )
+            await membership.announce(record)
+            self._announce_ready(membership, address)
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    refresher = tasks.create_task(membership.refresh_forever(), name="refresh")
+                    progress = tasks.create_task(self._progress(trainer, handler), name="progress")
+                    await self._train(
+                        trainer, outer, handler, matchmaker, membership, client, record
+                    )
+                    refresher.cancel()
+                    progress.cancel()
+            finally:
+                handler.stopping = True
+                self._final_checkpoint(trainer, outer)
+
+    # -- building and restoring ----------------------------------------------------------------
+
+    def _build(self) -> tuple[Trainer, OuterStep]:
+        cfg = self.config
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every node of the run
+        data_seed = int(hashlib.sha256(self.peer_id.encode()).hexdigest()[:8], 16)
+        task = TaskFactory(cfg.task).build(replica=0, num_replicas=1, seed=data_seed)
+        device = pick_device(cfg.trainer.device)
+        total = cfg.sync.rounds * cfg.sync.inner_steps if cfg.sync.rounds else None
+        trainer = Trainer(
+            task,
+            cfg.trainer.inner,
+            inner_steps=cfg.sync.inner_steps,
+            total_steps=total,
+            device=device,
+            tokens_per_step=cfg.task.batch_size * cfg.task.seq_len,
+        )
+        phi = flat_params(trainer.model)
+        shapes = [tuple(p.shape) for p in trainer.model.parameters()]
+        outer = OuterStep(cfg, phi, peer_id=self.peer_id, fp=fingerprint(cfg, shapes))
+        self.info.update(device=str(device), parameters=phi.numel(), fingerprint=outer.fingerprint)
+        return trainer, outer
+
+    def _restore(self, trainer: Trainer, outer: OuterStep) -> bool:
+        directory = self.config.checkpoint.dir
+        if directory is None:
+            return False
+        found = checkpoint.load_latest(Path(directory))
+        if found is None:
+            return False
+        path, state = found
+        if state.get("fingerprint") != outer.fingerprint:
+            raise ConfigError(
+                f"checkpoint {path} is for model fingerprint {state.get('fingerprint')}, this "
+                f"configuration has {outer.fingerprint}: use another --checkpoint-dir"
+            )
+        trainer.load_state_dict(state["trainer"])
+        outer.load_state_dict(state["outer"])
+        self.next_round = int(state["outer_step"])
+        log.info(
+            "resumed from %s at round %d, step %d: weights %s, phi %s",
+            path,
+            self.next_round,
+            trainer.step,
+            weights_digest(flat_params(trainer.model)),
+            weights_digest(outer.phi),
+        )
+        return True
+
+    def _save(self, outer_step: int, trainer_state: dict[str, Any], outer: OuterStep) -> None:
+        directory = self.config.checkpoint.dir
+        if directory is None:
+            return
+        state = {
+            "outer_step": outer_step,
+            "trainer": trainer_state,
+            "outer": outer.state_dict(),
+            "fingerprint": outer.fingerprint,
+            "config": json.dumps(to_dict(self.config)),
+        }
+        path = checkpoint.save(Path(directory), outer_step, state, keep=self.config.checkpoint.keep)
+        weights = torch.nn.utils.parameters_to_vector(
+            [t.float() for t in trainer_state["model"].values()]
+        )
+        log.info(
+            "checkpoint %s at round %d, step %d: weights %s, phi %s",
+            path,
+            outer_step,
+            trainer_state["step"],
+            weights_digest(weights),
+            weights_digest(outer.phi),
+        )
+
+    def _final_checkpoint(self, trainer: Trainer, outer: OuterStep) -> None:
+        trainer._apply_pending()  # the trainer thread has stopped: apply the last outer update
+        try:
+            self._save(self.next_round, trainer.state_dict(), outer)
+        except OSError as exc:
+            log.error("could not write the final checkpoint: %s", exc)
+
+    async def _late_join(
+        self, membership: Membership, client: PeerClient, trainer: Trainer, outer: OuterStep
+    ) -> None:
+        """Start from a live peer's outer weights and round when the swarm is already going."""
+        try:
+            records = await asyncio.wait_for(membership.list_peers(), 15)
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - the DHT is best effort here
+            log.warning("could not list peers for a late join: %s", exc)
+            return
+        live = [
+            r
+            for r in records
+            if r.peer_id != self.peer_id
+            and r.address
+            and r.outer_step > 0
+            and r.model_fingerprint == outer.fingerprint
+            and r.sync == outer.mode
+        ]
+        for record in sorted(live, key=lambda r: -r.outer_step):
+            assert record.address is not None
+            view = LocalView(run_id=self.config.run_id, model_fingerprint=outer.fingerprint)
+            try:
+                state = await client.fetch_state(record.address, view=view)
+                await asyncio.to_thread(outer.load_state_payload, state)
+            except PeerError as exc:
+                log.warning("could not fetch state from %s: %s", record.peer_id, exc)
+                continue
+            trainer.set_weights(outer.phi)
+            self.next_round = state.header.outer_step
+            trainer.step = self.next_round * self.config.sync.inner_steps
+            log.info(
+                "late join: fetched the outer weights of round %d from %s (phi %s)",
+                self.next_round,
+                record.peer_id,
+                weights_digest(outer.phi),
+            )
+            return
+
+    # -- training and outer steps --------------------------------------------------------------
+
+    async def _train(
+        self,
+        trainer: Trainer,
+        outer: OuterStep,
+        handler: NodeHandler,
+        matchmaker: Matchmaker[list[Tensor]],
+        membership: Membership,
+        client: PeerClient,
+        record: PeerRecord,
+    ) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        boundaries: asyncio.Queue[Boundary] = asyncio.Queue()
+        every = cfg.checkpoint.every_rounds
+        first = self.next_round
+
+        def want_state(r: int) -> bool:
+            return cfg.checkpoint.dir is not None and r > first and r % every == 0
+
+        thread = asyncio.ensure_future(
+            asyncio.to_thread(
+                trainer.run,
+                first_outer_step=first,
+                stop=self._train_stop,
+                on_boundary=lambda b: _post(loop, boundaries, b),
+                want_state=want_state,
+                overlap=cfg.sync.overlap,
+            )
+        )
+        try:
+            while not self._stop.is_set():
+                getter = asyncio.ensure_future(boundaries.get())
+                stopper = asyncio.ensure_future(self._stop.wait())
+                done, _ = await asyncio.wait(
+                    {getter, stopper, thread}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in (getter, stopper):
+                    if waiter not in done:
+                        waiter.cancel()
+                if thread in done:
+                    thread.result()  # re-raise a crash of the trainer thread
+                    break
+                if getter not in done:
+                    break
+                boundary = getter.result()
+                if boundary.state is not None:
+                    await asyncio.to_thread(self._save, boundary.outer_step, boundary.state, outer)
+                round_task = asyncio.ensure_future(
+                    self._round(
+                        boundary, trainer, outer, handler, matchmaker, membership, client, record
+                    )
+                )
+                try:
+                    await asyncio.shield(round_task)
+                except asyncio.CancelledError:
+                    round_task.cancel()
+                    raise
+                if cfg.sync.rounds and self.next_round >= cfg.sync.rounds:
+                    log.info("finished %d rounds", cfg.sync.rounds)
+                    self.request_stop()
+        finally:
+            self._train_stop.set()
+            await asyncio.gather(thread, return_exceptions=True)
+
+    async def _round(
+        self,
+        b: Boundary,
+        trainer: Trainer,
+        outer: OuterStep,
+        handler: NodeHandler,
+        matchmaker: Matchmaker[list[Tensor]],
+        membership: Membership,
+        client: PeerClient,
+        record: PeerRecord,
+    ) -> None:
+        cfg = self.config
+        r = b.outer_step
+        start = time.perf_counter()
+        prepared = await asyncio.to_thread(outer.prepare, r, b.theta)
+        current = handler.open_round(prepared)
+        partner: list[Tensor] | None = None
+        result = "solo"
+        try:
+            async with asyncio.timeout(cfg.sync.match_deadline_s + cfg.sync.exchange_timeout_s):
+                me = dataclasses.replace(record, outer_step=r)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(membership.announce(me), 5)
+                view = await self._refresh_view(membership)
+                match = await matchmaker.match(
+                    me,
+                    view,
+                    self._proposer(prepared, client, handler),
+                    deadline_s=cfg.sync.match_deadline_s,
+                )
+                if match.role == "dialler":
+                    partner = match.sessions[match.partners[0]]
+                elif match.role == "responder":
+                    partner = await current.partner
+                    result = "ok" if partner is not None else "failed"
+                if match.role == "dialler":
+                    result = "ok"
+        except TimeoutError:
+            result = "failed"
+        finally:
+            handler.close_round()
+        if partner is not None:
+            phi = await asyncio.to_thread(outer.apply, prepared, partner)
+        else:
+            phi = await asyncio.to_thread(outer.solo, prepared)
+            if result == "ok":
+                result = "failed"
+        self.metrics.exchanges.labels(result=result).inc()
+        self.metrics.exchange_seconds.observe(time.perf_counter() - start)
+        trainer.deliver(r, phi.clone(), b.theta)
+        self.next_round = r + 1
+        handler.outer_step = self.next_round
+        self.metrics.outer_step.set(self.next_round)
+        self.metrics.loss.set(b.loss)
+        log.info(
+            "round %d: %s, train loss %.4f, %.2fs",
+            r,
+            "exchanged" if partner is not None else f"solo ({result})",
+            b.loss,
+            time.perf_counter() - start,
+        )
+
+    async def _refresh_view(self, membership: Membership) -> list[PeerRecord]:
+        try:
+            self._view = await asyncio.wait_for(membership.list_peers(), 10)
+        except Exception as exc:  # noqa: BLE001 - a DHT hiccup: go on with the last view
+            log.warning("could not list peers: %s", exc)
+        self.metrics.peers.set(max(0, len(self._view) - 1))
+        return self._view
+
+    def _proposer(self, prepared: Prepared, client: PeerClient, handler: NodeHandler) -> Any:
+        cfg = self.config
+        outer = handler.outer
+
+        async def propose(peer: str, outer_step: int) -> list[Tensor] | None:
+            record = next((r for r in self._view if r.peer_id == peer), None)
+            if record is None or record.address is None:
+                return None
+            decoded: list[list[Tensor]] = []
+
+            async def check(received: Received) -> None:
+                decoded.append(await asyncio.to_thread(outer.decode, received, None))
+
+            view = LocalView(
+                run_id=cfg.run_id, model_fingerprint=outer.fingerprint, outer_step=outer_step
+            )
+            try:
+                await client.exchange(
+                    record.address,
+                    prepared.outgoing,
+                    view=view,
+                    timeout_s=cfg.sync.exchange_timeout_s,
+                    check=check,
+                )
+            except PeerError as exc:
+                log.info("exchange with %s for round %d: %s", peer, outer_step, exc)
+                if exc.reason in ("busy", "stale_round", "shutting_down"):
+                    return None  # a refusal, not a fault: no backoff
+                raise  # the matchmaker backs off (or bans) the peer
+            return decoded[0] if decoded else None
+
+        return propose
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def _announce_ready(self, membership: Membership, address: str | None) -> None:
+        cfg = self.config
+        self.info.update(
+            peer_id=self.peer_id,
+            grpc=address,
+            maddrs=membership.visible_maddrs(),
+            join=membership.join_command(),
+            round=self.next_round,
+        )
+        print(
+            f"locoswarm node {self.peer_id} ({cfg.sync.mode}, task {cfg.task.name}, "
+            f"{self.info['parameters']:,} parameters on {self.info['device']})\n"
+            f"  gRPC: {address or 'client mode (dials out only)'}\n"
+            f"  metrics: {self.info.get('metrics', 'off')}\n"
+            f"  others join with:\n    {self.info['join']}",
+            flush=True,
+        )
+        if cfg.ready_file is not None:
+            Path(cfg.ready_file).write_text(json.dumps(self.info) + "\n")
+
+    async def _progress(self, trainer: Trainer, handler: NodeHandler) -> None:
+        last_steps, last_compute, last_idle = 0, 0.0, 0.0
+        last_time = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.log_every_s)
+            s = trainer.stats
+            now = time.monotonic()
+            steps = s.inner_steps - last_steps
+            compute, idle = s.compute_s - last_compute, s.idle_s - last_idle
+            self.metrics.inner_steps.inc(steps)
+            self.metrics.tokens.inc(steps * trainer.tokens_per_step)
+            self.metrics.compute_seconds.inc(compute)
+            self.metrics.idle_seconds.inc(idle)
+            busy = compute + idle
+            print(
+                f"step {trainer.step}  round {self.next_round}  loss {s.last_loss:.4f}  "
+                f"{steps * trainer.tokens_per_step / max(now - last_time, 1e-9):,.0f} tok/s  "
+                f"peers {max(0, len(self._view) - 1)}  "
+                f"up {handler.bytes['sent'] / 1e6:.1f} MB  "
+                f"down {handler.bytes['received'] / 1e6:.1f} MB  "
+                f"idle {100 * idle / busy if busy else 0:.1f}%",
+                flush=True,
+            )
+            last_steps, last_compute, last_idle, last_time = (
+                s.inner_steps,
+                s.compute_s,
+                s.idle_s,
+                now,
+            )
+
+
+def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Boundary], b: Boundary) -> None:
+    loop.call_soon_threadsafe(queue.put_nowait, b)
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _protocol_config(protocol: ProtocolConfig, secret: bytes | None) -> ProtocolConfig:
+    limits = dataclasses.replace(protocol.limits, allowed_codecs=frozenset(CODEC_CHOICES))
+    auth = dataclasses.replace(protocol.auth, secret=secret) if secret else protocol.auth
+    return dataclasses.replace(protocol, limits=limits, auth=auth)
+
+
+@contextlib.asynccontextmanager
+async def running(config: NodeConfig) -> AsyncIterator[Daemon]:
+    """Run a daemon in the background of the current loop (tests and the demo)."""
+    daemon = Daemon(config)
+    task = asyncio.ensure_future(daemon.run())
+    try:
+        yield daemon
+    finally:
+        daemon.request_stop()
+        await task

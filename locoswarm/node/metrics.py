@@ -1,0 +1,78 @@
+"""Prometheus metrics of one node (the only module that imports prometheus_client).
+
+Names follow ``locoswarm_<subsystem>_<what>_<unit>``; labels have bounded values (never a peer
+id). Bandwidth and idle fraction come from ``rate()`` over the counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+EXCHANGE_RESULTS = ("ok", "solo", "failed", "refused")
+
+
+class NodeMetrics:
+    """One registry per daemon, so several nodes can live in one process (tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.bytes_sent = Counter(
+            "locoswarm_protocol_sent_bytes", "Payload bytes sent, by kind", ["kind"], registry=r
+        )
+        self.bytes_received = Counter(
+            "locoswarm_protocol_received_bytes",
+            "Payload bytes received, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "locoswarm_protocol_rejected",
+            "Calls or payloads refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.compute_seconds = Counter(
+            "locoswarm_trainer_compute_seconds", "Seconds spent in inner steps", registry=r
+        )
+        self.idle_seconds = Counter(
+            "locoswarm_trainer_idle_seconds",
+            "Seconds the trainer waited for an outer step",
+            registry=r,
+        )
+        self.inner_steps = Counter("locoswarm_trainer_inner_steps", "Inner steps", registry=r)
+        self.tokens = Counter("locoswarm_trainer_tokens", "Tokens trained on", registry=r)
+        self.loss = Gauge(
+            "locoswarm_trainer_loss", "Mean training loss of the last round", registry=r
+        )
+        self.outer_step = Gauge("locoswarm_sync_outer_step", "Outer steps completed", registry=r)
+        self.exchanges = Counter(
+            "locoswarm_sync_exchanges", "Outer steps by how they ended", ["result"], registry=r
+        )
+        self.exchange_seconds = Histogram(
+            "locoswarm_sync_exchange_seconds",
+            "Duration of an outer step's exchange",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.peers = Gauge("locoswarm_peers_live", "Live compatible peers in our view", registry=r)
+        for result in EXCHANGE_RESULTS:
+            self.exchanges.labels(result=result)
+        for kind in ("exchange", "state"):
+            self.bytes_sent.labels(kind=kind)
+            self.bytes_received.labels(kind=kind)
+        self._server: Any = None
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics endpoint in a thread; return the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,255 @@
+"""Inner training in one worker thread, with outer updates handed in between steps.
+
+The thread runs inner steps; every H steps (a round boundary) it hands the loop a flat fp32
+snapshot of theta and keeps training (overlap) or waits for the outer result (blocking). An
+outer result arrives as new slow weights phi; the thread applies ``theta += phi - theta_r`` before
+its next step (overlap) or ``theta = phi`` (blocking). Time spent waiting is idle time.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector
+
+from locoswarm.sim.config import InnerConfig
+from locoswarm.tasks.task import ReplicaTask
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` means the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def flat_params(model: nn.Module) -> Tensor:
+    """A flat fp32 CPU copy of the model's parameters."""
+    return parameters_to_vector(model.parameters()).detach().to("cpu", torch.float32).clone()
+
+
+@torch.no_grad()
+def set_flat(model: nn.Module, flat: Tensor) -> None:
+    """Copy a flat fp32 vector into the model's parameters (never aliasing it)."""
+    offset = 0
+    for p in model.parameters():
+        n = p.numel()
+        p.copy_(flat[offset : offset + n].view_as(p).to(p.device, p.dtype))
+        offset += n
+
+
+@torch.no_grad()
+def add_flat(model: nn.Module, flat: Tensor) -> None:
+    offset = 0
+    for p in model.parameters():
+        n = p.numel()
+        p.add_(flat[offset : offset + n].view_as(p).to(p.device, p.dtype))
+        offset += n
+
+
+@dataclass
+class Boundary:
+    """What the thread hands the loop at the end of a round's inner phase."""
+
+    outer_step: int
+    theta: Tensor
+    """Flat fp32 CPU snapshot of theta at the boundary."""
+    loss: float
+    state: dict[str, Any] | None = None
+    """A copy of the trainer state, when the loop asked for a checkpoint at this boundary."""
+
+
+@dataclass
+class TrainerStats:
+    inner_steps: int = 0
+    tokens: int = 0
+    compute_s: float = 0.0
+    idle_s: float = 0.0
+    last_loss: float = math.nan
+    losses: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Owns the model, the inner optimizer and the data stream of one node."""
+
+    def __init__(
+        self,
+        task: ReplicaTask,
+        inner: InnerConfig,
+        *,
+        inner_steps: int,
+        total_steps: int | None,
+        device: torch.device,
+        tokens_per_step: int,
+    ) -> None:
+        self.task = task
+        self.model = task.model.to(device)
+        self.device = device
+        self.inner_steps = inner_steps
+        self.tokens_per_step = tokens_per_step
+        self.grad_clip = inner.grad_clip
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=inner.lr, betas=inner.betas, weight_decay=inner.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(inner, total_steps))
+        self.step = 0
+        self.stats = TrainerStats()
+        self._lock = threading.Lock()
+        self._update: tuple[int, Tensor, Tensor] | None = None  # (outer_step, phi, theta_r)
+        self._update_ready = threading.Condition(self._lock)
+        self._applied = -1  # last outer step whose result was applied
+        self.overlap = True
+
+    # -- called from the event loop --------------------------------------------------------------
+
+    def deliver(self, outer_step: int, phi: Tensor, theta_r: Tensor) -> None:
+        """Hand the thread round ``outer_step``'s new slow weights (thread-safe)."""
+        with self._update_ready:
+            self._update = (outer_step, phi, theta_r)
+            self._update_ready.notify_all()
+
+    # -- the thread ------------------------------------------------------------------------------
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            update, self._update = self._update, None
+        if update is None:
+            return
+        outer_step, phi, theta_r = update
+        if self.overlap:
+            add_flat(self.model, phi - theta_r)  # keep the progress made meanwhile
+        else:
+            set_flat(self.model, phi)
+        self._applied = outer_step
+
+    def _wait_for(self, outer_step: int, stop: threading.Event) -> bool:
+        """Block until round ``outer_step``'s result arrived; False when stopped first."""
+        start = time.perf_counter()
+        with self._update_ready:
+            while (self._update is None or self._update[0] < outer_step) and not stop.is_set():
+                if self._applied >= outer_step:
+                    break
+                self._update_ready.wait(0.1)
+        self.stats.idle_s += time.perf_counter() - start
+        self._apply_pending()
+        return not stop.is_set()
+
+    def inner_step(self) -> float:
+        start = time.perf_counter()
+        self.model.train()
+        batch = next(self.task.batches)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self.task.loss(self.model, _to(batch, self.device))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        value = float(loss.detach())
+        self.step += 1
+        self.stats.inner_steps += 1
+        self.stats.tokens += self.tokens_per_step
+        self.stats.compute_s += time.perf_counter() - start
+        self.stats.last_loss = value
+        self.stats.losses.append(value)
+        del self.stats.losses[:-1000]
+        return value
+
+    def run(
+        self,
+        *,
+        first_outer_step: int,
+        stop: threading.Event,
+        on_boundary: Callable[[Boundary], None],
+        want_state: Callable[[int], bool],
+        overlap: bool,
+    ) -> None:
+        """Train until ``stop`` is set. Runs in the trainer thread."""
+        self.overlap = overlap
+        outer_step = first_outer_step
+        losses: list[float] = []
+        while not stop.is_set():
+            self._apply_pending()
+            losses.append(self.inner_step())
+            if self.step % self.inner_steps:
+                continue
+            # A round boundary. The previous round's update must be in before we snapshot.
+            if outer_step > first_outer_step and not self._wait_for(outer_step - 1, stop):
+                break
+            state = self.state_dict() if want_state(outer_step) else None
+            on_boundary(Boundary(outer_step, flat_params(self.model), _mean(losses), state))
+            losses = []
+            if not overlap and not self._wait_for(outer_step, stop):
+                break
+            outer_step += 1
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """A deep copy of everything that decides the next inner steps."""
+        batches = self.task.batches
+        return {
+            "model": {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+            },
+            "optimizer": copy.deepcopy(_to(self.opt.state_dict(), torch.device("cpu"))),
+            "scheduler": self.sched.state_dict(),
+            "step": self.step,
+            "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        if state.get("data") is not None and hasattr(self.task.batches, "load_state_dict"):
+            self.task.batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    @torch.no_grad()
+    def set_weights(self, flat: Tensor) -> None:
+        """theta = flat (when the thread is not running)."""
+        set_flat(self.model, flat)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def _schedule(inner: InnerConfig, total_steps: int | None) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant when open-ended)."""
+
+    def factor(step: int) -> float:
+        if step < inner.warmup_steps:
+            return (step + 1) / inner.warmup_steps
+        if total_steps is None:
+            return 1.0
+        progress = min(1.0, (step - inner.warmup_steps) / max(1, total_steps - inner.warmup_steps))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return inner.min_lr_ratio + (1 - inner.min_lr_ratio) * cosine
+
+    return factor
