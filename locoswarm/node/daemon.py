@@ -72,6 +72,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._train_stop = threading.Event()
         self.next_round = 0
+        self.round_offset = 0
+        """Global round = the trainer's boundary count + this (moves forward on catch-up)."""
         self.peer_id = ""
         self._view: list[PeerRecord] = []
         self.info: dict[str, Any] = {}
@@ -318,7 +320,9 @@ class Daemon:
                     break
                 boundary = getter.result()
                 if boundary.state is not None:
-                    await asyncio.to_thread(self._save, boundary.outer_step, boundary.state, outer)
+                    await asyncio.to_thread(
+                        self._save, boundary.outer_step + self.round_offset, boundary.state, outer
+                    )
                 round_task = asyncio.ensure_future(
                     self._round(
                         boundary, trainer, outer, handler, matchmaker, membership, client, record
@@ -348,8 +352,9 @@ class Daemon:
         record: PeerRecord,
     ) -> None:
         cfg = self.config
-        r = b.outer_step
         start = time.perf_counter()
+        view = await self._refresh_view(membership)
+        r = self._catch_up(b.outer_step, view, outer)
         prepared = await asyncio.to_thread(outer.prepare, r, b.theta)
         current = handler.open_round(prepared)
         partner: list[Tensor] | None = None
@@ -359,7 +364,6 @@ class Daemon:
                 me = dataclasses.replace(record, outer_step=r)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(membership.announce(me), 5)
-                view = await self._refresh_view(membership)
                 match = await matchmaker.match(
                     me,
                     view,
@@ -385,7 +389,7 @@ class Daemon:
                 result = "failed"
         self.metrics.exchanges.labels(result=result).inc()
         self.metrics.exchange_seconds.observe(time.perf_counter() - start)
-        trainer.deliver(r, phi.clone(), b.theta)
+        trainer.deliver(b.outer_step, phi.clone(), b.theta)
         self.next_round = r + 1
         handler.outer_step = self.next_round
         self.metrics.outer_step.set(self.next_round)
@@ -397,6 +401,25 @@ class Daemon:
             b.loss,
             time.perf_counter() - start,
         )
+
+    def _catch_up(self, local_step: int, view: list[PeerRecord], outer: OuterStep) -> int:
+        """This round's outer step: our own count, moved forward to the swarm's median when we
+        fell behind (a late joiner, a slow node). Round numbers are labels that let partners
+        meet; the maths does not depend on them, and they never go backward."""
+        r = local_step + self.round_offset
+        steps = sorted(
+            rec.outer_step
+            for rec in view
+            if rec.peer_id != self.peer_id
+            and rec.model_fingerprint == outer.fingerprint
+            and rec.sync == outer.mode
+        )
+        if steps and steps[len(steps) // 2] > r:
+            target = steps[len(steps) // 2]
+            log.info("round %d: the swarm is at round %d; catching up", r, target)
+            self.round_offset += target - r
+            r = target
+        return r
 
     async def _refresh_view(self, membership: Membership) -> list[PeerRecord]:
         try:

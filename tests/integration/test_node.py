@@ -1,0 +1,115 @@
+"""Integration: real ``locoswarm run`` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import QUICK, Nodes
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+@pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
+def test_three_nodes_join_exchange_and_learn(nodes: Nodes, mode: str) -> None:
+    extra = ["--codec", "int8"] if mode == "ef" else []
+    first = nodes.start("--sync", mode, "--rounds", "30", *extra)
+    join = nodes.join_address(first)
+    first.wait_for(r"round 1: ")  # the others join a running swarm: they fetch its state
+    others = [
+        nodes.start("--sync", mode, "--rounds", "30", "--join", join, *extra) for _ in range(2)
+    ]
+    for node in [first, *others]:
+        assert node.proc.wait(timeout=200) == 0, node.text()
+    for node in others:
+        assert re.search(r"late join: fetched the outer weights of round [1-9]", node.text()), (
+            node.text()
+        )
+    for node in [first, *others]:
+        rounds = node.rounds()
+        exchanged = [r for r in rounds if r[1] == "exchanged"]
+        assert len(exchanged) >= 3, (node.name, rounds)
+        losses = [loss for _, _, loss in rounds]
+        assert min(losses[-3:]) < losses[0], (node.name, losses)  # training loss falls
+
+
+def _digest(text: str, kind: str) -> tuple[int, str, str]:
+    found = re.findall(rf"{kind} .* at round (\d+), step \d+: weights (\w+), phi (\w+)", text)
+    assert found, text
+    round_, weights, phi = found[-1]
+    return int(round_), weights, phi
+
+
+def test_sigterm_then_restart_resumes_with_identical_weights(nodes: Nodes, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    node = nodes.start("--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
+    node.wait_for(r"round 3: ")
+    assert node.stop(signal.SIGTERM) == 0
+    saved = _digest(node.text(), "checkpoint")
+    again = nodes.start("--checkpoint-dir", str(ckpt), name="restarted")
+    again.wait_for(r"resumed from")
+    assert _digest(again.text(), "resumed") == saved
+    again.wait_for(rf"round {saved[0]}: ")  # it goes on from the saved round
+    assert again.stop() == 0
+
+
+def test_a_killed_node_does_not_stop_the_others(nodes: Nodes) -> None:
+    first = nodes.start()
+    join = nodes.join_address(first)
+    others = [nodes.start("--join", join) for _ in range(2)]
+    for node in [first, *others]:
+        node.wait_for(r"round \d+: exchanged")
+    victim = others[1]
+    victim.stop(signal.SIGKILL)
+    survivors = [first, others[0]]
+    before = {n.name: len(n.rounds()) for n in survivors}
+    for node in survivors:  # both keep training, and exchange again with each other
+        node.wait_for(r"round \d+: (exchanged|solo)", timeout_s=30)
+        deadline_rounds = before[node.name] + 8
+        while len(node.rounds()) < deadline_rounds:
+            node.wait_for(rf"round {node.rounds()[-1][0] + 1}: ", timeout_s=60)
+        later = node.rounds()[before[node.name] + 2 :]
+        assert any(how == "exchanged" for _, how, _ in later), (node.name, node.rounds())
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "locoswarm", "run", *QUICK, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--set", "sync.nonsense=1"], 2, "unknown config key 'sync.nonsense'"),
+        (["--inner-steps", "0"], 2, "sync.inner_steps must be >= 1"),
+        (["--data", "/nonexistent/corpus"], 2, "/nonexistent/corpus"),
+        (
+            [
+                "--join",
+                "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWFkJQuGvmedvQYJeG2j5h23QAyTydWcx5txxJddkQXx97",
+                "--set",
+                "peers.bootstrap_attempts=1",
+            ],
+            1,
+            "/ip4/127.0.0.1/tcp/9/p2p/",
+        ),
+        (["--join", "127.0.0.1:9"], 2, "is not a multiaddr"),
+    ],
+)
+def test_user_errors_are_clear_and_without_traceback(
+    args: list[str], code: int, message: str
+) -> None:
+    done = _run(*args)
+    assert done.returncode == code, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
