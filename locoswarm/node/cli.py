@@ -226,7 +226,12 @@ def _cmd_sim(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from locoswarm.node.run import add_demo_arguments, add_run_arguments, add_status_arguments
+    from locoswarm.node.run import (
+        add_demo_arguments,
+        add_health_arguments,
+        add_run_arguments,
+        add_status_arguments,
+    )
 
     parser = argparse.ArgumentParser(prog="locoswarm", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -234,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(sub.add_parser("run", help="run a node (joins a swarm with --join)"))
     add_status_arguments(sub.add_parser("status", help="show a running node's status"))
     add_demo_arguments(sub.add_parser("demo", help="a small local swarm on 127.0.0.1"))
+    add_health_arguments(sub.add_parser("health", help="exit 0 when a node is SERVING"))
     sim = sub.add_parser("sim", help="simulate a swarm in one process")
     add_sim_arguments(sim)
     sim.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")

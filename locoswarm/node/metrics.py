@@ -10,6 +10,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from locoswarm.protocol.reasons import REASONS
+
 EXCHANGE_RESULTS = ("ok", "solo", "failed", "refused")
 
 
@@ -63,6 +65,8 @@ class NodeMetrics:
         for kind in ("exchange", "state"):
             self.bytes_sent.labels(kind=kind)
             self.bytes_received.labels(kind=kind)
+        for reason in REASONS:  # every series exists from the start (dashboards, alerts)
+            self.rejected.labels(reason=reason)
         self._server: Any = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
