@@ -272,9 +272,11 @@ def cmd_health(a: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    ca = Path(a.tls_ca).read_bytes() if a.tls_ca is not None else None
+
     async def check() -> int:
-        if a.tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=Path(a.tls_ca).read_bytes())
+        if ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca)
             channel = grpc.aio.secure_channel(a.address, creds)
         else:
             channel = grpc.aio.insecure_channel(a.address)
