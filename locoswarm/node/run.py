@@ -370,15 +370,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
                 f"log {workdir / f'node{i}.log'}"
             )
         print("training; Ctrl-C stops every node (each writes a checkpoint first)")
-        shown = 0
-        while any(p.poll() is None for p in procs):
-            time.sleep(5)
+        shown = [0] * len(procs)
+        running = True
+        while running:
+            running = any(p.poll() is None for p in procs)
+            time.sleep(1 if running else 0)
             for i in range(len(procs)):
                 lines = (workdir / f"node{i}.log").read_text(errors="replace").splitlines()
-                rounds = [ln for ln in lines if "round " in ln and "train loss" in ln]
-                if rounds and i == 0 and len(rounds) > shown:
-                    shown = len(rounds)
-                    print(f"  node0 {rounds[-1].split(': ', 1)[-1]}")
+                rounds = [ln.split(": ", 1)[-1] for ln in lines if "train loss" in ln]
+                for line in rounds[shown[i] :]:
+                    print(f"  node{i} {line}", flush=True)
+                shown[i] = len(rounds)
     except KeyboardInterrupt:
         print("stopping the demo nodes...")
     finally:

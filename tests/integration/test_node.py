@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import procs
 from tests.integration.conftest import QUICK, Nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -113,3 +114,81 @@ def test_user_errors_are_clear_and_without_traceback(
     assert done.returncode == code, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_status_health_and_metrics_of_a_running_node(nodes: Nodes) -> None:
+    import json
+    import urllib.request
+
+    node = nodes.start()
+    info = node.info()
+    node.wait_for(r"round 2: ")
+    status = subprocess.run(
+        [sys.executable, "-m", "locoswarm", "status", str(info["grpc"]), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    reported = json.loads(status.stdout)
+    assert reported["peer_id"] == info["peer_id"]
+    assert reported["outer_step"] >= 2
+    assert reported["strategy"] == "noloco"
+    health = subprocess.run(
+        [sys.executable, "-m", "locoswarm", "health", str(info["grpc"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
+    with urllib.request.urlopen(str(info["metrics"]), timeout=10) as reply:
+        text = reply.read().decode()
+    for name in (
+        "locoswarm_protocol_sent_bytes_total",
+        "locoswarm_trainer_idle_seconds_total",
+        "locoswarm_trainer_compute_seconds_total",
+        "locoswarm_sync_exchange_seconds_bucket",
+        'locoswarm_sync_exchanges_total{result="solo"}',
+        "locoswarm_sync_outer_step",
+        'locoswarm_protocol_rejected_total{reason="bad_checksum"}',
+        "locoswarm_trainer_loss",
+        "locoswarm_peers_live",
+        "locoswarm_trainer_tokens_total",
+    ):
+        assert name in text, name
+    assert node.stop() == 0
+    gone = subprocess.run(
+        [sys.executable, "-m", "locoswarm", "health", str(info["grpc"]), "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert gone.returncode == 1
+
+
+def test_demo_starts_a_local_swarm_that_exchanges(tmp_path: Path) -> None:
+    before = procs.named("p2pd")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locoswarm",
+            "demo",
+            "--nodes",
+            "2",
+            "--rounds",
+            "30",
+            "--inner-steps",
+            "20",
+            "--dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "metrics http://127.0.0.1:" in done.stdout
+    assert re.search(r"node\d round \d+: exchanged", done.stdout), done.stdout
+    assert procs.wait_gone(procs.named("p2pd") - before) == set()
