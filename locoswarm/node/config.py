@@ -44,7 +44,8 @@ class SyncConfig:
     gamma: float | None = None
     """noloco pull toward the partner's phi; None means gamma = beta (only theta is sent)."""
     group_size: int = 2
-    """Nodes per exchange. Pairs (2) for every mode in this version."""
+    """Nodes per exchange: pairs for noloco and ef; up to k for diloco (reduce-scatter and
+    all-gather over pairwise exchanges)."""
     overlap: bool = True
     """Apply each outer update one phase late so training never waits for the network; False
     blocks training during the outer step (for comparison and exact tests)."""
@@ -60,9 +61,12 @@ class SyncConfig:
             raise ConfigError(f"sync.mode must be noloco, diloco or ef, got {self.mode!r}")
         if self.inner_steps < 1:
             raise ConfigError(f"sync.inner_steps must be >= 1, got {self.inner_steps}")
-        if self.group_size != 2:
+        if self.group_size < 2 or self.group_size > 64:
+            raise ConfigError(f"sync.group_size must be in 2..64, got {self.group_size}")
+        if self.group_size > 2 and self.mode != "diloco":
             raise ConfigError(
-                f"sync.group_size {self.group_size}: this version exchanges in pairs only"
+                f"sync.group_size {self.group_size}: groups are for diloco; "
+                f"{self.mode} exchanges in pairs"
             )
         if self.match_deadline_s <= 0 or self.exchange_timeout_s <= 0 or self.rounds < 0:
             raise ConfigError("sync deadlines must be > 0 and sync.rounds >= 0")
@@ -142,6 +146,10 @@ class NodeConfig:
     """How long a stop waits for the exchange in flight and the final checkpoint."""
 
     def __post_init__(self) -> None:
+        if self.sync.group_size > 2 and not self.compression.lossless:
+            raise ConfigError(
+                "diloco groups of more than 2 average fp32 shards: use compression.codec fp32"
+            )
         if self.sync.mode == "noloco" and not self.compression.lossless:
             raise ConfigError(
                 "sync.mode noloco sends weights: use compression.codec fp32 (compressed "

@@ -25,9 +25,10 @@ from torch import Tensor
 
 from locoswarm import __version__
 from locoswarm.compression.config import CODEC_CHOICES
-from locoswarm.errors import ConfigError, PeerError
+from locoswarm.errors import ConfigError, PeerError, PeerUnavailable
 from locoswarm.node import checkpoint
 from locoswarm.node.config import NodeConfig, to_dict
+from locoswarm.node.group import group_average, member_entry, parse_roster, shard_bounds
 from locoswarm.node.handler import NodeHandler
 from locoswarm.node.metrics import NodeMetrics
 from locoswarm.node.outer import OuterStep, Prepared, fingerprint
@@ -88,7 +89,9 @@ class Daemon:
         cfg = self.config
         check_join_addresses(cfg.peers.initial_peers)
         secret = _read_secret(cfg.secret_file)
-        peers_cfg = dataclasses.replace(cfg.peers, run_id=cfg.run_id)
+        peers_cfg = dataclasses.replace(
+            cfg.peers, run_id=cfg.run_id, group_size=cfg.sync.group_size
+        )
         async with contextlib.AsyncExitStack() as stack:
             membership = await stack.enter_async_context(Membership.start(peers_cfg))
             self.peer_id = membership.dht_peer_id
@@ -111,6 +114,8 @@ class Daemon:
                 metrics=self.metrics,
                 version=__version__,
                 match_wait_s=cfg.sync.match_deadline_s,
+                exchange_wait_s=cfg.sync.exchange_timeout_s,
+                group_size=cfg.sync.group_size,
                 decode=lambda received, names: asyncio.to_thread(outer.decode, received, names),
                 num_peers=lambda: max(0, len(self._view) - 1),
             )
@@ -356,37 +361,47 @@ class Daemon:
         view = await self._refresh_view(membership)
         r = self._catch_up(b.outer_step, view, outer)
         prepared = await asyncio.to_thread(outer.prepare, r, b.theta)
-        current = handler.open_round(prepared)
+        grouped = cfg.sync.group_size > 2
+        current = handler.open_round(prepared, group=grouped)
         partner: list[Tensor] | None = None
+        mean: Tensor | None = None
         result = "solo"
         try:
             async with asyncio.timeout(cfg.sync.match_deadline_s + cfg.sync.exchange_timeout_s):
                 me = dataclasses.replace(record, outer_step=r)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(membership.announce(me), 5)
-                match = await matchmaker.match(
-                    me,
-                    view,
-                    self._proposer(prepared, client, handler),
-                    deadline_s=cfg.sync.match_deadline_s,
+                propose = (
+                    self._join_proposer(client, outer)
+                    if grouped
+                    else self._proposer(prepared, client, handler)
                 )
-                if match.role == "dialler":
+                match = await matchmaker.match(
+                    me, view, propose, deadline_s=cfg.sync.match_deadline_s
+                )
+                if match.role != "solo":
+                    result = "failed"
+                if grouped and match.role != "solo":
+                    mean = await self._group_step(match, current, prepared, client, outer, record)
+                elif match.role == "dialler":
                     partner = match.sessions[match.partners[0]]
                 elif match.role == "responder":
                     partner = await current.partner
-                    result = "ok" if partner is not None else "failed"
-                if match.role == "dialler":
+                if partner is not None or mean is not None:
                     result = "ok"
         except TimeoutError:
             result = "failed"
+        except PeerError as exc:
+            log.info("round %d: the group step failed: %s", r, exc)
+            result = "failed"
         finally:
             handler.close_round()
-        if partner is not None:
+        if mean is not None:
+            phi = await asyncio.to_thread(outer.apply_mean, prepared, mean)
+        elif partner is not None:
             phi = await asyncio.to_thread(outer.apply, prepared, partner)
         else:
             phi = await asyncio.to_thread(outer.solo, prepared)
-            if result == "ok":
-                result = "failed"
         self.metrics.exchanges.labels(result=result).inc()
         self.metrics.exchange_seconds.observe(time.perf_counter() - start)
         trainer.deliver(b.outer_step, phi.clone(), b.theta)
@@ -395,11 +410,12 @@ class Daemon:
         self.metrics.outer_step.set(self.next_round)
         self.metrics.loss.set(b.loss)
         log.info(
-            "round %d: %s, train loss %.4f, %.2fs",
+            "round %d: %s, train loss %.4f, %.2fs, phi %s",
             r,
-            "exchanged" if partner is not None else f"solo ({result})",
+            "exchanged" if result == "ok" else f"solo ({result})",
             b.loss,
             time.perf_counter() - start,
+            weights_digest(phi),
         )
 
     def _catch_up(self, local_step: int, view: list[PeerRecord], outer: OuterStep) -> int:
@@ -428,6 +444,104 @@ class Daemon:
             log.warning("could not list peers: %s", exc)
         self.metrics.peers.set(max(0, len(self._view) - 1))
         return self._view
+
+    def _address_of(self, peer: str) -> str | None:
+        record = next((r for r in self._view if r.peer_id == peer), None)
+        return None if record is None else record.address
+
+    def _join_proposer(self, client: PeerClient, outer: OuterStep) -> Any:
+        """Group proposals: an Exchange of kind ``join`` without tensors."""
+        cfg = self.config
+
+        async def propose(peer: str, outer_step: int) -> list[Tensor] | None:
+            address = self._address_of(peer)
+            if address is None:
+                return None
+            view = LocalView(
+                run_id=cfg.run_id, model_fingerprint=outer.fingerprint, outer_step=outer_step
+            )
+            try:
+                await client.exchange(
+                    address,
+                    outer.control(outer_step, "join"),
+                    view=view,
+                    timeout_s=cfg.sync.match_deadline_s,
+                )
+            except PeerError as exc:
+                if exc.reason in ("busy", "stale_round", "shutting_down"):
+                    return None
+                raise
+            return []
+
+        return propose
+
+    async def _group_step(
+        self,
+        match: Any,
+        current: Any,
+        prepared: Prepared,
+        client: PeerClient,
+        outer: OuterStep,
+        record: PeerRecord,
+    ) -> Tensor:
+        """Leader: send the roster; member: wait for it. Then average over the group."""
+        cfg = self.config
+        group = current.group
+        r = prepared.outer_step
+        view = LocalView(run_id=cfg.run_id, model_fingerprint=outer.fingerprint, outer_step=r)
+        if match.role == "dialler":
+            roster = (
+                member_entry(self.peer_id, record.address),
+                *(member_entry(p, self._address_of(p)) for p in match.partners),
+            )
+            group.roster.set_result(roster)
+
+            async def send(peer: str) -> None:
+                address = self._address_of(peer)
+                if address is not None:
+                    with contextlib.suppress(PeerError):
+                        await client.exchange(
+                            address,
+                            outer.control(r, "roster", roster),
+                            view=view,
+                            timeout_s=cfg.sync.match_deadline_s,
+                        )
+
+            await asyncio.gather(*(send(p) for p in match.partners))
+        else:
+            try:
+                await asyncio.wait_for(asyncio.shield(group.roster), cfg.sync.match_deadline_s)
+            except TimeoutError:
+                raise PeerUnavailable(
+                    match.partners[0], "no roster from our group's leader"
+                ) from None
+        roster = group.roster.result()
+        ids = [p for p, _ in parse_roster(roster, None)]
+        assert prepared.pending is not None  # diloco always prepares one
+        vector = prepared.pending.decoded
+        bounds = shard_bounds(vector.numel(), len(ids))
+        me = ids.index(self.peer_id)
+
+        async def swap(phase: str, peer: str, address: str, shard: Tensor) -> Tensor:
+            # reduce-scatter brings back our own shard; all-gather the peer's
+            lo, hi = bounds[me] if phase == "rs" else bounds[ids.index(peer)]
+            got: list[Tensor] = []
+
+            async def check(received: Received) -> None:
+                got.append(await asyncio.to_thread(outer.decode_shard, received, hi - lo))
+
+            await client.exchange(
+                address,
+                outer.shard_message(r, phase, shard, roster),
+                view=view,
+                timeout_s=cfg.sync.exchange_timeout_s,
+                check=check,
+            )
+            return got[0]
+
+        return await group_average(
+            group, self.peer_id, vector, swap, timeout_s=cfg.sync.exchange_timeout_s
+        )
 
     def _proposer(self, prepared: Prepared, client: PeerClient, handler: NodeHandler) -> Any:
         cfg = self.config

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from locoswarm.errors import IncompatiblePeer, PeerUnavailable, ProtocolViolation
+from locoswarm.node.group import GroupRound, parse_roster, shard_bounds
 from locoswarm.node.metrics import NodeMetrics
 from locoswarm.node.outer import OuterStep, Prepared
 from locoswarm.peers import Matchmaker, PeerHealth
@@ -31,6 +32,8 @@ class Round:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     responder_peer: str | None = None
+    group: GroupRound | None = None
+    """DiLoCo groups of more than 2: the group's shared state this round."""
 
 
 class NodeHandler:
@@ -43,6 +46,8 @@ class NodeHandler:
         metrics: NodeMetrics,
         version: str,
         match_wait_s: float,
+        exchange_wait_s: float,
+        group_size: int,
         decode: Callable[[Received, tuple[str, ...] | None], Awaitable[list[Tensor]]],
         num_peers: Callable[[], int],
     ) -> None:
@@ -52,6 +57,8 @@ class NodeHandler:
         self.metrics = metrics
         self.version = version
         self.match_wait_s = match_wait_s
+        self.exchange_wait_s = exchange_wait_s
+        self.group_size = group_size
         self.decode = decode
         self.num_peers = num_peers
         self.outer_step = 0
@@ -60,15 +67,17 @@ class NodeHandler:
         self.bytes = {"sent": 0, "received": 0}
         self.stopping = False
 
-    def open_round(self, prepared: Prepared) -> Round:
+    def open_round(self, prepared: Prepared, *, group: bool = False) -> Round:
         self.outer_step = prepared.outer_step
-        self.round = Round(prepared)
+        self.round = Round(prepared, group=GroupRound() if group else None)
         return self.round
 
     def close_round(self) -> None:
         current, self.round = self.round, None
         if current is not None and not current.partner.done():
             current.partner.set_result(None)
+        if current is not None and current.group is not None:
+            current.group.close()
 
     # -- ExchangeHandler ---------------------------------------------------------------------
 
@@ -88,8 +97,43 @@ class NodeHandler:
                 f"sync mode {header.strategy!r}, ours {self.outer.mode!r}",
                 reason="fingerprint",
             )
-        if header.kind != "outer":
-            raise ProtocolViolation(peer, f"exchange of kind {header.kind!r}", reason="malformed")
+        grouped = self.group_size > 2
+        kind = header.kind
+        if kind == ("join" if grouped else "outer"):
+            return await self._admit_proposal(peer, header)
+        current = self.round
+        group = current.group if current is not None else None
+        if current is None or group is None or kind not in ("roster", "rs", "ag"):
+            raise ProtocolViolation(
+                peer, f"unexpected exchange of kind {kind!r}", reason="malformed"
+            )
+        if kind == "roster":
+            if peer != current.responder_peer:
+                raise ProtocolViolation(
+                    peer, "a roster from a peer that did not lead us", reason="malformed"
+                )
+            return self.outer.control(header.outer_step, "roster")
+        try:  # a member may call before our roster arrived: wait for it, boundedly
+            vector = await asyncio.wait_for(asyncio.shield(group.vector), self.match_wait_s)
+        except (TimeoutError, asyncio.CancelledError):
+            raise PeerUnavailable(peer, "our group is not ready", reason="busy") from None
+        if tuple(header.members) != group.roster.result():
+            raise ProtocolViolation(peer, "a different roster than ours", reason="malformed")
+        members = group.members()
+        bounds = shard_bounds(vector.numel(), len(members))
+        if kind == "rs":
+            lo, hi = bounds[group.index(peer)]
+            shard = vector[lo:hi]
+        else:
+            try:
+                shard = await asyncio.wait_for(asyncio.shield(group.reduced), self.exchange_wait_s)
+            except (TimeoutError, asyncio.CancelledError):
+                raise PeerUnavailable(
+                    peer, "our reduce-scatter did not finish", reason="busy"
+                ) from None
+        return self.outer.shard_message(header.outer_step, kind, shard, group.roster.result())
+
+    async def _admit_proposal(self, peer: str, header: Header) -> Outgoing:
         accepted, why = await self.matchmaker.on_proposal(
             peer, header.outer_step, wait_s=self.match_wait_s
         )
@@ -97,11 +141,21 @@ class NodeHandler:
         if not accepted or current is None:
             raise PeerUnavailable(peer, why, reason="busy")
         current.responder_peer = peer
+        if header.kind == "join":
+            return self.outer.control(current.prepared.outer_step, "join")
         return current.prepared.outgoing
 
     async def on_exchange(self, peer: str, received: Received) -> None:
         current = self.round
-        if current is None or current.responder_peer != peer:
+        kind = received.header.kind
+        if current is None:
+            raise PeerUnavailable(peer, "the round closed meanwhile", reason="busy")
+        if kind == "join":
+            return
+        if kind in ("roster", "rs", "ag"):
+            await self._on_group(peer, received, current)
+            return
+        if current.responder_peer != peer:
             raise PeerUnavailable(peer, "the round closed meanwhile", reason="busy")
         try:
             tensors = await self.decode(received, None)
@@ -115,9 +169,37 @@ class NodeHandler:
         if not current.partner.done():
             current.partner.set_result(tensors)
 
+    async def _on_group(self, peer: str, received: Received, current: Round) -> None:
+        group = current.group
+        assert group is not None  # admit() let only group kinds of a group round through
+        kind = received.header.kind
+        if kind == "roster":
+            members = parse_roster(received.header.members, peer)
+            if self.outer.peer_id not in [p for p, _ in members]:
+                raise ProtocolViolation(peer, "a roster without us", reason="malformed")
+            if not group.roster.done():
+                group.roster.set_result(tuple(received.header.members))
+            return
+        vector = group.vector.result()
+        lo, hi = shard_bounds(vector.numel(), len(group.members()))[group.index(self.outer.peer_id)]
+        if kind == "ag":
+            index = group.index(peer)
+            lo, hi = shard_bounds(vector.numel(), len(group.members()))[index]
+        shard = await asyncio.to_thread(self.outer.decode_shard, received, hi - lo)
+        future = group.received(kind, peer)
+        if not future.done():
+            future.set_result(shard)
+
     def on_abandoned(self, peer: str, header: Header, reason: str) -> None:
         current = self.round
-        if current is not None and current.responder_peer == peer and not current.partner.done():
+        if current is None:
+            return
+        if current.group is not None and header.kind in ("rs", "ag"):
+            future = current.group.received(header.kind, peer)
+            if not future.done():
+                future.set_exception(PeerUnavailable(peer, f"group {header.kind} failed: {reason}"))
+            return
+        if current.responder_peer == peer and not current.partner.done():
             log.info("exchange with %s for round %d abandoned: %s", peer, header.outer_step, reason)
             current.partner.set_result(None)
 

@@ -96,7 +96,13 @@ class OuterStep:
             return ("theta",) if _theta_only(self.config) else ("theta", "phi")
         return ("outer_grad",)
 
-    def header(self, outer_step: int, tensors: tuple[TensorSpec, ...], kind: str) -> Header:
+    def header(
+        self,
+        outer_step: int,
+        tensors: tuple[TensorSpec, ...],
+        kind: str,
+        members: tuple[str, ...] = (),
+    ) -> Header:
         return Header(
             run_id=self.config.run_id,
             outer_step=outer_step,
@@ -105,7 +111,48 @@ class OuterStep:
             model_fingerprint=self.fingerprint,
             tensors=tensors,
             kind=kind,
+            members=members,
         )
+
+    def control(self, outer_step: int, kind: str, members: tuple[str, ...] = ()) -> Outgoing:
+        """A message without tensors (group join and roster)."""
+        return Outgoing(self.header(outer_step, (), kind, members), b"")
+
+    def shard_message(
+        self, outer_step: int, kind: str, shard: Tensor, members: tuple[str, ...]
+    ) -> Outgoing:
+        """One fp32 shard for a group's reduce-scatter or all-gather."""
+        encoded = self._fp32.encode(shard.contiguous(), name="shard")
+        return Outgoing(
+            self.header(outer_step, (_spec(encoded, "shard"),), kind, members), encoded.payload
+        )
+
+    def decode_shard(self, received: Received, length: int) -> Tensor:
+        """A group member's shard, checked to be ``length`` fp32 values."""
+        specs = received.header.tensors
+        peer = received.header.sender_id
+        if len(specs) != 1 or specs[0].name != "shard" or specs[0].shape != (length,):
+            raise ProtocolViolation(
+                peer, f"expected one shard of {length} values", reason="rejected"
+            )
+        spec = specs[0]
+        encoded = Encoded(
+            codec=spec.codec,
+            shape=spec.shape,
+            dtype=spec.dtype,
+            payload=received.payload,
+            block_size=spec.block_size,
+            k_per_chunk=spec.k_per_chunk,
+            name="shard",
+        )
+        return decode(encoded, limits=self.limits)
+
+    def apply_mean(self, prepared: Prepared, mean: Tensor) -> Tensor:
+        """DiLoCo's outer step on a group's mean outer gradient; returns the new phi."""
+        assert prepared.pending is not None  # diloco messages always have one
+        self.feedback.commit(prepared.pending)
+        self.phi, self.momentum = diloco_outer_step(self.phi, mean, self.momentum, self.diloco)
+        return self.phi
 
     def prepare(self, outer_step: int, theta: Tensor) -> Prepared:
         """Encode this round's message (CPU work: call it from a worker thread)."""

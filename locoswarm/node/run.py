@@ -31,6 +31,7 @@ _RUN_FLAGS: dict[str, str] = {
     "outer_lr": "sync.outer_lr",
     "outer_momentum": "sync.outer_momentum",
     "match_deadline": "sync.match_deadline_s",
+    "group_size": "sync.group_size",
     "codec": "compression.codec",
     "error_feedback": "compression.error_feedback",
     "task": "task.name",
@@ -73,6 +74,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outer-lr", type=float, help="noloco beta / diloco lr / ef lr")
     p.add_argument("--outer-momentum", type=float, help="noloco alpha / diloco momentum")
     p.add_argument("--match-deadline", type=float, help="seconds to find a partner per round")
+    p.add_argument("--group-size", type=int, help="diloco: nodes per group (default 2)")
     p.add_argument("--codec", choices=CODEC_CHOICES, help="payload codec (diloco, ef)")
     p.add_argument("--error-feedback", choices=FEEDBACK_CHOICES)
     p.add_argument("--task", help="tiny|small|base or module:function (default tiny)")

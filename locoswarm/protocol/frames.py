@@ -16,6 +16,9 @@ from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.config import PROTOCOL_VERSION, Limits
 from locoswarm.protocol.reasons import error_for
 
+MAX_MEMBERS = 64
+"""Most members a group header may list."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TensorSpec:
@@ -41,6 +44,8 @@ class Header:
     model_fingerprint: str
     tensors: tuple[TensorSpec, ...] = ()
     kind: str = ""
+    members: tuple[str, ...] = ()
+    """Group exchanges: the group's members in order ("peer_id@host:port")."""
     protocol_version: int = PROTOCOL_VERSION
 
     @property
@@ -91,6 +96,7 @@ def header_to_pb(header: Header, chunk_bytes: int) -> pb.Header:
         chunk_bytes=chunk_bytes,
         num_chunks=-(-total // chunk_bytes),
         kind=header.kind,
+        members=list(header.members),
     )
 
 
@@ -211,6 +217,10 @@ def check_header(
             peer,
             f"{msg.num_chunks} chunks of {msg.chunk_bytes} bytes cannot carry {msg.total_bytes}",
         )
+    if len(msg.members) > MAX_MEMBERS:
+        raise error_for("malformed", peer, f"{len(msg.members)} group members, limit {MAX_MEMBERS}")
+    for member in msg.members:
+        _check_name(member, "group member", limits, peer)
     specs = []
     for spec in msg.tensors:
         _check_name(spec.name, "tensor name", limits, peer)
@@ -259,6 +269,7 @@ def check_header(
         model_fingerprint=msg.model_fingerprint,
         tensors=tuple(specs),
         kind=msg.kind,
+        members=tuple(msg.members),
         protocol_version=msg.protocol_version,
     )
 
