@@ -50,7 +50,7 @@ async def _group(vectors: list[torch.Tensor], fail: str | None = None) -> list[t
         g.roster.set_result(roster)
     bounds = shard_bounds(vectors[0].numel(), len(ids))
 
-    def swapper(me: str):  # type: ignore[no-untyped-def]
+    def swapper(me: str):
         async def swap(phase: str, peer: str, address: str, ours: torch.Tensor) -> torch.Tensor:
             if fail in (me, peer):
                 raise PeerError(peer, "link down")
