@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from locoswarm.errors import CheckpointError
+from locoswarm.faultplan import NO_FAULTS, FaultPlan
 
 log = logging.getLogger(__name__)
 PREFIX = "round-"
@@ -24,7 +26,14 @@ def path_for(directory: Path, outer_step: int) -> Path:
     return directory / f"{PREFIX}{outer_step:09d}{SUFFIX}"
 
 
-def save(directory: Path, outer_step: int, state: dict[str, Any], *, keep: int) -> Path:
+def save(
+    directory: Path,
+    outer_step: int,
+    state: dict[str, Any],
+    *,
+    keep: int,
+    faults: FaultPlan = NO_FAULTS,
+) -> Path:
     """Write ``state`` as the checkpoint of ``outer_step`` atomically; prune to ``keep``."""
     directory.mkdir(parents=True, exist_ok=True)
     final = path_for(directory, outer_step)
@@ -33,6 +42,8 @@ def save(directory: Path, outer_step: int, state: dict[str, Any], *, keep: int) 
         torch.save(state, out)
         out.flush()
         os.fsync(out.fileno())
+    if faults.fire("checkpoint", outer_step=outer_step) is not None:
+        os.kill(os.getpid(), signal.SIGKILL)  # test seam: die between write and rename
     os.replace(tmp, final)
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -118,6 +118,14 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DebugConfig:
+    """Test and benchmark knobs; empty in production."""
+
+    fault_plan: Path | None = None
+    """JSON fault plan (``locoswarm/faultplan.py``) to inject faults through the code's seams."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class NodeConfig:
     """Everything one node needs. Sections are owned by their packages."""
 
@@ -144,6 +152,7 @@ class NodeConfig:
     """Interval of the console progress line."""
     shutdown_grace_s: float = 30.0
     """How long a stop waits for the exchange in flight and the final checkpoint."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         if self.sync.group_size > 2 and not self.compression.lossless:

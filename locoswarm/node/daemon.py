@@ -14,6 +14,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import signal
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +29,7 @@ from torch import Tensor
 from locoswarm import __version__
 from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import ConfigError, PeerError, PeerUnavailable
+from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.node import checkpoint
 from locoswarm.node.config import NodeConfig, to_dict
 from locoswarm.node.group import group_average, member_entry, parse_roster, shard_bounds
@@ -78,6 +82,15 @@ class Daemon:
         self.peer_id = ""
         self._view: list[PeerRecord] = []
         self.info: dict[str, Any] = {}
+        self.faults = NO_FAULTS
+        if config.debug.fault_plan is not None:
+            try:
+                self.faults = FaultPlan.load(config.debug.fault_plan)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            log.warning(
+                "fault plan %s is active: this node injects faults", config.debug.fault_plan
+            )
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -123,11 +136,15 @@ class Daemon:
             address = None
             if not peers_cfg.client_mode:
                 server = await stack.enter_async_context(
-                    PeerServer.start(protocol, handler, bucket=bucket)
+                    PeerServer.start(protocol, handler, bucket=bucket, faults=self.faults)
                 )
                 address = cfg.announce or f"{_display_host(protocol.host)}:{server.port}"
             client = PeerClient(
-                protocol, peer_id=self.peer_id, bucket=bucket, on_transfer=handler.on_transfer
+                protocol,
+                peer_id=self.peer_id,
+                bucket=bucket,
+                on_transfer=handler.on_transfer,
+                faults=self.faults,
             )
             stack.push_async_callback(client.close)
             if not restored and peers_cfg.initial_peers:
@@ -219,7 +236,9 @@ class Daemon:
             "fingerprint": outer.fingerprint,
             "config": json.dumps(to_dict(self.config)),
         }
-        path = checkpoint.save(Path(directory), outer_step, state, keep=self.config.checkpoint.keep)
+        path = checkpoint.save(
+            Path(directory), outer_step, state, keep=self.config.checkpoint.keep, faults=self.faults
+        )
         weights = torch.nn.utils.parameters_to_vector(
             [t.float() for t in trainer_state["model"].values()]
         )
@@ -361,6 +380,7 @@ class Daemon:
         view = await self._refresh_view(membership)
         r = self._catch_up(b.outer_step, view, outer)
         prepared = await asyncio.to_thread(outer.prepare, r, b.theta)
+        await self._round_faults(r, prepared)
         grouped = cfg.sync.group_size > 2
         current = handler.open_round(prepared, group=grouped)
         partner: list[Tensor] | None = None
@@ -417,6 +437,17 @@ class Daemon:
             time.perf_counter() - start,
             weights_digest(phi),
         )
+
+    async def _round_faults(self, r: int, prepared: Prepared) -> None:
+        """Test seam: stall or kill at a round boundary; poison our message with a NaN."""
+        fault = self.faults.fire("round", outer_step=r)
+        if fault is not None and fault.action in ("delay", "stall"):
+            await asyncio.sleep(fault.seconds)
+        elif fault is not None and fault.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.faults.fire("prepare", outer_step=r) is not None and prepared.outgoing.payload:
+            nan = struct.pack("<f", float("nan"))
+            prepared.outgoing.payload = nan + bytes(prepared.outgoing.payload[4:])
 
     def _catch_up(self, local_step: int, view: list[PeerRecord], outer: OuterStep) -> int:
         """This round's outer step: our own count, moved forward to the swarm's median when we

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
 from locoswarm.protocol.auth import SERVICE, call_metadata
@@ -53,8 +54,10 @@ class PeerClient:
         peer_id: str,
         bucket: TokenBucket | None = None,
         on_transfer: Callable[[str, int], None] | None = None,
+        faults: FaultPlan = NO_FAULTS,
     ) -> None:
         self.config = config
+        self.faults = faults
         self.peer_id = peer_id
         self.bucket = bucket if bucket is not None else config.make_bucket()
         self.on_transfer = on_transfer or (lambda _direction, _n: None)
@@ -177,7 +180,12 @@ class PeerClient:
 
         async def requests() -> AsyncIterator[OutFrame]:
             async for frame in outgoing_frames(
-                outgoing, self.config.send_chunk_bytes, self.bucket, self.on_transfer
+                outgoing,
+                self.config.send_chunk_bytes,
+                self.bucket,
+                self.on_transfer,
+                faults=self.faults,
+                peer=address,
             ):
                 # Not a byte of payload before the peer accepts, and none once anything failed.
                 is_header = isinstance(frame, pb.Frame) and frame.WhichOneof("body") == "header"

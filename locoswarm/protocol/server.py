@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from locoswarm.errors import PeerError, PeerUnavailable
+from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.auth import PEER_KEY, AuthInterceptor
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
@@ -82,12 +83,17 @@ class _Tracked:
 
 class _Servicer:
     def __init__(
-        self, config: ProtocolConfig, handler: ExchangeHandler, bucket: TokenBucket | None
+        self,
+        config: ProtocolConfig,
+        handler: ExchangeHandler,
+        bucket: TokenBucket | None,
+        faults: FaultPlan = NO_FAULTS,
     ) -> None:
         self.config = config
         self.limits = config.limits
         self.handler = handler
         self.bucket = bucket
+        self.faults = faults
         self.busy = 0
         self.inflight_bytes = 0
         self.stopping = False
@@ -121,7 +127,12 @@ class _Servicer:
 
     async def _send(self, context: Context, outgoing: Outgoing, peer: str) -> None:
         async for frame in outgoing_frames(
-            outgoing, self.config.send_chunk_bytes, self.bucket, self.handler.on_transfer
+            outgoing,
+            self.config.send_chunk_bytes,
+            self.bucket,
+            self.handler.on_transfer,
+            faults=self.faults,
+            peer=peer,
         ):
             await self._write(context, frame, peer)
 
@@ -316,7 +327,12 @@ class PeerServer:
     @classmethod
     @contextlib.asynccontextmanager
     async def start(
-        cls, config: ProtocolConfig, handler: ExchangeHandler, *, bucket: TokenBucket | None = None
+        cls,
+        config: ProtocolConfig,
+        handler: ExchangeHandler,
+        *,
+        bucket: TokenBucket | None = None,
+        faults: FaultPlan = NO_FAULTS,
     ) -> AsyncIterator[PeerServer]:
         """Bind, serve, and on exit stop within ``config.shutdown_grace_s``.
 
@@ -333,7 +349,7 @@ class PeerServer:
             compression=grpc.Compression.NoCompression,  # gzip of float bytes: 19 MB/s (ops.md)
         )
         servicer = _Servicer(
-            config, handler, bucket if bucket is not None else config.make_bucket()
+            config, handler, bucket if bucket is not None else config.make_bucket(), faults
         )
         server.add_generic_rpc_handlers((_method_handlers(servicer),))
         health_servicer = health.aio.HealthServicer()

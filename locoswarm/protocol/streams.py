@@ -7,9 +7,12 @@ deadline (the callers wrap it). Sending draws on the node's upload bucket.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 
 from locoswarm.errors import PeerUnavailable
+from locoswarm.faultplan import NO_FAULTS, Fault, FaultPlan
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.config import Limits
 from locoswarm.protocol.frames import (
@@ -50,15 +53,54 @@ def raise_if_refused(frame: pb.Frame, peer: str | None) -> None:
 
 
 async def outgoing_frames(
-    outgoing: Outgoing, chunk_bytes: int, bucket: TokenBucket | None, on_transfer: OnTransfer
+    outgoing: Outgoing,
+    chunk_bytes: int,
+    bucket: TokenBucket | None,
+    on_transfer: OnTransfer,
+    *,
+    faults: FaultPlan = NO_FAULTS,
+    peer: str | None = None,
 ) -> AsyncIterator[OutFrame]:
-    """Header, chunks and trailer of ``outgoing``; each chunk waits for the upload bucket."""
+    """Header, chunks and trailer of ``outgoing``; each chunk waits for the upload bucket.
+
+    ``faults`` is the test seam: a plan may drop, delay, corrupt or stall a chunk, end the
+    stream early, or kill this process mid-stream.
+    """
+    index = 0
     for frame, size in encode_frames(outgoing.header, outgoing.payload, chunk_bytes):
         if size:
+            fault = faults.fire(
+                "send_chunk", peer=peer, outer_step=outgoing.header.outer_step, chunk=index
+            )
+            index += 1
+            if fault is not None:
+                action = await _inject(fault, frame)
+                if action == "skip":
+                    continue
+                if action == "end":
+                    return
+                if isinstance(action, bytes):
+                    frame = action
             if bucket is not None:
                 await bucket.take(size)
             on_transfer("sent", size)
         yield frame
+
+
+async def _inject(fault: Fault, frame: OutFrame) -> str | bytes | None:
+    """Apply one fault to a chunk frame: "skip" it, "end" the stream, or new frame bytes."""
+    if fault.action in ("delay", "stall"):
+        await asyncio.sleep(fault.seconds)
+        return None
+    if fault.action == "drop":
+        return "skip"
+    if fault.action == "truncate":
+        return "end"
+    if fault.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault.action == "corrupt" and isinstance(frame, bytes) and frame:
+        return frame[:-1] + bytes([frame[-1] ^ 0xFF])  # the last byte is payload data
+    return None
 
 
 def check_first(
