@@ -28,7 +28,7 @@ from torch import Tensor
 
 from locoswarm import __version__
 from locoswarm.compression.config import CODEC_CHOICES
-from locoswarm.errors import ConfigError, PeerError, PeerUnavailable
+from locoswarm.errors import ConfigError, PeerError, PeerUnavailable, ProtocolViolation
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.node import checkpoint
 from locoswarm.node.config import NodeConfig, to_dict
@@ -46,6 +46,7 @@ from locoswarm.protocol import (
     ProtocolConfig,
     Received,
 )
+from locoswarm.protocol.reasons import REASONS
 from locoswarm.tasks.task import TaskFactory
 
 log = logging.getLogger("locoswarm.node")
@@ -476,6 +477,11 @@ class Daemon:
         self.metrics.peers.set(max(0, len(self._view) - 1))
         return self._view
 
+    def _count_refusal(self, exc: PeerError) -> None:
+        """Payloads we refused as the dialler count like the ones the server refuses."""
+        if isinstance(exc, ProtocolViolation) and exc.reason in REASONS:
+            self.metrics.rejected.labels(reason=exc.reason).inc()
+
     def _address_of(self, peer: str) -> str | None:
         record = next((r for r in self._view if r.peer_id == peer), None)
         return None if record is None else record.address
@@ -499,6 +505,7 @@ class Daemon:
                     timeout_s=cfg.sync.match_deadline_s,
                 )
             except PeerError as exc:
+                self._count_refusal(exc)
                 if exc.reason in ("busy", "stale_round", "shutting_down"):
                     return None
                 raise
@@ -585,7 +592,12 @@ class Daemon:
             decoded: list[list[Tensor]] = []
 
             async def check(received: Received) -> None:
-                decoded.append(await asyncio.to_thread(outer.decode, received, None))
+                try:
+                    decoded.append(await asyncio.to_thread(outer.decode, received, None))
+                except ProtocolViolation as exc:
+                    raise ProtocolViolation(
+                        peer, f"payload did not decode: {exc}", reason="rejected"
+                    ) from exc
 
             view = LocalView(
                 run_id=cfg.run_id, model_fingerprint=outer.fingerprint, outer_step=outer_step
@@ -600,6 +612,7 @@ class Daemon:
                 )
             except PeerError as exc:
                 log.info("exchange with %s for round %d: %s", peer, outer_step, exc)
+                self._count_refusal(exc)
                 if exc.reason in ("busy", "stale_round", "shutting_down"):
                     return None  # a refusal, not a fault: no backoff
                 raise  # the matchmaker backs off (or bans) the peer
