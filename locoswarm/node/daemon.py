@@ -140,6 +140,7 @@ class Daemon:
                     PeerServer.start(protocol, handler, bucket=bucket, faults=self.faults)
                 )
                 address = cfg.announce or f"{_display_host(protocol.host)}:{server.port}"
+                self.info["grpc_port"] = server.port  # the bound port (announce may differ)
             client = PeerClient(
                 protocol,
                 peer_id=self.peer_id,

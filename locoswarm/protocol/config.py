@@ -155,6 +155,9 @@ class ProtocolConfig:
     """Cap on what this node sends (token bucket over all calls); None for no cap."""
     shutdown_grace_s: float = 5.0
     """How long the server lets calls in flight finish when it stops."""
+    max_reconnect_backoff_s: float = 10.0
+    """Longest wait before a channel retries a peer it could not reach (gRPC's default, 120 s,
+    would hide a peer that came back for minutes)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -220,4 +223,9 @@ class ProtocolConfig:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_s * 500)),
             ("grpc.http2.max_ping_strikes", 0),
+            (
+                "grpc.initial_reconnect_backoff_ms",
+                min(1000, int(self.max_reconnect_backoff_s * 1000)),
+            ),
+            ("grpc.max_reconnect_backoff_ms", int(self.max_reconnect_backoff_s * 1000)),
         ]

@@ -86,7 +86,6 @@ class Nodes:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.nodes: list[Node] = []
-        self.p2pd_before = procs.named("p2pd")
 
     def start(self, *args: str, name: str | None = None) -> Node:
         name = name or f"node{len(self.nodes)}"
@@ -112,8 +111,12 @@ class Nodes:
                 os.killpg(node.proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.proc.wait(timeout=10)
-        leftover = procs.wait_gone(procs.named("p2pd") - self.p2pd_before)
-        assert leftover == set(), f"orphaned p2pd processes: {leftover}"
+        # Each node runs in its own session: its DHT process and p2pd are in its process group.
+        groups = (
+            set().union(*(procs.in_group(n.proc.pid) for n in self.nodes)) if self.nodes else set()
+        )
+        leftover = procs.wait_gone(groups)
+        assert leftover == set(), f"processes left behind by the nodes: {leftover}"
 
 
 @pytest.fixture
