@@ -2,6 +2,6 @@
 
 import sys
 
-from locoswarm.node.cli import main
+from locoswarm.node.entry import main
 
 sys.exit(main())

@@ -226,12 +226,8 @@ def _cmd_sim(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from locoswarm.node.run import (
-        add_demo_arguments,
-        add_health_arguments,
-        add_run_arguments,
-        add_status_arguments,
-    )
+    from locoswarm.node.health import add_health_arguments
+    from locoswarm.node.run import add_demo_arguments, add_run_arguments, add_status_arguments
 
     parser = argparse.ArgumentParser(prog="locoswarm", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

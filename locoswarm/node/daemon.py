@@ -84,6 +84,7 @@ class Daemon:
         self._view: list[PeerRecord] = []
         self.info: dict[str, Any] = {}
         self.faults = NO_FAULTS
+        self._metrics_seen: tuple[int, float, float] = (0, 0.0, 0.0)
         if config.debug.fault_plan is not None:
             try:
                 self.faults = FaultPlan.load(config.debug.fault_plan)
@@ -199,6 +200,13 @@ class Daemon:
         shapes = [tuple(p.shape) for p in trainer.model.parameters()]
         outer = OuterStep(cfg, phi, peer_id=self.peer_id, fp=fingerprint(cfg, shapes))
         self.info.update(device=str(device), parameters=phi.numel(), fingerprint=outer.fingerprint)
+        self.metrics.info.labels(
+            version=__version__,
+            run_id=cfg.run_id,
+            sync=cfg.sync.mode,
+            task=cfg.task.name,
+            device=str(device),
+        ).set(1)
         return trainer, outer
 
     def _restore(self, trainer: Trainer, outer: OuterStep) -> bool:
@@ -425,7 +433,8 @@ class Daemon:
         else:
             phi = await asyncio.to_thread(outer.solo, prepared)
         self.metrics.exchanges.labels(result=result).inc()
-        self.metrics.exchange_seconds.observe(time.perf_counter() - start)
+        self.metrics.exchange_seconds.labels(result=result).observe(time.perf_counter() - start)
+        self._sync_metrics(trainer)
         trainer.deliver(b.outer_step, phi.clone(), b.theta)
         self.next_round = r + 1
         handler.outer_step = self.next_round
@@ -643,19 +652,26 @@ class Daemon:
         if cfg.ready_file is not None:
             Path(cfg.ready_file).write_text(json.dumps(self.info) + "\n")
 
+    def _sync_metrics(self, trainer: Trainer) -> None:
+        """Move the trainer thread's running totals into the Prometheus counters."""
+        s = trainer.stats
+        steps, compute, idle = self._metrics_seen
+        self.metrics.inner_steps.inc(s.inner_steps - steps)
+        self.metrics.tokens.inc((s.inner_steps - steps) * trainer.tokens_per_step)
+        self.metrics.compute_seconds.inc(max(0.0, s.compute_s - compute))
+        self.metrics.idle_seconds.inc(max(0.0, s.idle_s - idle))
+        self._metrics_seen = (s.inner_steps, s.compute_s, s.idle_s)
+
     async def _progress(self, trainer: Trainer, handler: NodeHandler) -> None:
         last_steps, last_compute, last_idle = 0, 0.0, 0.0
         last_time = time.monotonic()
         while True:
             await asyncio.sleep(self.config.log_every_s)
+            self._sync_metrics(trainer)
             s = trainer.stats
             now = time.monotonic()
             steps = s.inner_steps - last_steps
             compute, idle = s.compute_s - last_compute, s.idle_s - last_idle
-            self.metrics.inner_steps.inc(steps)
-            self.metrics.tokens.inc(steps * trainer.tokens_per_step)
-            self.metrics.compute_seconds.inc(compute)
-            self.metrics.idle_seconds.inc(idle)
             busy = compute + idle
             print(
                 f"step {trainer.step}  round {self.next_round}  loss {s.last_loss:.4f}  "

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 from locoswarm.protocol.reasons import REASONS
 
@@ -21,6 +29,14 @@ class NodeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_* (CPU, resident memory, open fds)
+        r.register(PLATFORM_COLLECTOR)
+        self.info = Gauge(
+            "locoswarm_node_info",
+            "Constant 1, labelled with what this node runs",
+            ["version", "run_id", "sync", "task", "device"],
+            registry=r,
+        )
         self.bytes_sent = Counter(
             "locoswarm_protocol_sent_bytes", "Payload bytes sent, by kind", ["kind"], registry=r
         )
@@ -49,19 +65,22 @@ class NodeMetrics:
         self.loss = Gauge(
             "locoswarm_trainer_loss", "Mean training loss of the last round", registry=r
         )
+        self.loss.set(float("nan"))  # no round yet: not a perfect loss of 0
         self.outer_step = Gauge("locoswarm_sync_outer_step", "Outer steps completed", registry=r)
         self.exchanges = Counter(
             "locoswarm_sync_exchanges", "Outer steps by how they ended", ["result"], registry=r
         )
         self.exchange_seconds = Histogram(
             "locoswarm_sync_exchange_seconds",
-            "Duration of an outer step's exchange",
+            "Duration of an outer step (matchmaking, transfer, update), by how it ended",
+            ["result"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
         self.peers = Gauge("locoswarm_peers_live", "Live compatible peers in our view", registry=r)
         for result in EXCHANGE_RESULTS:
             self.exchanges.labels(result=result)
+            self.exchange_seconds.labels(result=result)
         for kind in ("exchange", "state"):
             self.bytes_sent.labels(kind=kind)
             self.bytes_received.labels(kind=kind)

@@ -95,7 +95,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--host", help="address the gRPC server and the DHT bind (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="gRPC port (default: any free port)")
-    p.add_argument("--dht-port", type=int, default=0, help="DHT port (default: any free port)")
+    p.add_argument("--dht-port", type=int, help="DHT port (default: any free port)")
     p.add_argument("--announce", metavar="HOST:PORT", help="gRPC address others should dial")
     p.add_argument(
         "--client-mode",
@@ -149,8 +149,8 @@ def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
         out["sync.overlap"] = False
     if a.max_upload_mbps is not None:
         out["protocol.max_upload_bytes_per_s"] = a.max_upload_mbps * 1e6 / 8
-    host = a.host or "0.0.0.0"
-    out.setdefault("peers.host_maddrs", (f"/ip4/{host}/tcp/{a.dht_port}",))
+    if a.host is not None or a.dht_port is not None:  # else keep file/env/default DHT addresses
+        out["peers.host_maddrs"] = (f"/ip4/{a.host or '0.0.0.0'}/tcp/{a.dht_port or 0}",)
     for item in a.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -257,45 +257,6 @@ def cmd_status(a: argparse.Namespace) -> int:
         for key, value in info.items():
             print(f"{key:<{width}}  {value}")
     return 0
-
-
-# -- health ----------------------------------------------------------------------------------
-
-
-def add_health_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("address", nargs="?", default="127.0.0.1:50051", help="node's gRPC HOST:PORT")
-    p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("--tls-ca", type=Path, help="CA to verify a TLS node")
-    p.set_defaults(func=cmd_health)
-
-
-def cmd_health(a: argparse.Namespace) -> int:
-    """Exit 0 when the node's standard gRPC health service says SERVING (for HEALTHCHECKs)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    ca = Path(a.tls_ca).read_bytes() if a.tls_ca is not None else None
-
-    async def check() -> int:
-        if ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=ca)
-            channel = grpc.aio.secure_channel(a.address, creds)
-        else:
-            channel = grpc.aio.insecure_channel(a.address)
-        async with channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="locoswarm.v1.Peer"), timeout=a.timeout
-            )
-            return int(reply.status)
-
-    try:
-        status = asyncio.run(check())
-    except grpc.aio.AioRpcError as exc:
-        print(f"locoswarm health: {a.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    serving = status == 1  # HealthCheckResponse.SERVING
-    print("SERVING" if serving else f"NOT SERVING ({status})")
-    return 0 if serving else 1
 
 
 # -- demo --------------------------------------------------------------------------------------
