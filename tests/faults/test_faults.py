@@ -431,3 +431,74 @@ def test_latency_blackhole_and_resets_through_a_proxy(nodes: Nodes) -> None:
         "exchanges went through with latency; blackhole and resets became solo steps; "
         "exchanges resumed when the link came back",
     )
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def _declare(address: str, fingerprint: str, outer_step: int, total: int) -> str:
+    """Send only a header declaring ``total`` bytes, hold the stream, return the outcome."""
+    chunk = 8 << 20
+    header = pb.Header(
+        protocol_version=1,
+        run_id="locoswarm",
+        outer_step=outer_step,
+        strategy="noloco",
+        sender_id="big",
+        model_fingerprint=fingerprint,
+        kind="outer",
+        total_bytes=total,
+        chunk_bytes=chunk,
+        num_chunks=-(-total // chunk),
+        tensors=[
+            pb.TensorSpec(
+                name="theta", codec="fp32", dtype="float32", shape=[total // 4], num_bytes=total
+            )
+        ],
+    )
+
+    async def frames() -> Any:
+        yield pb.Frame(header=header)
+        await asyncio.sleep(3)  # hold the declaration open
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(
+            "/locoswarm.v1.Peer/Exchange",
+            request_serializer=pb.Frame.SerializeToString,
+            response_deserializer=pb.Frame.FromString,
+        )(frames(), metadata=(("locoswarm-peer", "big"),), timeout=20)
+        try:
+            async for frame in call:
+                if frame.WhichOneof("body") == "reply" and not frame.reply.accepted:
+                    return str(pb.Reason.Name(frame.reply.reason))
+        except grpc.aio.AioRpcError as err:
+            return str(err.code().name)
+    return "OK"
+
+
+def test_oversized_declarations_allocate_nothing(nodes: Nodes) -> None:
+    node = nodes.start(*FAST)
+    node.wait_for(r"round 2: ")
+    status = _status(node)
+    address = str(node.info()["grpc"])
+    before = _rss_bytes(node.proc.pid)
+    over = asyncio.run(
+        _declare(address, status["model_fingerprint"], status["outer_step"], 1 << 40)
+    )
+    under = asyncio.run(
+        _declare(address, status["model_fingerprint"], status["outer_step"], 3 << 30)
+    )
+    after = _rss_bytes(node.proc.pid)
+    assert over == "REASON_TOO_LARGE"
+    assert after - before < 200 << 20, (before, after)  # a 3 GiB declaration allocates nothing
+    rounds_after(node, 2)
+    record(
+        "oversized declared sizes (1 TiB; 3 GiB then stall)",
+        "hostile client",
+        f"1 TiB refused as too_large; 3 GiB declared: {under}; resident memory "
+        f"{before / 2**20:.0f} -> {after / 2**20:.0f} MiB; the node kept training",
+    )
