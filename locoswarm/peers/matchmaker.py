@@ -59,6 +59,7 @@ class Matchmaker(Generic[S]):
         self._waiting = 0  # proposals waiting for our next round boundary
         self._matched = False
         self._dialling = False
+        self._dialling_to: set[str] = set()
         self._accepted: str | None = None
         self._picked = asyncio.Event()  # an incoming proposal was accepted this round
         self._round_started = asyncio.Condition()
@@ -73,7 +74,10 @@ class Matchmaker(Generic[S]):
         while True:
             ok = self.health.available(proposer, self.clock())[0]
             step = self._step if self._open else None
-            state = ResponderState(step, self._matched, self._dialling, proposer_ok=ok)
+            mutual = self._dialling_to == {proposer} and proposer < self.peer_id
+            state = ResponderState(
+                step, self._matched, self._dialling, proposer_ok=ok, mutual_and_lower=mutual
+            )
             accept, reason = decide_proposal(state, outer_step, self.config.lag_window)
             if accept is not None:
                 break
@@ -110,10 +114,12 @@ class Matchmaker(Generic[S]):
     ) -> dict[str, S]:
         """Propose to ``targets`` at once; return the sessions of those who accepted."""
         self._dialling = True
+        self._dialling_to = set(targets)
         try:
             results = await asyncio.gather(*(self._try(p, outer_step, propose) for p in targets))
         finally:
             self._dialling = False
+            self._dialling_to = set()
         return {p: s for p, s in zip(targets, results, strict=True) if s is not None}
 
     async def _try(self, peer: str, outer_step: int, propose: Propose[S]) -> S | None:

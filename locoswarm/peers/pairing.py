@@ -128,6 +128,9 @@ class ResponderState:
     proposer_ok: bool = True
     """The proposer is not backing off or banned. (It need not be in our view: views
     disagree, and a free peer dialling us is how a round still pairs.)"""
+    mutual_and_lower: bool = False
+    """Our one proposal in flight is to this same proposer, whose id is lower than ours: two
+    nodes dialled each other at once, and the lower id's proposal wins."""
 
 
 def decide_proposal(
@@ -147,6 +150,6 @@ def decide_proposal(
         return False, f"outer step {proposal_step} is too far from ours ({state.outer_step})"
     if state.matched:
         return False, "already in an exchange this outer step"
-    if state.dialling:
+    if state.dialling and not state.mutual_and_lower:
         return False, "proposing to another peer"
     return True, "ok"

@@ -178,7 +178,11 @@ class PeerClient:
         accepted: asyncio.Future[bool] = loop.create_future()
         confirm: asyncio.Future[bool] = loop.create_future()
 
+        async def accept() -> bool:
+            return await accepted
+
         async def requests() -> AsyncIterator[OutFrame]:
+            # Not a byte of payload before the peer accepts, and none once anything failed.
             async for frame in outgoing_frames(
                 outgoing,
                 self.config.send_chunk_bytes,
@@ -186,11 +190,8 @@ class PeerClient:
                 self.on_transfer,
                 faults=self.faults,
                 peer=address,
+                before_payload=accept,
             ):
-                # Not a byte of payload before the peer accepts, and none once anything failed.
-                is_header = isinstance(frame, pb.Frame) and frame.WhichOneof("body") == "header"
-                if not is_header and not await accepted:
-                    return
                 yield frame
             if await confirm:
                 yield pb.Frame(reply=pb.Reply(accepted=True))

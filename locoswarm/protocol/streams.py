@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from locoswarm.errors import PeerUnavailable
 from locoswarm.faultplan import NO_FAULTS, Fault, FaultPlan
@@ -60,14 +60,19 @@ async def outgoing_frames(
     *,
     faults: FaultPlan = NO_FAULTS,
     peer: str | None = None,
+    before_payload: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[OutFrame]:
     """Header, chunks and trailer of ``outgoing``; each chunk waits for the upload bucket.
 
     ``faults`` is the test seam: a plan may drop, delay, corrupt or stall a chunk, end the
     stream early, or kill this process mid-stream.
     """
+    frames = encode_frames(outgoing.header, outgoing.payload, chunk_bytes)
+    yield next(frames)[0]  # the header
+    if before_payload is not None and not await before_payload():
+        return  # e.g. the peer refused the header: no chunk is even built
     index = 0
-    for frame, size in encode_frames(outgoing.header, outgoing.payload, chunk_bytes):
+    for frame, size in frames:
         if size:
             fault = faults.fire(
                 "send_chunk", peer=peer, outer_step=outgoing.header.outer_step, chunk=index

@@ -195,3 +195,30 @@ async def test_proposals_are_decided_against_the_lag_window() -> None:
     assert (await late)[0] is False  # 4 rounds behind: outside the window
     assert await close == (True, "ok")  # 1 round behind: partners meet at their own boundaries
     assert (match.role, match.partners) == ("responder", ("n02",))
+
+
+async def test_two_nodes_dialling_each_other_at_once_still_pair() -> None:
+    config = PeersConfig(run_id="x", listen_share=0.25)
+    a = Matchmaker[Session](config, "n00")
+    b = Matchmaker[Session](config, "n01")
+    nodes = {"n00": a, "n01": b}
+
+    def transport(me: str):
+        async def propose(peer: str, step: int) -> Session | None:
+            accepted, _ = await nodes[peer].on_proposal(me, step, wait_s=1.0)
+            return Session(me, peer) if accepted else None
+
+        return propose
+
+    view = [record("n00", 0), record("n01", 0)]
+
+    async def late_a() -> Match[Session]:
+        await asyncio.sleep(0.2)  # b listens 0.1 s, then dials a, which is still training
+        return await a.match(view[0], view, transport("n00"), deadline_s=1.0)
+
+    match_a, match_b = await asyncio.gather(
+        late_a(), b.match(view[1], view, transport("n01"), deadline_s=0.4)
+    )
+    # a dialled b while b's own proposal to a waited: the lower id's proposal wins
+    assert (match_a.role, match_a.partners) == ("dialler", ("n01",))
+    assert (match_b.role, match_b.partners) == ("responder", ("n00",))
