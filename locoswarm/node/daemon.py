@@ -435,7 +435,7 @@ class Daemon:
         self.metrics.exchanges.labels(result=result).inc()
         self.metrics.exchange_seconds.labels(result=result).observe(time.perf_counter() - start)
         self._sync_metrics(trainer)
-        trainer.deliver(b.outer_step, phi.clone(), b.theta)
+        trainer.deliver(b.outer_step, phi, b.theta)  # phi is never changed in place
         self.next_round = r + 1
         handler.outer_step = self.next_round
         self.metrics.outer_step.set(self.next_round)

@@ -47,11 +47,13 @@ def set_flat(model: nn.Module, flat: Tensor) -> None:
 
 
 @torch.no_grad()
-def add_flat(model: nn.Module, flat: Tensor) -> None:
+def add_difference(model: nn.Module, new: Tensor, old: Tensor) -> None:
+    """theta += new - old, one parameter at a time (no full-size temporary)."""
     offset = 0
     for p in model.parameters():
         n = p.numel()
-        p.add_(flat[offset : offset + n].view_as(p).to(p.device, p.dtype))
+        step = new[offset : offset + n] - old[offset : offset + n]
+        p.add_(step.view_as(p).to(p.device, p.dtype))
         offset += n
 
 
@@ -125,7 +127,7 @@ class Trainer:
             return
         outer_step, phi, theta_r = update
         if self.overlap:
-            add_flat(self.model, phi - theta_r)  # keep the progress made meanwhile
+            add_difference(self.model, phi, theta_r)  # keep the progress made meanwhile
         else:
             set_flat(self.model, phi)
         self._applied = outer_step
