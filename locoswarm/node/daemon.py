@@ -50,6 +50,8 @@ from locoswarm.protocol.reasons import REASONS
 from locoswarm.tasks.task import TaskFactory
 
 log = logging.getLogger("locoswarm.node")
+REFUSALS = ("busy", "stale_round", "shutting_down")
+"""Reasons a peer declines an exchange without anything being wrong: no backoff."""
 
 
 def weights_digest(flat: Tensor) -> str:
@@ -85,6 +87,8 @@ class Daemon:
         self.info: dict[str, Any] = {}
         self.faults = NO_FAULTS
         self._metrics_seen: tuple[int, float, float] = (0, 0.0, 0.0)
+        self._exchange_failed = False
+        """An exchange this round was accepted or attempted and then failed (not refused)."""
         if config.debug.fault_plan is not None:
             try:
                 self.faults = FaultPlan.load(config.debug.fault_plan)
@@ -393,6 +397,7 @@ class Daemon:
         await self._round_faults(r, prepared)
         grouped = cfg.sync.group_size > 2
         current = handler.open_round(prepared, group=grouped)
+        self._exchange_failed = False
         partner: list[Tensor] | None = None
         mean: Tensor | None = None
         result = "solo"
@@ -409,8 +414,8 @@ class Daemon:
                 match = await matchmaker.match(
                     me, view, propose, deadline_s=cfg.sync.match_deadline_s
                 )
-                if match.role != "solo":
-                    result = "failed"
+                if match.role != "solo" or self._exchange_failed:
+                    result = "failed"  # until the exchange is done
                 if grouped and match.role != "solo":
                     mean = await self._group_step(match, current, prepared, client, outer, record)
                 elif match.role == "dialler":
@@ -516,8 +521,9 @@ class Daemon:
                 )
             except PeerError as exc:
                 self._count_refusal(exc)
-                if exc.reason in ("busy", "stale_round", "shutting_down"):
+                if exc.reason in REFUSALS:
                     return None
+                self._exchange_failed = True
                 raise
             return []
 
@@ -623,8 +629,9 @@ class Daemon:
             except PeerError as exc:
                 log.info("exchange with %s for round %d: %s", peer, outer_step, exc)
                 self._count_refusal(exc)
-                if exc.reason in ("busy", "stale_round", "shutting_down"):
+                if exc.reason in REFUSALS:
                     return None  # a refusal, not a fault: no backoff
+                self._exchange_failed = True
                 raise  # the matchmaker backs off (or bans) the peer
             return decoded[0] if decoded else None
 

@@ -89,10 +89,40 @@ def pair(nodes: Nodes, *extra_b: str, extra_a: tuple[str, ...] = ()) -> tuple[No
     return a, b
 
 
+def _solo_digest(checkpoint_file: Path) -> str:
+    """The phi digest a solo outer step from this boundary checkpoint must give (recomputed)."""
+    import torch
+
+    from locoswarm.node.config import load_config
+    from locoswarm.node.daemon import weights_digest
+    from locoswarm.node.outer import OuterStep
+    from locoswarm.node.trainer import flat_params
+    from locoswarm.tasks.model import MODEL_SIZES, ByteTransformer
+
+    state = torch.load(checkpoint_file, weights_only=True)
+    model = ByteTransformer(MODEL_SIZES["tiny"])
+    model.load_state_dict(state["trainer"]["model"])
+    theta = flat_params(model)  # blocking mode: the checkpoint holds theta at the boundary
+    outer = OuterStep(load_config(None, {}, {}), theta, peer_id="x", fp=state["fingerprint"])
+    outer.load_state_dict(state["outer"])
+    return weights_digest(outer.solo(outer.prepare(state["outer_step"], theta)))
+
+
 def test_partner_killed_mid_stream(nodes: Nodes, tmp_path: Path) -> None:
-    a = nodes.start(*FAST)
+    ckpt = tmp_path / "ckpt-a"
+    a = nodes.start(
+        *FAST,
+        "--blocking",
+        "--checkpoint-dir",
+        str(ckpt),
+        "--checkpoint-every",
+        "1",
+        "--set",
+        "checkpoint.keep=1000",
+    )
     b = nodes.start(
         *FAST,
+        "--blocking",
         "--join",
         nodes.join_address(a),
         *plan(tmp_path, "kill", {"action": "kill", "phase": "send_chunk", "outer_step": 4}),
@@ -100,11 +130,16 @@ def test_partner_killed_mid_stream(nodes: Nodes, tmp_path: Path) -> None:
     assert b.proc.wait(timeout=120) == -signal.SIGKILL  # it died sending its payload
     later = rounds_after(a, 3)
     assert all(how == "solo" for _, how, _ in later)
-    assert re.search(r"round \d+: solo \((failed|solo)\)", a.text())
+    failed = re.findall(r"round (\d+): solo \(failed\)[^\n]*phi (\w+)", a.text())
+    assert failed, a.text()
+    round_, logged = int(failed[0][0]), failed[0][1]
+    # The survivor's failed round took exactly the solo step from its own state at that boundary.
+    assert _solo_digest(ckpt / f"round-{round_:09d}.pt") == logged
     record(
         "partner killed (SIGKILL) mid-stream",
         "fault plan: kill at send_chunk",
-        f"survivor took solo steps and trained on ({len(later)} more rounds)",
+        f"the survivor's round {round_} was a solo step, bit-identical to one recomputed from its "
+        f"checkpoint; it trained on ({len(later)} more rounds)",
     )
 
 
