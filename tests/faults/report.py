@@ -3,7 +3,7 @@
 Usage: python -m tests.faults.report [--out docs/RELIABILITY.md] [--soak bench/results/soak.json]
                                      [-k EXPRESSION]
 
-Runs ``python -m pytest tests/faults -q`` with ``LOCOSWARM_RELIABILITY_OUT`` set to a temporary
+Runs ``python -m pytest tests/faults -q`` with ``FAULTS_RELIABILITY_OUT`` set to a temporary
 file (each fault test appends its row there: fault, how it was injected, what was observed) and
 with this module loaded as a pytest plugin, which ties the rows a test appended to that test and
 notes its outcome (a failure in setup or teardown, e.g. processes left behind, counts as one),
@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "RELIABILITY.md"
 SOAK = ROOT / "bench" / "results" / "soak.json"
-ROWS_ENV = "LOCOSWARM_RELIABILITY_OUT"
+ROWS_ENV = "FAULTS_RELIABILITY_OUT"
 OUTCOMES_ENV = "FAULTS_REPORT_OUTCOMES"  # not LOCOSWARM_*: the nodes would read it
 SUITE = "tests/faults"
 SOAK_COMMAND = "python -m bench.soak --minutes 10 --json bench/results/soak.json"
@@ -38,10 +38,8 @@ REPORT_COMMAND = "python -m tests.faults.report"
 
 # -- the pytest plugin (``-p tests.faults.report``) --------------------------------------------
 #
-# LOCOSWARM_RELIABILITY_OUT has the daemon's environment prefix: a node that inherits it reads it
-# as the config key ``reliability_out`` and refuses to start. So the plugin takes it out of the
-# environment (the nodes the tests start inherit that) and puts it back only while a test's
-# ``record()`` runs.
+# The plugin keeps FAULTS_RELIABILITY_OUT out of the environment the test nodes inherit and sets
+# it only while a test's ``record()`` runs, so each row is tied to the test that wrote it.
 
 _rows_path: str | None = None
 _started: dict[str, int] = {}

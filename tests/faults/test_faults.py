@@ -3,7 +3,7 @@
 Faults come from the production fault plan (``--set debug.fault_plan=...``), from signals
 (SIGKILL, SIGSTOP), from a TCP proxy between nodes, and from a hostile client in this process.
 Each test asserts what must hold: the survivors keep training, nothing bad is applied, refusals
-are counted by reason. With LOCOSWARM_RELIABILITY_OUT set, each test appends its observed outcome
+are counted by reason. With FAULTS_RELIABILITY_OUT set, each test appends its observed outcome
 there (``python -m tests.faults.report`` turns that into docs/RELIABILITY.md).
 """
 
@@ -50,7 +50,7 @@ FAST = [
 
 
 def record(fault: str, injected: str, observed: str) -> None:
-    out = os.environ.get("LOCOSWARM_RELIABILITY_OUT")
+    out = os.environ.get("FAULTS_RELIABILITY_OUT")
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"fault": fault, "injected": injected, "observed": observed}) + "\n")
