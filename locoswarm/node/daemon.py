@@ -20,6 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,19 @@ def _read_secret(path: Path | None) -> bytes | None:
     if len(secret) < 16:
         raise ConfigError(f"secret_file {path}: the secret must be at least 16 bytes")
     return secret
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """The wired components one node's rounds use."""
+
+    trainer: Trainer
+    outer: OuterStep
+    handler: NodeHandler
+    matchmaker: Matchmaker[list[Tensor]]
+    membership: Membership
+    client: PeerClient
+    record: PeerRecord
 
 
 class Daemon:
@@ -173,7 +187,7 @@ class Daemon:
                     refresher = tasks.create_task(membership.refresh_forever(), name="refresh")
                     progress = tasks.create_task(self._progress(trainer, handler), name="progress")
                     await self._train(
-                        trainer, outer, handler, matchmaker, membership, client, record
+                        Parts(trainer, outer, handler, matchmaker, membership, client, record)
                     )
                     refresher.cancel()
                     progress.cancel()
@@ -312,17 +326,9 @@ class Daemon:
 
     # -- training and outer steps --------------------------------------------------------------
 
-    async def _train(
-        self,
-        trainer: Trainer,
-        outer: OuterStep,
-        handler: NodeHandler,
-        matchmaker: Matchmaker[list[Tensor]],
-        membership: Membership,
-        client: PeerClient,
-        record: PeerRecord,
-    ) -> None:
+    async def _train(self, parts: Parts) -> None:
         cfg = self.config
+        trainer = parts.trainer
         loop = asyncio.get_running_loop()
         boundaries: asyncio.Queue[Boundary] = asyncio.Queue()
         every = cfg.checkpoint.every_rounds
@@ -359,13 +365,12 @@ class Daemon:
                 boundary = getter.result()
                 if boundary.state is not None:
                     await asyncio.to_thread(
-                        self._save, boundary.outer_step + self.round_offset, boundary.state, outer
+                        self._save,
+                        boundary.outer_step + self.round_offset,
+                        boundary.state,
+                        parts.outer,
                     )
-                round_task = asyncio.ensure_future(
-                    self._round(
-                        boundary, trainer, outer, handler, matchmaker, membership, client, record
-                    )
-                )
+                round_task = asyncio.ensure_future(self._round(boundary, parts))
                 try:
                     await asyncio.shield(round_task)
                 except asyncio.CancelledError:
@@ -378,18 +383,15 @@ class Daemon:
             self._train_stop.set()
             await asyncio.gather(thread, return_exceptions=True)
 
-    async def _round(
-        self,
-        b: Boundary,
-        trainer: Trainer,
-        outer: OuterStep,
-        handler: NodeHandler,
-        matchmaker: Matchmaker[list[Tensor]],
-        membership: Membership,
-        client: PeerClient,
-        record: PeerRecord,
-    ) -> None:
+    async def _round(self, b: Boundary, parts: Parts) -> None:
         cfg = self.config
+        trainer, outer, handler = parts.trainer, parts.outer, parts.handler
+        matchmaker, membership, client, record = (
+            parts.matchmaker,
+            parts.membership,
+            parts.client,
+            parts.record,
+        )
         start = time.perf_counter()
         view = await self._refresh_view(membership)
         r = self._catch_up(b.outer_step, view, outer)
