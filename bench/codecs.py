@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import finite as _finite
+
 FULL_NUMEL = 25_000_000
 QUICK_NUMEL = 2_000_000
 FULL_REPEATS = 5
@@ -566,17 +568,6 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, summary)
     print(f"wrote {json_path} and {png} in {out['wall_s']:.1f}s", file=sys.stderr)
     return 0
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with non-finite floats replaced by None, so the JSON stays standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -52,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import version as _version
 from locoswarm.errors import PeerError, PeerUnavailable
 from locoswarm.peers import Match, Matchmaker, PeerRecord, PeersConfig
 from locoswarm.peers.membership import Membership
@@ -87,13 +87,6 @@ DEFAULT_DEADLINE_S = 5.0
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _median(values: list[float]) -> float | None:

@@ -51,7 +51,6 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
-import importlib.metadata
 import itertools
 import json
 import math
@@ -69,6 +68,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.common import finite as _finite
+from bench.common import version as _version
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,24 +119,6 @@ EXCHANGE_ERR_RE = re.compile(r"exchange with \S+ for round (\d+): (.*)")
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with non-finite floats replaced by None, so the JSON stays standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _median(values: list[float]) -> float | None:

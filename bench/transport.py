@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import importlib.metadata
 import json
-import math
 import os
 import platform
 import select
@@ -55,6 +53,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from bench.common import finite as _finite
+from bench.common import version as _version
 
 FULL_BYTES = 100_000_000
 QUICK_BYTES = 8_000_000
@@ -129,13 +130,6 @@ async def _asleep_until(t: float) -> None:
     delay = t - time.monotonic()
     if delay > 0:
         await asyncio.sleep(delay)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def make_certs(directory: Path) -> dict[str, Path]:
@@ -1038,17 +1032,6 @@ def _source() -> dict[str, Any]:
             )
             out["protocol_changes"] = changes.stdout.split("\n")[:-1] or []
     return out
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with non-finite floats replaced by None, so the JSON stays standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def main(argv: list[str] | None = None) -> int:
