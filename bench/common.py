@@ -1,9 +1,13 @@
-"""Small pieces every benchmark's JSON needs: package versions and standard JSON numbers."""
+"""Small pieces the benchmarks share: versions, JSON-safe numbers, the code's source, node flags."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.metadata
 import math
+import subprocess
+from pathlib import Path
 from typing import Any
 
 
@@ -24,3 +28,43 @@ def finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [finite(v) for v in obj]
     return obj
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAST_NODE_FLAGS = [
+    "--set", "protocol.frame_timeout_s=2",
+    "--set", "protocol.keepalive_s=1",
+    "--set", "protocol.ping_timeout_s=2",
+    "--set", "sync.exchange_timeout_s=8",
+    "--set", "protocol.max_reconnect_backoff_s=1",
+    "--set", "peers.backoff_base_s=0.5",
+    "--set", "peers.backoff_max_s=2",
+]  # fmt: skip
+"""``locoswarm run`` flags that make a node notice dead or hung peers within seconds (the fault
+suite and the soak use them; the defaults suit the internet)."""
+
+
+def source(subdir: str, label: str) -> dict[str, Any]:
+    """Where the benchmarked code comes from: the tree, its git commit, and local changes under
+    ``subdir`` (keys ``{label}_changes`` and ``{label}_diff_sha256``)."""
+    out: dict[str, Any] = {"tree": str(ROOT), "git_head": None, f"{label}_changes": None}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode == 0:
+            out["git_head"] = head.stdout.strip()
+            changes = subprocess.run(
+                ["git", "status", "--porcelain", "--", subdir],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            out[f"{label}_changes"] = changes.stdout.split("\n")[:-1]
+            diff = subprocess.run(
+                ["git", "diff", "HEAD", "--", subdir], cwd=ROOT, capture_output=True, timeout=30
+            )
+            out[f"{label}_diff_sha256"] = hashlib.sha256(diff.stdout).hexdigest()[:16]
+    return out

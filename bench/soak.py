@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import FAST_NODE_FLAGS
 from bench.common import finite as _finite
 from bench.common import version as _version
 from tests import procs
@@ -95,22 +96,7 @@ NODE_ARGS = [
     "--checkpoint-every",
     "5",
 ]
-FAST = [
-    "--set",
-    "protocol.frame_timeout_s=2",
-    "--set",
-    "protocol.keepalive_s=1",
-    "--set",
-    "protocol.ping_timeout_s=2",
-    "--set",
-    "sync.exchange_timeout_s=8",
-    "--set",
-    "protocol.max_reconnect_backoff_s=1",
-    "--set",
-    "peers.backoff_base_s=0.5",
-    "--set",
-    "peers.backoff_max_s=2",
-]
+FAST = FAST_NODE_FLAGS
 
 POLL_S = 0.5
 READY_TIMEOUT_S = 180.0

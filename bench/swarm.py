@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
 import itertools
 import json
 import math
@@ -70,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import finite as _finite
+from bench.common import source as _source
 from bench.common import version as _version
 
 HOST = "127.0.0.1"
@@ -1187,32 +1187,6 @@ def print_table(out: dict[str, Any]) -> None:
         print(f"  [{tag}] {name}{f' ({note})' if note else ''}", file=err)
 
 
-def _source() -> dict[str, Any]:
-    out: dict[str, Any] = {"tree": str(ROOT), "git_head": None, "locoswarm_changes": None}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode == 0:
-            out["git_head"] = head.stdout.strip()
-            changes = subprocess.run(
-                ["git", "status", "--porcelain", "--", "locoswarm"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            out["locoswarm_changes"] = changes.stdout.split("\n")[:-1]
-            diff = subprocess.run(
-                ["git", "diff", "HEAD", "--", "locoswarm"],
-                cwd=ROOT,
-                capture_output=True,
-                timeout=30,
-            )
-            out["locoswarm_diff_sha256"] = hashlib.sha256(diff.stdout).hexdigest()[:16]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1306,7 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     load_before = os.getloadavg()
-    source = _source()
+    source = _source("locoswarm", "locoswarm")
     baselines: dict[str, dict[str, dict[str, Any]]] = {}
     configs: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
@@ -1341,7 +1315,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    source_after = _source()
+    source_after = _source("locoswarm", "locoswarm")
     if source_after != source:
         print("  WARNING: locoswarm/ changed during the run (see header.source)", file=sys.stderr)
     memory = memory_report(configs, baselines)

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import finite as _finite
+from bench.common import source
 from bench.common import version as _version
 
 FULL_BYTES = 100_000_000
@@ -1013,27 +1014,6 @@ def print_table(results: dict[str, MethodResult], summary: dict[str, Any]) -> No
         print(f"  [{tag}] {name}{extra}", file=sys.stderr)
 
 
-def _source() -> dict[str, Any]:
-    """Where the benchmarked locoswarm comes from: the tree, its git commit, local changes."""
-    root = Path(__file__).resolve().parents[1]
-    out: dict[str, Any] = {"tree": str(root), "git_head": None, "protocol_changes": None}
-    with suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode == 0:
-            out["git_head"] = head.stdout.strip()
-            changes = subprocess.run(
-                ["git", "status", "--porcelain", "--", "locoswarm/protocol"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            out["protocol_changes"] = changes.stdout.split("\n")[:-1] or []
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with ``--role``, one side of one method). Returns the exit status."""
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -1132,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
             "ssl": ssl.OPENSSL_VERSION,
             "machine": platform.machine(),
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "source": _source(),
+            "source": source("locoswarm/protocol", "protocol"),
             "note": a.note,
             "loadavg_before": list(load_before),
             "loadavg_after": list(os.getloadavg()),

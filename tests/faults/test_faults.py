@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
+from bench.common import FAST_NODE_FLAGS
 from locoswarm.protocol import LocalView, Outgoing, PeerClient, ProtocolConfig
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.frames import Header, TensorSpec, frame_messages
@@ -31,22 +32,7 @@ from tests.integration.conftest import Node, Nodes
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(240)]
 
-FAST = [
-    "--set",
-    "protocol.frame_timeout_s=2",
-    "--set",
-    "protocol.keepalive_s=1",
-    "--set",
-    "protocol.ping_timeout_s=2",
-    "--set",
-    "sync.exchange_timeout_s=8",
-    "--set",
-    "protocol.max_reconnect_backoff_s=1",
-    "--set",
-    "peers.backoff_base_s=0.5",
-    "--set",
-    "peers.backoff_max_s=2",
-]
+FAST = FAST_NODE_FLAGS
 
 
 def record(fault: str, injected: str, observed: str) -> None:
