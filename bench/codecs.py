@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from bench.common import finite as _finite
+from bench.common import print_checks
 
 FULL_NUMEL = 25_000_000
 QUICK_NUMEL = 2_000_000
@@ -473,10 +474,7 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> 
             f"{_fmt(e.get('rel_error'), '9.2e')} {e['wall_s']:7.2f}  {note[:120]}",
             file=sys.stderr,
         )
-    for check, ok in summary["checks"].items():
-        tag = "n/a" if ok is None else ("ok" if ok else "MISSED")
-        extra = f" ({summary['check_notes'][check]})" if check in summary["check_notes"] else ""
-        print(f"  [{tag}] {check}{extra}", file=sys.stderr)
+    print_checks(summary["checks"], summary["check_notes"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import hashlib
 import importlib.metadata
 import math
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,11 @@ def source(subdir: str, label: str) -> dict[str, Any]:
             )
             out[f"{label}_diff_sha256"] = hashlib.sha256(diff.stdout).hexdigest()[:16]
     return out
+
+
+def print_checks(checks: dict[str, bool | None], notes: dict[str, str]) -> None:
+    """One line per target check on stderr: ``[ok]``, ``[MISSED]`` or ``[n/a]``, with its note."""
+    for name, ok in checks.items():
+        tag = "n/a" if ok is None else ("ok" if ok else "MISSED")
+        note = notes.get(name)
+        print(f"  [{tag}] {name}{f' ({note})' if note else ''}", file=sys.stderr)

@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import finite as _finite
+from bench.common import print_checks
 from bench.common import source as _source
 from bench.common import version as _version
 
@@ -1181,10 +1182,8 @@ def print_table(out: dict[str, Any]) -> None:
             f"vs plain+imports",
             file=err,
         )
-    for name, ok in out["checks"].items():
-        tag = "n/a" if ok is None else ("ok" if ok else "MISSED")
-        note = out["check_notes"].get(name)
-        print(f"  [{tag}] {name}{f' ({note})' if note else ''}", file=err)
+    err.flush()
+    print_checks(out["checks"], out["check_notes"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import finite as _finite
-from bench.common import source
+from bench.common import print_checks, source
 from bench.common import version as _version
 
 FULL_BYTES = 100_000_000
@@ -1008,10 +1008,7 @@ def print_table(results: dict[str, MethodResult], summary: dict[str, Any]) -> No
         )
     for name, value in summary["ratios"].items():
         print(f"  {name} = {_fmt(value, '.3f')}", file=sys.stderr)
-    for name, ok in summary["checks"].items():
-        tag = "n/a" if ok is None else ("ok" if ok else "MISSED")
-        extra = f" ({summary['check_notes'][name]})" if name in summary["check_notes"] else ""
-        print(f"  [{tag}] {name}{extra}", file=sys.stderr)
+    print_checks(summary["checks"], summary["check_notes"])
 
 
 def main(argv: list[str] | None = None) -> int:
