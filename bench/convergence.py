@@ -17,14 +17,12 @@ import multiprocessing as mp
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from locoswarm.compression.config import CompressionConfig
 from locoswarm.sim.config import SimConfig, Strategy
-from locoswarm.sync.diloco import DiLoCoConfig
-from locoswarm.sync.noloco import NoLoCoConfig
+from locoswarm.sync.rounds import default_round_config
 from locoswarm.tasks.task import TaskConfig
 
 
@@ -44,66 +42,74 @@ FULL = Regime(total_steps=3000, noloco_h=15)
 QUICK = Regime(total_steps=600, noloco_h=10, replicas=4, val_batches=16, evals=6)
 
 
-SUITES = ("core", "compression", "all")
+SUITES = ("core", "sweep", "all")
 
 
 def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, SimConfig]:
-    """The compared methods.
+    """The compared methods, every sync mode run as the daemon runs it (overlapped, the daemon's
+    pairing and defaults) and blocking beside it.
 
-    core: ddp, NoLoCo, heavy-ball DiLoCo at twice NoLoCo's H (the same bytes), Nesterov DiLoCo at
-    NoLoCo's H, solo. compression: uncompressed Nesterov DiLoCo at H, the ef mode (pairs) with
-    int4 and sign, each with and without EF14, and DiLoCo with int8 + EF14, all at the same H.
+    core: ddp (the ceiling), solo (the floor), all-reduce Nesterov DiLoCo (the reference), and
+    noloco, diloco (pairs) and ef (4 bits and 1 bit), each overlapped and blocking. sweep: the
+    designs and settings the defaults were chosen from.
     """
     task = TaskConfig(
         name="tiny", batch_size=reg.batch_size, seq_len=reg.seq_len, val_batches=reg.val_batches
     )
     h = reg.noloco_h
 
-    def cfg(strategy: Strategy, inner_steps: int, **kw: Any) -> SimConfig:
-        rounds = reg.total_steps // inner_steps
+    def cfg(strategy: Strategy, **kw: Any) -> SimConfig:
+        rounds = reg.total_steps // h
         return SimConfig(
             strategy=strategy,
             num_replicas=reg.replicas,
             rounds=rounds,
-            inner_steps=inner_steps,
+            inner_steps=h,
             seed=seed,
             task=task,
             eval_every=max(1, rounds // reg.evals),
             **kw,
         )
 
-    nesterov = DiLoCoConfig(inner_steps=h, lr=0.7, momentum=0.9, nesterov=True)
+    diloco = default_round_config("diloco")
+    ef4 = default_round_config("ef")
+    ef1 = replace(ef4, bits=1)
     core = {
-        "ddp": cfg("ddp", h),
-        "noloco": cfg("noloco", h, noloco=NoLoCoConfig(inner_steps=h, alpha=0.5, beta=0.7)),
-        "diloco_heavyball_2h": cfg(
-            "diloco",
-            2 * h,
-            diloco=DiLoCoConfig(inner_steps=2 * h, lr=0.7, momentum=0.3, nesterov=False),
+        "ddp": cfg("ddp"),
+        "solo": cfg("solo"),
+        "diloco_allreduce": cfg(
+            "diloco", group_size=0, overlap=False, sync=replace(diloco, bits=32, momentum_bits=32)
         ),
-        "diloco_nesterov_h": cfg("diloco", h, diloco=nesterov),
-        "solo": cfg("solo", h),
+        "noloco": cfg("noloco"),
+        "noloco_blocking": cfg("noloco", overlap=False),
+        "diloco": cfg("diloco"),
+        "diloco_blocking": cfg("diloco", overlap=False),
+        "ef_4bit": cfg("ef", sync=ef4),
+        "ef_4bit_blocking": cfg("ef", sync=ef4, overlap=False),
+        "ef_1bit": cfg("ef", sync=ef1),
+        "ef_1bit_blocking": cfg("ef", sync=ef1, overlap=False),
+        "diloco_hypercube": cfg("diloco", pairing="hypercube"),
     }
-    compression = {"diloco_nesterov_h": core["diloco_nesterov_h"]}
-    # ef pairs have no pull between replicas' phi, so plain averaging (lr 1, no momentum):
-    # with Nesterov 0.7/0.9 the replicas drifted apart and ended worse than solo.
-    pair_average = DiLoCoConfig(inner_steps=h, lr=1.0, momentum=0.0, nesterov=True)
-    for codec in ("int4", "sign"):
-        for fb in ("ef14", "none"):
-            compression[f"ef_{codec}_{fb}"] = cfg(
-                "ef",
-                h,
-                diloco=pair_average,
-                compression=CompressionConfig(codec=codec, error_feedback=fb),
-            )
-    compression["diloco_int8_ef14"] = cfg(
-        "diloco", h, diloco=nesterov, compression=CompressionConfig(codec="int8")
-    )
+    sweep = {
+        "diloco_private_momentum": cfg(
+            "diloco", sync=replace(diloco, share_momentum=False, bits=32)
+        ),
+        "diloco_fp32_shared_momentum": cfg(
+            "diloco", sync=replace(diloco, bits=32, momentum_bits=32)
+        ),
+        "ef_2bit": cfg("ef", sync=replace(ef4, bits=2)),
+        "ef_4bit_no_feedback": cfg("ef", sync=replace(ef4, error_feedback=False)),
+        "ef_pull_int4_k8": cfg("ef", sync=replace(ef4, design="pull", codec="int4", pull_every=8)),
+        "ef_pull_sign_k16": cfg(
+            "ef", sync=replace(ef4, design="pull", codec="sign", pull_every=16)
+        ),
+        "ef_4bit_hypercube": cfg("ef", sync=ef4, pairing="hypercube"),
+    }
     if suite == "core":
         return core
-    if suite == "compression":
-        return compression
-    return {**core, **compression}
+    if suite == "sweep":
+        return sweep
+    return {**core, **sweep}
 
 
 def _run_one(name: str, cfg: SimConfig) -> tuple[str, dict[str, Any]]:
@@ -124,7 +130,8 @@ def _run_one(name: str, cfg: SimConfig) -> tuple[str, dict[str, Any]]:
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Mean final figures per method over seeds, and the issue's target checks."""
+    """Mean final figures per method over seeds, ratios to all-reduce DiLoCo, and the issue's
+    target checks (every check needs the methods it compares)."""
 
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs)
@@ -135,55 +142,62 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "val_loss_avg_model": mean([r["final"]["val_loss_avg_model"] for r in rs]),
             "spread": mean([r["final"]["spread"] for r in rs]),
             "bytes_sent_per_replica": mean([r["final"]["bytes_sent_mean"] for r in rs]),
-            "outer_steps": rs[0]["config"]["rounds"] if name not in ("ddp", "solo") else None,
+            "bytes_per_round": mean([r["final"]["bytes_sent_mean"] for r in rs])
+            / rs[0]["config"]["rounds"],
             "inner_steps_per_round": rs[0]["config"]["inner_steps"],
+            "overlap": rs[0]["config"]["overlap"],
             "wall_s": mean([r["wall_s"] for r in rs]),
         }
         for name, rs in runs.items()
     }
     loss = {k: v["val_loss_mean"] for k, v in table.items()}
-    sent = {k: v["bytes_sent_per_replica"] for k, v in table.items()}
+    spread = {k: v["spread"] for k, v in table.items()}
+    per_round = {k: v["bytes_per_round"] for k, v in table.items()}
+    params = next(iter(runs.values()))[0]["num_parameters"]
+    fp32_tensor = 4.0 * params
+    ref = loss.get("diloco_allreduce")
+    for name, row in table.items():
+        row["over_diloco_allreduce"] = loss[name] / ref if ref else None
+        row["fp32_tensors_per_round"] = per_round[name] / fp32_tensor
     checks: dict[str, bool] = {}
     figures: dict[str, float | None] = {}
-    if "ddp" in loss:
+
+    def have(*names: str) -> bool:
+        return all(n in loss for n in names)
+
+    if have("diloco", "diloco_allreduce"):
+        checks["diloco (pairs) within 1% of all-reduce DiLoCo"] = loss["diloco"] <= 1.01 * ref
+        checks["diloco sends <= one fp32 tensor per round"] = per_round["diloco"] <= fp32_tensor
+    if have("ef_4bit", "diloco_allreduce"):
+        checks["ef 4 bits within 3% of all-reduce DiLoCo"] = loss["ef_4bit"] <= 1.03 * ref
+        checks["ef 4 bits sends >= 7x fewer bytes than fp32"] = 7 * per_round["ef_4bit"] <= fp32_tensor
+    if have("ef_1bit", "diloco_allreduce"):
+        checks["ef 1 bit within 6% of all-reduce DiLoCo"] = loss["ef_1bit"] <= 1.06 * ref
+        checks["ef 1 bit sends >= 20x fewer bytes than fp32"] = (
+            20 * per_round["ef_1bit"] <= fp32_tensor
+        )
+    if have("ddp", "solo"):
         gap = loss["solo"] - loss["ddp"]
-        checks |= {
-            "ddp < noloco < solo": loss["ddp"] < loss["noloco"] < loss["solo"],
-            "ddp < diloco < solo": loss["ddp"] < loss["diloco_heavyball_2h"] < loss["solo"],
-            "noloco <= 1.01 x diloco (heavy-ball, 2H)": loss["noloco"]
-            <= 1.01 * loss["diloco_heavyball_2h"],
-            "noloco closes >= 70% of the solo-ddp gap": gap > 0
-            and (loss["solo"] - loss["noloco"]) >= 0.7 * gap,
-            "noloco sends >= 25x fewer bytes than ddp": sent["noloco"] * 25 <= sent["ddp"],
-        }
-        figures |= {
-            "gap_closed_by_noloco": (loss["solo"] - loss["noloco"]) / gap if gap else None,
-            "gap_closed_by_diloco_heavyball_2h": (loss["solo"] - loss["diloco_heavyball_2h"]) / gap
-            if gap
-            else None,
-            "noloco_over_diloco_heavyball_2h": loss["noloco"] / loss["diloco_heavyball_2h"],
-            "ddp_bytes_over_noloco_bytes": sent["ddp"] / sent["noloco"],
-            "noloco_bytes_over_diloco_heavyball_2h_bytes": sent["noloco"]
-            / sent["diloco_heavyball_2h"],
-        }
-    if "ef_int4_ef14" in loss:
-        ref, ref_sent = loss["diloco_nesterov_h"], sent["diloco_nesterov_h"]
-        checks |= {
-            "ef int4+EF within 2% of uncompressed diloco": loss["ef_int4_ef14"] <= 1.02 * ref,
-            "ef int4+EF sends >= 7x fewer bytes": sent["ef_int4_ef14"] * 7 <= ref_sent,
-            "ef sign+EF within 5% of uncompressed diloco": loss["ef_sign_ef14"] <= 1.05 * ref,
-            "ef int4 without EF is worse": loss["ef_int4_none"] > loss["ef_int4_ef14"],
-            "ef sign without EF is worse": loss["ef_sign_none"] > loss["ef_sign_ef14"],
-        }
-        for name in (
-            "ef_int4_ef14",
-            "ef_int4_none",
-            "ef_sign_ef14",
-            "ef_sign_none",
-            "diloco_int8_ef14",
-        ):
-            figures[f"{name}_over_diloco"] = loss[name] / ref
-            figures[f"diloco_bytes_over_{name}_bytes"] = ref_sent / sent[name]
+        pair_modes = [n for n in ("noloco", "diloco", "ef_4bit", "ef_1bit") if n in loss]
+        for n in [*pair_modes, "diloco_allreduce"]:
+            if n in loss:
+                figures[f"gap_closed_by_{n}"] = (loss["solo"] - loss[n]) / gap if gap else None
+        if pair_modes:
+            best = min(pair_modes, key=lambda n: loss[n])
+            figures["best_pair_mode_gap_closed"] = (loss["solo"] - loss[best]) / gap
+            checks[f"best pair mode ({best}) closes >= 65% of the solo-ddp gap"] = (
+                loss["solo"] - loss[best]
+            ) >= 0.65 * gap
+        for n in pair_modes:
+            checks[f"{n} spread <= solo spread / 10"] = spread[n] <= spread["solo"] / 10
+    for n in ("noloco", "diloco", "ef_4bit", "ef_1bit"):
+        if have(n, f"{n}_blocking"):
+            figures[f"{n}_overlap_over_blocking"] = loss[n] / loss[f"{n}_blocking"]
+            checks[f"{n}: overlapped costs <= 1% over blocking"] = (
+                loss[n] <= 1.01 * loss[f"{n}_blocking"]
+            )
+    for name in table:
+        figures[f"{name}_over_diloco_allreduce"] = table[name]["over_diloco_allreduce"]
     return {"table": table, "checks": checks, "figures": figures}
 
 
@@ -254,10 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         "--suite",
         choices=SUITES,
         default="core",
-        help="core (ddp/noloco/diloco/solo), compression (ef and codecs) or all",
+        help="core (every mode overlapped and blocking, the references) or sweep or all",
+    )
+    p.add_argument("--only", default=None, help="comma-separated method names to run")
+    p.add_argument(
+        "--steps", type=int, default=None, help="override the regime's inner steps (calibration)"
     )
     a = p.parse_args(argv)
     reg = QUICK if a.quick else FULL
+    if a.steps:
+        reg = replace(reg, total_steps=a.steps)
     reused: dict[str, list[dict[str, Any]]] = {}
     if a.reuse:
         # Runs of methods whose configuration did not change, taken from an earlier result file.
@@ -267,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         (name, cfg)
         for seed in reg.seeds
         for name, cfg in method_configs(reg, seed, a.suite).items()
-        if name not in reused
+        if name not in reused and (a.only is None or name in a.only.split(","))
     ]
     # Start the longest jobs first so the pool drains evenly.
     print(
@@ -309,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:22s} val {row['val_loss_mean']:.4f}  avg-model "
             f"{row['val_loss_avg_model']:.4f}  spread {row['spread']:.2e}  "
-            f"sent {row['bytes_sent_per_replica'] / 1e6:9.2f} MB",
+            f"{row['fp32_tensors_per_round']:.3f} fp32/round"
+            + (f"  x{row['over_diloco_allreduce']:.4f}" if row["over_diloco_allreduce"] else ""),
             file=sys.stderr,
         )
     for check, ok in summary["checks"].items():

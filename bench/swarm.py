@@ -232,9 +232,8 @@ def plain_main(
         import locoswarm.node.daemon
         import locoswarm.node.run  # noqa: F401
     import torch
-    from torch import nn
 
-    from locoswarm.sim.config import InnerConfig
+    from locoswarm.tasks.inner import InnerConfig, InnerLoop
     from locoswarm.tasks.task import TaskConfig, TaskFactory
 
     hwm_imports = (_proc_status(os.getpid()) or {}).get("VmHWM")
@@ -243,22 +242,13 @@ def plain_main(
     cfg = TaskConfig(name=task, max_bytes=max_bytes)
     built = TaskFactory(cfg).build(replica=0, num_replicas=1, seed=seed)
     model = built.model
-    inner = InnerConfig()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=inner.lr, betas=inner.betas, weight_decay=inner.weight_decay
-    )
+    loop = InnerLoop(model, InnerConfig(), total_steps=None)
     hwm_built = (_proc_status(os.getpid()) or {}).get("VmHWM")
     train_started = time.perf_counter()
     loss_value = math.nan
     for _ in range(steps):
         model.train()
-        loss = built.loss(model, next(built.batches))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if inner.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), inner.grad_clip)
-        opt.step()
-        loss_value = float(loss.detach())
+        loss_value = loop.step(built.loss(model, next(built.batches)))
     train_s = time.perf_counter() - train_started
     status = _proc_status(os.getpid()) or {}
     out = {

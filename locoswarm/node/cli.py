@@ -12,16 +12,18 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from locoswarm.compression.config import CODEC_CHOICES, FEEDBACK_CHOICES, CompressionConfig
+from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import CheckpointError, ConfigError, PeerError
-from locoswarm.sim.config import STRATEGIES, InnerConfig, NetworkModel, SimConfig
+from locoswarm.sim.config import STRATEGIES, NetworkModel, SimConfig
 from locoswarm.sim.swarm import EvalPoint, run_sim
-from locoswarm.sync.diloco import DiLoCoConfig
-from locoswarm.sync.noloco import NoLoCoConfig
+from locoswarm.sync.rounds import RoundConfig, default_round_config
+from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
 
 log = logging.getLogger("locoswarm")
@@ -35,15 +37,14 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_sim_arguments(p: argparse.ArgumentParser) -> None:
-    """Declares the ``sim`` flags (shared with the benchmarks)."""
+    """Declares the ``sim`` flags (shared with the benchmarks).
+
+    The round's flags default to None: ``sim_config_from_args`` starts from the daemon's defaults
+    for the mode (``default_round_config``) and overrides only what was given.
+    """
     p.add_argument("--sync", choices=STRATEGIES, default="noloco", help="strategy (default noloco)")
     p.add_argument("--replicas", type=int, default=8, help="simulated nodes (default 8)")
-    p.add_argument(
-        "--inner-steps",
-        type=int,
-        default=None,
-        help="H, inner steps per round (default: noloco 50, diloco 500)",
-    )
+    p.add_argument("--inner-steps", type=int, default=50, help="H, inner steps per round (50)")
     p.add_argument("--rounds", type=int, default=20, help="outer rounds (default 20)")
     p.add_argument(
         "--task",
@@ -65,35 +66,103 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "--max-bytes", type=int, default=None, help="cap on training bytes per replica (quick runs)"
     )
     p.add_argument("--lr", type=float, default=1e-3, help="inner AdamW peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--warmup-steps", type=int, default=100, help="inner warm-up steps")
+    # The round (diloco, noloco, ef): None keeps the daemon's default for the mode.
     p.add_argument(
-        "--outer-lr",
-        type=float,
-        default=None,
-        help="DiLoCo lr (0.7) / NoLoCo beta (0.7) / ef outer lr (1.0)",
+        "--outer-lr", type=float, default=None, help="outer lr / noloco beta (default 0.7)"
     )
     p.add_argument(
         "--outer-momentum",
         type=float,
         default=None,
-        help="DiLoCo momentum (0.9 Nesterov, 0.3 heavy-ball) / NoLoCo alpha (0.5) / ef (0)",
+        help="Nesterov momentum of diloco and ef (0.9) / noloco alpha (0.5)",
     )
     p.add_argument(
         "--gamma",
         type=float,
         default=None,
-        help="NoLoCo pull toward the group's mean phi (default: = beta)",
+        help="noloco: pull toward the group's mean phi (default: = beta, theta-only wire)",
     )
     p.add_argument(
         "--group-size",
         type=int,
         default=None,
-        help="NoLoCo group size (default 2) / DiLoCo group size (default: all)",
+        help="members per group (default 2); 0 = all replicas, the all-reduce reference",
     )
     p.add_argument(
-        "--heavy-ball",
+        "--pairing",
+        choices=("random", "hypercube"),
+        default=None,
+        help="random (the daemon's seeded shuffle, default) or hypercube pairs",
+    )
+    p.add_argument(
+        "--blocking",
         action="store_true",
-        help="DiLoCo with the NoLoCo paper's heavy-ball momentum instead of Nesterov",
+        help="apply each round's update at once instead of one phase late (the daemon's overlap)",
+    )
+    p.add_argument(
+        "--apply-delay",
+        type=int,
+        default=None,
+        help="overlap: inner steps of the next phase before the update lands (default: all H)",
+    )
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=None,
+        help="proposal bits per element: 32 (fp32) or 1, 2, 4, 8, 16 side-information "
+        "quantization (default: diloco 16, ef 4; groups other than pairs: 32)",
+    )
+    p.add_argument(
+        "--momentum-bits",
+        type=int,
+        default=None,
+        help="diloco: width of the shared momentum, 32 or 1..16 (default 16)",
+    )
+    share = p.add_mutually_exclusive_group()
+    share.add_argument(
+        "--share-momentum",
+        dest="share_momentum",
+        action="store_const",
+        const=True,
+        default=None,
+        help="diloco: average the momenta within the group too (the default)",
+    )
+    share.add_argument(
+        "--private-momentum",
+        dest="share_momentum",
+        action="store_const",
+        const=False,
+        help="diloco: every member keeps its own momentum (one tensor on the wire)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="elements per side-information quantization block (diloco 256, ef 64)",
+    )
+    p.add_argument(
+        "--no-error-feedback",
+        action="store_true",
+        help="ef: drop the rounding error instead of sending it with the next proposal",
+    )
+    p.add_argument(
+        "--design",
+        choices=("siq", "pull"),
+        default=None,
+        help="ef: siq (quantized proposals every round, default) or pull (a codec on the step)",
+    )
+    p.add_argument(
+        "--pull-every",
+        type=int,
+        default=None,
+        help="ef --design pull: a 16-bit proposal every N rounds (default 8)",
+    )
+    p.add_argument(
+        "--codec",
+        choices=CODEC_CHOICES,
+        default=None,
+        help="ef --design pull: the step's codec (default int4)",
     )
     p.add_argument(
         "--miss-prob",
@@ -112,22 +181,79 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--latency-s", type=float, default=0.05, help="simulated one-way latency")
     p.add_argument("--bandwidth-mbit", type=float, default=100.0, help="simulated link Mbit/s")
-    p.add_argument(
-        "--codec",
-        choices=CODEC_CHOICES,
-        default="fp32",
-        help="payload codec for diloco and ef (default fp32: uncompressed)",
-    )
-    p.add_argument(
-        "--error-feedback",
-        choices=FEEDBACK_CHOICES,
-        default="ef14",
-        help="error feedback around a lossy codec (default ef14)",
-    )
-    p.add_argument("--eta", type=float, default=0.5, help="EControl's eta")
-    p.add_argument("--block-size", type=int, default=4096, help="int8/int4/sign block size")
-    p.add_argument("--topk-ratio", type=float, default=0.01, help="share of elements topk keeps")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N rounds")
+
+
+# Round flags, the modes they mean something for, and the RoundConfig field they set.
+_ROUND_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("outer_lr", "--outer-lr", ("noloco", "diloco", "ef")),
+    ("outer_momentum", "--outer-momentum", ("noloco", "diloco", "ef")),
+    ("gamma", "--gamma", ("noloco",)),
+    ("bits", "--bits", ("diloco", "ef")),
+    ("momentum_bits", "--momentum-bits", ("diloco",)),
+    ("share_momentum", "--share-momentum/--private-momentum", ("diloco",)),
+    ("block_size", "--block-size", ("diloco", "ef")),
+    ("design", "--design", ("ef",)),
+    ("pull_every", "--pull-every", ("ef",)),
+    ("codec", "--codec", ("ef",)),
+    ("group_size", "--group-size", ("noloco", "diloco", "ef")),
+    ("pairing", "--pairing", ("noloco", "diloco", "ef")),
+    ("apply_delay", "--apply-delay", ("noloco", "diloco", "ef")),
+)
+
+
+def _given(a: argparse.Namespace, dest: str) -> bool:
+    return getattr(a, dest) is not None
+
+
+def round_config_from_args(a: argparse.Namespace) -> RoundConfig | None:
+    """The round's maths from the flags: the daemon's defaults for the mode, then every given flag
+    (None for ddp and solo). Raises ConfigError for a flag the mode has no use for."""
+    mode = a.sync
+    for dest, flag, modes in _ROUND_FLAGS:
+        if _given(a, dest) and mode not in modes:
+            raise ConfigError(f"{flag} applies to {', '.join(modes)} only, not --sync {mode}")
+    if a.no_error_feedback and mode != "ef":
+        raise ConfigError(f"--no-error-feedback applies to ef only, not --sync {mode}")
+    if a.blocking and mode in ("ddp", "solo"):
+        raise ConfigError(f"--blocking applies to noloco, diloco, ef only, not --sync {mode}")
+    if a.blocking and _given(a, "apply_delay"):
+        raise ConfigError("--apply-delay delays an overlapped update: drop it or --blocking")
+    if mode in ("ddp", "solo"):
+        return None
+    design = a.design or "siq"
+    if design != "pull" and (_given(a, "pull_every") or _given(a, "codec")):
+        raise ConfigError("--pull-every and --codec apply to --design pull only")
+    if mode == "ef" and design == "siq" and a.group_size not in (None, 2):
+        raise ConfigError("ef --design siq quantizes proposals for pairs: --group-size must be 2")
+    rc = default_round_config(mode)
+    over: dict[str, Any] = {}
+    if _given(a, "outer_lr"):
+        over["lr"] = a.outer_lr
+    if _given(a, "outer_momentum"):
+        over["momentum"] = a.outer_momentum
+    if _given(a, "gamma"):
+        over["gamma"] = a.gamma
+    if mode == "diloco" and a.group_size not in (None, 2):
+        # Groups other than pairs average fp32 proposals (the all-reduce reference).
+        over["bits"] = over["momentum_bits"] = 32
+    for dest, field_name in (
+        ("bits", "bits"),
+        ("momentum_bits", "momentum_bits"),
+        ("share_momentum", "share_momentum"),
+        ("block_size", "block_size"),
+        ("design", "design"),
+        ("pull_every", "pull_every"),
+        ("codec", "codec"),
+    ):
+        if _given(a, dest):
+            over[field_name] = getattr(a, dest)
+    if a.no_error_feedback:
+        over["error_feedback"] = False
+    rc = replace(rc, **over)
+    if _given(a, "momentum_bits") and not rc.share_momentum:
+        raise ConfigError("--momentum-bits sets a shared momentum's width: drop --private-momentum")
+    return rc
 
 
 def sim_config_from_args(a: argparse.Namespace) -> SimConfig:
@@ -140,26 +266,6 @@ def sim_config_from_args(a: argparse.Namespace) -> SimConfig:
         val_batches=a.val_batches,
         max_bytes=a.max_bytes,
     )
-    # ef averages pseudo-gradients within changing pairs and has no pull between replicas' phi:
-    # momentum would amplify their drift (measured: worse than solo), so it defaults to plain
-    # averaging (lr 1, no momentum).
-    if a.sync == "ef":
-        default_lr, default_momentum = 1.0, 0.0
-    else:
-        default_lr, default_momentum = 0.7, (0.3 if a.heavy_ball else 0.9)
-    outer_lr = default_lr if a.outer_lr is None else a.outer_lr
-    diloco = DiLoCoConfig(
-        lr=outer_lr,
-        momentum=default_momentum if a.outer_momentum is None else a.outer_momentum,
-        nesterov=not a.heavy_ball,
-        group_size=a.group_size,
-    )
-    noloco = NoLoCoConfig(
-        alpha=0.5 if a.outer_momentum is None else a.outer_momentum,
-        beta=outer_lr,
-        gamma=a.gamma,
-        group_size=a.group_size or 2,
-    )
     return SimConfig(
         strategy=a.sync,
         num_replicas=a.replicas,
@@ -168,23 +274,19 @@ def sim_config_from_args(a: argparse.Namespace) -> SimConfig:
         seed=a.seed,
         task=task,
         inner=InnerConfig(lr=a.lr, warmup_steps=a.warmup_steps),
-        diloco=diloco,
-        noloco=noloco,
-        miss_prob=a.miss_prob,
-        eval_every=a.eval_every,
-        compression=CompressionConfig(
-            codec=a.codec,
-            error_feedback=a.error_feedback,
-            eta=a.eta,
-            block_size=a.block_size,
-            topk_ratio=a.topk_ratio,
-        ),
+        sync=round_config_from_args(a),
+        group_size=2 if a.group_size is None else a.group_size,
+        pairing=a.pairing or "random",
+        overlap=not a.blocking,
+        apply_delay=a.apply_delay,
         network=NetworkModel(
             step_time_s=a.step_time_s,
             speeds=a.speeds,
             latency_s=a.latency_s,
             bandwidth_bytes_per_s=a.bandwidth_mbit * 1e6 / 8,
         ),
+        miss_prob=a.miss_prob,
+        eval_every=a.eval_every,
     )
 
 
@@ -204,8 +306,14 @@ def _print_point(total_rounds: int) -> object:
 
 def _cmd_sim(a: argparse.Namespace) -> int:
     cfg = sim_config_from_args(a)
+    rc = cfg.round_config
+    how = ""
+    if rc is not None:
+        group = "all replicas" if cfg.group_size == 0 else f"groups of {cfg.group_size}"
+        wire = "" if rc.mode == "noloco" or rc.design == "pull" else f", {rc.bits}-bit proposals"
+        how = f" ({group}, {cfg.pairing}, {'overlapped' if cfg.overlap else 'blocking'}{wire})"
     print(
-        f"locoswarm sim: {cfg.strategy}, {cfg.num_replicas} replicas, task {cfg.task.name}, "
+        f"locoswarm sim: {cfg.strategy}{how}, {cfg.num_replicas} replicas, task {cfg.task.name}, "
         f"H={cfg.h}, {cfg.rounds} rounds ({cfg.total_steps} inner steps)",
         file=sys.stderr,
         flush=True,

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from locoswarm.compression.config import CompressionConfig
 from locoswarm.errors import ConfigError
 from locoswarm.peers.config import PeersConfig
 from locoswarm.protocol.config import ProtocolConfig
-from locoswarm.sim.config import InnerConfig
+from locoswarm.sync.rounds import RoundConfig, default_round_config
+from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
 
 SyncMode = Literal["noloco", "diloco", "ef"]
@@ -38,9 +38,29 @@ class SyncConfig:
     inner_steps: int = 50
     """H: inner steps per round."""
     outer_lr: float | None = None
-    """noloco beta (0.7), diloco lr (0.7), ef lr (1.0) when None."""
+    """noloco beta (0.7), diloco and ef outer lr (0.7) when None."""
     outer_momentum: float | None = None
-    """noloco alpha (0.5), diloco Nesterov momentum (0.9), ef (0) when None."""
+    """noloco alpha (0.5), diloco and ef Nesterov momentum (0.9) when None."""
+    bits: int | None = None
+    """Proposal wire width: 32 (fp32) or 1/2/4/8/16 (side-information quantization); None: the
+    mode's default (diloco 16, ef 4)."""
+    momentum_bits: int | None = None
+    """diloco: width of the shared momentum (16 by default)."""
+    share_momentum: bool | None = None
+    """diloco: average momenta within the group too (default True)."""
+    block_size: int | None = None
+    """Elements per side-information block (diloco 256, ef 64 by default)."""
+    error_feedback: bool = True
+    """ef: carry the rounding error into the next proposal."""
+    design: str = "siq"
+    """ef: siq (quantized proposals every round) or pull (a codec on the step, the proposal at
+    16 bits every ``pull_every`` rounds)."""
+    pull_every: int = 8
+    codec: str = "int4"
+    """ef pull: the codec of the step between pulls."""
+    apply_delay_steps: int | None = None
+    """Overlap: inner steps of the next phase run before a round's update is applied; None
+    means the whole phase (the update lands just before the next snapshot)."""
     gamma: float | None = None
     """noloco pull toward the partner's phi; None means gamma = beta (only theta is sent)."""
     group_size: int = 2
@@ -70,16 +90,49 @@ class SyncConfig:
             )
         if self.match_deadline_s <= 0 or self.exchange_timeout_s <= 0 or self.rounds < 0:
             raise ConfigError("sync deadlines must be > 0 and sync.rounds >= 0")
+        if self.apply_delay_steps is not None and not (
+            1 <= self.apply_delay_steps <= self.inner_steps
+        ):
+            raise ConfigError(
+                f"sync.apply_delay_steps must be in 1..inner_steps, got {self.apply_delay_steps}"
+            )
+        rc = self.round_config  # raises ConfigError for a bad combination
+        if self.group_size > 2 and rc.bits != 32:
+            raise ConfigError(
+                "groups of more than 2 average fp32 proposals: set sync.bits = 32 with "
+                "sync.group_size > 2"
+            )
 
     @property
     def lr(self) -> float:
-        default = {"noloco": 0.7, "diloco": 0.7, "ef": 1.0}[self.mode]
-        return default if self.outer_lr is None else self.outer_lr
+        return self.round_config.lr
 
     @property
     def momentum(self) -> float:
-        default = {"noloco": 0.5, "diloco": 0.9, "ef": 0.0}[self.mode]
-        return default if self.outer_momentum is None else self.outer_momentum
+        return self.round_config.momentum
+
+    @property
+    def round_config(self) -> RoundConfig:
+        """The round's maths: the mode's defaults with this section's overrides."""
+        rc = default_round_config(self.mode)
+        changes: dict[str, Any] = {
+            "lr": self.outer_lr,
+            "momentum": self.outer_momentum,
+            "gamma": self.gamma,
+            "bits": self.bits,
+            "momentum_bits": self.momentum_bits,
+            "share_momentum": self.share_momentum,
+            "block_size": self.block_size,
+        }
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if self.mode == "ef":
+            changes |= {
+                "error_feedback": self.error_feedback,
+                "design": self.design,
+                "pull_every": self.pull_every,
+                "codec": self.codec,
+            }
+        return dataclasses.replace(rc, **changes)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -134,7 +187,6 @@ class NodeConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
     peers: PeersConfig = field(default_factory=PeersConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -155,15 +207,6 @@ class NodeConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
-        if self.sync.group_size > 2 and not self.compression.lossless:
-            raise ConfigError(
-                "diloco groups of more than 2 average fp32 shards: use compression.codec fp32"
-            )
-        if self.sync.mode == "noloco" and not self.compression.lossless:
-            raise ConfigError(
-                "sync.mode noloco sends weights: use compression.codec fp32 (compressed "
-                "exchanges are the diloco and ef modes)"
-            )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
 

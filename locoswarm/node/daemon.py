@@ -48,7 +48,7 @@ from locoswarm.protocol import (
     Received,
 )
 from locoswarm.protocol.reasons import REASONS
-from locoswarm.tasks.task import TaskFactory
+from locoswarm.tasks.task import TaskFactory, node_data_seed
 
 log = logging.getLogger("locoswarm.node")
 REFUSALS = ("busy", "stale_round", "shutting_down")
@@ -182,6 +182,7 @@ class Daemon:
             )
             await membership.announce(record)
             self._announce_ready(membership, address)
+            await self._wait_for_peers(membership, outer)
             try:
                 async with asyncio.TaskGroup() as tasks:
                     refresher = tasks.create_task(membership.refresh_forever(), name="refresh")
@@ -195,6 +196,25 @@ class Daemon:
                 handler.stopping = True
                 self._final_checkpoint(trainer, outer)
 
+    async def _wait_for_peers(self, membership: Membership, outer: OuterStep) -> None:
+        """Hold the first round until ``peers.min_peers`` compatible nodes are live (bounded)."""
+        want = self.config.peers.min_peers
+        if want <= 0:
+            return
+        deadline = time.monotonic() + self.config.peers.min_peers_timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            view = await self._refresh_view(membership)
+            seen = [
+                r
+                for r in view
+                if r.peer_id != self.peer_id and r.model_fingerprint == outer.fingerprint
+            ]
+            if len(seen) >= want:
+                log.info("%d peers are live: starting", len(seen))
+                return
+            await asyncio.sleep(0.5)
+        log.warning("fewer than %d peers after %.0fs: starting anyway", want, self.config.peers.min_peers_timeout_s)
+
     # -- building and restoring ----------------------------------------------------------------
 
     def _build(self) -> tuple[Trainer, OuterStep]:
@@ -202,8 +222,9 @@ class Daemon:
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every node of the run
-        data_seed = int(hashlib.sha256(self.peer_id.encode()).hexdigest()[:8], 16)
-        task = TaskFactory(cfg.task).build(replica=0, num_replicas=1, seed=data_seed)
+        task = TaskFactory(cfg.task).build(
+            replica=0, num_replicas=1, seed=node_data_seed(self.peer_id)
+        )
         device = pick_device(cfg.trainer.device)
         total = cfg.sync.rounds * cfg.sync.inner_steps if cfg.sync.rounds else None
         trainer = Trainer(
@@ -345,6 +366,7 @@ class Daemon:
                 on_boundary=lambda b: _post(loop, boundaries, b),
                 want_state=want_state,
                 overlap=cfg.sync.overlap,
+                apply_delay=cfg.sync.apply_delay_steps,
             )
         )
         try:
@@ -401,6 +423,7 @@ class Daemon:
         current = handler.open_round(prepared, group=grouped)
         self._exchange_failed = False
         partner: list[Tensor] | None = None
+        partner_id = ""
         mean: Tensor | None = None
         result = "solo"
         try:
@@ -422,8 +445,10 @@ class Daemon:
                     mean = await self._group_step(match, current, prepared, client, outer, record)
                 elif match.role == "dialler":
                     partner = match.sessions[match.partners[0]]
+                    partner_id = match.partners[0]
                 elif match.role == "responder":
                     partner = await current.partner
+                    partner_id = current.responder_peer or ""
                 if partner is not None or mean is not None:
                     result = "ok"
         except TimeoutError:
@@ -433,9 +458,12 @@ class Daemon:
             result = "failed"
         finally:
             handler.close_round()
+        partners: tuple[str, ...] = ()
         if mean is not None:
+            partners = tuple(p for p in current.group.members_ids() if p != self.peer_id)
             phi = await asyncio.to_thread(outer.apply_mean, prepared, mean)
         elif partner is not None:
+            partners = (partner_id,)
             phi = await asyncio.to_thread(outer.apply, prepared, partner)
         else:
             phi = await asyncio.to_thread(outer.solo, prepared)
@@ -450,11 +478,23 @@ class Daemon:
         log.info(
             "round %d: %s, train loss %.4f, %.2fs, phi %s",
             r,
-            "exchanged" if result == "ok" else f"solo ({result})",
+            f"exchanged with {', '.join(partners)}" if result == "ok" else f"solo ({result})",
             b.loss,
             time.perf_counter() - start,
             weights_digest(phi),
         )
+        # One machine-readable event per round: what a replay of this swarm needs.
+        event = {
+            "peer": self.peer_id,
+            "boundary": b.outer_step,
+            "round": r,
+            "outcome": "exchanged" if result == "ok" else result,
+            "partners": list(partners),
+            "partner_rounds": [outer.heard.get(p, r) for p in partners],
+            "theta": weights_digest(b.theta),
+            "phi": weights_digest(phi),
+        }
+        log.info("round-event %s", json.dumps(event))
 
     async def _round_faults(self, r: int, prepared: Prepared) -> None:
         """Test seam: stall or kill at a round boundary; poison our message with a NaN."""
@@ -546,9 +586,14 @@ class Daemon:
         r = prepared.outer_step
         view = LocalView(run_id=cfg.run_id, model_fingerprint=outer.fingerprint, outer_step=r)
         if match.role == "dialler":
-            roster = (
-                member_entry(self.peer_id, record.address),
-                *(member_entry(p, self._address_of(p)) for p in match.partners),
+            # Sorted by id: the group's mean is summed in this order, as the simulator sums it.
+            roster = tuple(
+                sorted(
+                    (
+                        member_entry(self.peer_id, record.address),
+                        *(member_entry(p, self._address_of(p)) for p in match.partners),
+                    )
+                )
             )
             group.roster.set_result(roster)
 
@@ -573,8 +618,7 @@ class Daemon:
                 ) from None
         roster = group.roster.result()
         ids = [p for p, _ in parse_roster(roster, None)]
-        assert prepared.pending is not None  # diloco always prepares one
-        vector = prepared.pending.decoded
+        vector = outer.group_vector(prepared)
         bounds = shard_bounds(vector.numel(), len(ids))
         me = ids.index(self.peer_id)
 
@@ -708,7 +752,9 @@ def _display_host(host: str) -> str:
 
 
 def _protocol_config(protocol: ProtocolConfig, secret: bytes | None) -> ProtocolConfig:
-    limits = dataclasses.replace(protocol.limits, allowed_codecs=frozenset(CODEC_CHOICES))
+    limits = dataclasses.replace(
+        protocol.limits, allowed_codecs=frozenset((*CODEC_CHOICES, "siq"))
+    )
     auth = dataclasses.replace(protocol.auth, secret=secret) if secret else protocol.auth
     return dataclasses.replace(protocol, limits=limits, auth=auth)
 

@@ -77,6 +77,9 @@ class GroupRound:
     def members(self) -> list[tuple[str, str | None]]:
         return parse_roster(self.roster.result(), None)
 
+    def members_ids(self) -> list[str]:
+        return [p for p, _ in self.members()]
+
     def index(self, peer: str) -> int:
         ids = [p for p, _ in self.members()]
         if peer not in ids:

@@ -1,13 +1,14 @@
-"""The node's outer step: what goes on the wire for each sync mode, and what comes back.
+"""The node's outer step: the daemon's driver of ``sync/rounds.py`` (the simulator is the other).
 
-``prepare`` turns this round's theta into an outgoing payload (and, for compressed modes, an
-error-feedback ``Pending``); ``apply`` takes the partner's decoded tensors and returns the new
-slow weights; ``solo`` is the step without a partner. The maths lives in ``sync/`` and
-``compression/``; this module only wires them to the wire format of ``protocol/``.
+``prepare`` turns this round's theta into the round's message and its wire form; ``decode`` reads
+a partner's message (side-information parts are decoded against our own); ``apply`` /
+``apply_mean`` / ``solo`` finish the round and swap in the new outer state as one value. The maths
+lives in ``sync/rounds.py``; this module only wires it to the wire format of ``protocol/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -17,43 +18,33 @@ from torch import Tensor
 
 from locoswarm.compression.codecs import decode, get_codec
 from locoswarm.compression.encoded import DecodeLimits, Encoded
-from locoswarm.compression.error_feedback import ErrorFeedback, Pending, make_feedback
 from locoswarm.errors import ProtocolViolation
 from locoswarm.node.config import NodeConfig
 from locoswarm.protocol import Header, Outgoing, Received, TensorSpec
-from locoswarm.sync.diloco import DiLoCoConfig, diloco_outer_step, group_mean, outer_grad
-from locoswarm.sync.noloco import noloco_outer_step
+from locoswarm.sync import rounds
+from locoswarm.sync.rounds import Message, OuterState, RoundConfig
 
 STATE_NAMES = ("phi", "momentum")
 
 
 @dataclass
 class Prepared:
-    """One round's outgoing message and what we need to finish the step."""
+    """One round's message and its wire form."""
 
     outer_step: int
     theta: Tensor
     outgoing: Outgoing
-    pending: Pending | None
+    message: Message
 
 
 def fingerprint(config: NodeConfig, shapes: list[tuple[int, ...]]) -> str:
     """Nodes exchange only with nodes whose fingerprint matches: same task, model shapes,
-    initial-weight seed, sync mode and message layout."""
+    initial-weight seed, and the same round maths and message layout."""
+    rc = config.sync.round_config
     text = "|".join(
-        (
-            config.task.name,
-            str(shapes),
-            str(config.trainer.seed),
-            config.sync.mode,
-            str(config.sync.mode == "noloco" and _theta_only(config)),
-        )
+        (config.task.name, str(shapes), str(config.trainer.seed), repr(dataclasses.astuple(rc)))
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _theta_only(config: NodeConfig) -> bool:
-    return config.sync.gamma is None or config.sync.gamma == config.sync.lr
 
 
 def _spec(encoded: Encoded, name: str) -> TensorSpec:
@@ -68,33 +59,50 @@ def _spec(encoded: Encoded, name: str) -> TensorSpec:
     )
 
 
+def _parts(received: Received) -> list[Encoded]:
+    """The Encoded tensors of a message, sliced from its payload by the header's specs."""
+    out, offset = [], 0
+    view = memoryview(received.payload)
+    for spec in received.header.tensors:
+        out.append(
+            Encoded(
+                codec=spec.codec,
+                shape=spec.shape,
+                dtype=spec.dtype,
+                payload=bytes(view[offset : offset + spec.num_bytes]),
+                block_size=spec.block_size,
+                k_per_chunk=spec.k_per_chunk,
+                name=spec.name,
+            )
+        )
+        offset += spec.num_bytes
+    return out
+
+
 class OuterStep:
-    """Outer state (phi, momentum, error feedback) and the round's maths for one sync mode."""
+    """The node's outer state and its side of each round."""
 
     def __init__(self, config: NodeConfig, phi: Tensor, *, peer_id: str, fp: str) -> None:
         self.config = config
         self.mode = config.sync.mode
+        self.rc: RoundConfig = config.sync.round_config
         self.peer_id = peer_id
         self.fingerprint = fp
-        self.phi = phi.clone()
-        self.momentum: Tensor | None = None
+        self.state = OuterState(phi=phi.clone())
         self.numel = phi.numel()
         self.limits = DecodeLimits(max_numel=self.numel)
-        comp = config.compression
-        codec = get_codec(comp.codec, block_size=comp.block_size, topk_ratio=comp.topk_ratio)
-        kind = "none" if comp.lossless else comp.error_feedback
-        self.feedback: ErrorFeedback = make_feedback(kind, codec, eta=comp.eta)
         self._fp32 = get_codec("fp32")
-        self.diloco = DiLoCoConfig(
-            lr=config.sync.lr, momentum=config.sync.momentum, nesterov=self.mode == "diloco"
-        )
+        self._current: Message | None = None
+        self.heard: dict[str, int] = {}
+        """This round: the round label of each sender whose message we decoded (round log)."""
 
     @property
-    def names(self) -> tuple[str, ...]:
-        """Tensor names of one message, in order."""
-        if self.mode == "noloco":
-            return ("theta",) if _theta_only(self.config) else ("theta", "phi")
-        return ("outer_grad",)
+    def phi(self) -> Tensor:
+        return self.state.phi
+
+    @property
+    def momentum(self) -> Tensor | None:
+        return self.state.momentum
 
     def header(
         self,
@@ -135,112 +143,76 @@ class OuterStep:
             raise ProtocolViolation(
                 peer, f"expected one shard of {length} values", reason="rejected"
             )
-        spec = specs[0]
-        encoded = Encoded(
-            codec=spec.codec,
-            shape=spec.shape,
-            dtype=spec.dtype,
-            payload=received.payload,
-            block_size=spec.block_size,
-            k_per_chunk=spec.k_per_chunk,
-            name="shard",
-        )
-        return decode(encoded, limits=self.limits)
+        return decode(_parts(received)[0], limits=self.limits)
 
-    def apply_mean(self, prepared: Prepared, mean: Tensor) -> Tensor:
-        """DiLoCo's outer step on a group's mean outer gradient; returns the new phi."""
-        assert prepared.pending is not None  # diloco messages always have one
-        self.feedback.commit(prepared.pending)
-        self.phi, self.momentum = diloco_outer_step(self.phi, mean, self.momentum, self.diloco)
-        return self.phi
+    # -- one round ------------------------------------------------------------------------------
 
     def prepare(self, outer_step: int, theta: Tensor) -> Prepared:
-        """Encode this round's message (CPU work: call it from a worker thread)."""
-        pending = None
-        if self.mode == "noloco":
-            parts = [self._fp32.encode(theta, name="theta")]
-            if "phi" in self.names:
-                parts.append(self._fp32.encode(self.phi, name="phi"))
-        else:
-            pending = self.feedback.prepare("outer_grad", outer_grad(self.phi, theta))
-            parts = [pending.encoded]
-        specs = tuple(_spec(e, n) for e, n in zip(parts, self.names, strict=True))
-        payload = b"".join(e.payload for e in parts)
+        """This round's message (CPU work: call it from a worker thread)."""
+        message = rounds.prepare(
+            self.rc,
+            self.state,
+            theta,
+            round=outer_step,
+            seed=rounds.round_seed(self.peer_id, outer_step),
+        )
+        specs = tuple(_spec(e, e.name) for e in message.parts)
+        payload = b"".join(e.payload for e in message.parts)
         outgoing = Outgoing(self.header(outer_step, specs, "outer"), payload)
-        return Prepared(outer_step, theta, outgoing, pending)
+        self._current = message
+        self.heard = {}
+        return Prepared(outer_step, theta, outgoing, message)
 
     def decode(self, received: Received, names: tuple[str, ...] | None = None) -> list[Tensor]:
-        """The partner's tensors, each checked against what this mode expects."""
-        names = names or self.names
-        specs = received.header.tensors
+        """A partner's message for our open round (``names`` None), or a state message, checked
+        and decoded; raises ``ProtocolViolation`` (CorruptPayload) naming what was wrong."""
         peer = received.header.sender_id
-        if tuple(s.name for s in specs) != names:
-            raise ProtocolViolation(
-                peer,
-                f"message holds {[s.name for s in specs]}, expected {list(names)}",
-                reason="rejected",
-            )
-        out, offset = [], 0
-        view = memoryview(received.payload)
-        for spec in specs:
-            if spec.shape != (self.numel,):
+        parts = _parts(received)
+        if names is not None:
+            if tuple(p.name for p in parts) != names:
                 raise ProtocolViolation(
                     peer,
-                    f"tensor {spec.name} has shape {spec.shape}, ours ({self.numel},)",
+                    f"message holds {[p.name for p in parts]}, expected {list(names)}",
                     reason="rejected",
                 )
-            encoded = Encoded(
-                codec=spec.codec,
-                shape=spec.shape,
-                dtype=spec.dtype,
-                payload=bytes(view[offset : offset + spec.num_bytes]),
-                block_size=spec.block_size,
-                k_per_chunk=spec.k_per_chunk,
-                name=spec.name,
-            )
-            out.append(decode(encoded, limits=self.limits))  # raises CorruptPayload
-            offset += spec.num_bytes
-        return out
+            for part in parts:
+                if part.shape != (self.numel,):
+                    raise ProtocolViolation(
+                        peer, f"tensor {part.name} has shape {part.shape}", reason="rejected"
+                    )
+            return [decode(p, limits=self.limits) for p in parts]
+        if self._current is None:
+            raise ProtocolViolation(peer, "no round is open", reason="rejected")
+        got = rounds.read(self.rc, self._current, parts, limits=self.limits, peer=peer)
+        self.heard[peer] = received.header.outer_step
+        return [got[name] for name in self._current.names]
+
+    def _commit(self, new: OuterState) -> Tensor:
+        self.state = new
+        self._current = None
+        return new.phi
 
     def apply(self, prepared: Prepared, partner: list[Tensor]) -> Tensor:
-        """The outer step with one partner's decoded message; returns the new phi."""
-        if self.mode == "noloco":
-            thetas = [prepared.theta, partner[0]]
-            phis = None if len(partner) == 1 else [self.phi, partner[1]]
-            self._noloco(thetas, phis)
-        else:
-            assert prepared.pending is not None  # prepare() sets it for these modes
-            self.feedback.commit(prepared.pending)
-            mean = group_mean([prepared.pending.decoded, partner[0]])
-            self.phi, self.momentum = diloco_outer_step(self.phi, mean, self.momentum, self.diloco)
-        return self.phi
+        """Finish the round with one partner's decoded message; returns the new phi."""
+        msg = prepared.message
+        theirs = dict(zip(msg.names, partner, strict=True))
+        means = rounds.member_mean([msg.own, theirs])
+        return self._commit(rounds.combine(self.rc, self.state, msg, means))
+
+    def group_vector(self, prepared: Prepared) -> Tensor:
+        """Our entry of a group's mean, flat (every named tensor, in message order)."""
+        msg = prepared.message
+        return torch.cat([msg.own[name] for name in msg.names])
+
+    def apply_mean(self, prepared: Prepared, mean: Tensor) -> Tensor:
+        """Finish the round with the group's mean of ``group_vector``; returns the new phi."""
+        msg = prepared.message
+        means = dict(zip(msg.names, mean.split(self.numel), strict=True))
+        return self._commit(rounds.combine(self.rc, self.state, msg, means))
 
     def solo(self, prepared: Prepared) -> Tensor:
-        """The outer step without a partner; returns the new phi."""
-        if self.mode == "noloco":
-            self._noloco([prepared.theta], None)
-        elif self.config.compression.lossless:
-            grad = outer_grad(self.phi, prepared.theta)
-            self.phi, self.momentum = diloco_outer_step(self.phi, grad, self.momentum, self.diloco)
-        else:
-            # The residual keeps this round's whole outer gradient; it reaches the swarm with
-            # our next message instead of being applied alone (compression.md 3.7).
-            assert prepared.pending is not None
-            self.feedback.abort(prepared.pending)
-        return self.phi
-
-    def _noloco(self, thetas: list[Tensor], phis: list[Tensor] | None) -> None:
-        delta = self.momentum if self.momentum is not None else torch.zeros_like(self.phi)
-        gamma = self.config.sync.lr if self.config.sync.gamma is None else self.config.sync.gamma
-        self.phi, self.momentum = noloco_outer_step(
-            self.phi,
-            delta,
-            thetas,
-            phis,
-            alpha=self.config.sync.momentum,
-            beta=self.config.sync.lr,
-            gamma=gamma,
-        )
+        """Finish the round alone (no partner, or the exchange failed); returns the new phi."""
+        return self._commit(rounds.alone(self.rc, self.state, prepared.message))
 
     # -- state for checkpoints and late joiners -------------------------------------------------
 
@@ -257,13 +229,10 @@ class OuterStep:
 
     def load_state_payload(self, received: Received) -> None:
         phi, momentum = self.decode(received, STATE_NAMES)
-        self.phi = phi
-        self.momentum = momentum if bool(momentum.any()) else None
+        self.state = OuterState(phi=phi, momentum=momentum if bool(momentum.any()) else None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"phi": self.phi, "momentum": self.momentum, "feedback": self.feedback.state_dict()}
+        return {"state": self.state.tensors()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.phi = state["phi"]
-        self.momentum = state["momentum"]
-        self.feedback.load_state_dict(state["feedback"])
+        self.state = OuterState.from_tensors(state["state"])

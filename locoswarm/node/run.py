@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from locoswarm.compression.config import CODEC_CHOICES, FEEDBACK_CHOICES
+from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import ConfigError, PeerError
 
 # flag -> dotted config key
@@ -32,8 +32,9 @@ _RUN_FLAGS: dict[str, str] = {
     "outer_momentum": "sync.outer_momentum",
     "match_deadline": "sync.match_deadline_s",
     "group_size": "sync.group_size",
-    "codec": "compression.codec",
-    "error_feedback": "compression.error_feedback",
+    "codec": "sync.codec",
+    "bits": "sync.bits",
+    "pairing": "peers.pairing",
     "task": "task.name",
     "batch_size": "task.batch_size",
     "seq_len": "task.seq_len",
@@ -75,8 +76,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outer-momentum", type=float, help="noloco alpha / diloco momentum")
     p.add_argument("--match-deadline", type=float, help="seconds to find a partner per round")
     p.add_argument("--group-size", type=int, help="diloco: nodes per group (default 2)")
-    p.add_argument("--codec", choices=CODEC_CHOICES, help="payload codec (diloco, ef)")
-    p.add_argument("--error-feedback", choices=FEEDBACK_CHOICES)
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=(1, 2, 4, 8, 16, 32),
+        help="proposal width on the wire (diloco default 16, ef default 4)",
+    )
+    p.add_argument("--codec", choices=CODEC_CHOICES, help="ef --set sync.design=pull: step codec")
+    p.add_argument(
+        "--pairing", choices=("random", "hypercube"), help="partner schedule (default random)"
+    )
     p.add_argument("--task", help="tiny|small|base or module:function (default tiny)")
     p.add_argument(
         "--data",

@@ -2,8 +2,10 @@
 
 The thread runs inner steps; every H steps (a round boundary) it hands the loop a flat fp32
 snapshot of theta and keeps training (overlap) or waits for the outer result (blocking). An
-outer result arrives as new slow weights phi; the thread applies ``theta += phi - theta_r`` before
-its next step (overlap) or ``theta = phi`` (blocking). Time spent waiting is idle time.
+outer result arrives as new slow weights phi; the thread applies ``theta += phi - theta_r`` after
+exactly ``apply_delay`` steps of the next phase (overlap; waiting there if the result is late, so
+the trajectory never depends on timing) or sets ``theta = phi`` (blocking). Time spent waiting is
+idle time. The simulator applies updates by the same rule (``sim/swarm.py``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector
+from torch import Tensor
 
-from locoswarm.sim.config import InnerConfig
+from locoswarm.tasks.inner import InnerConfig, InnerLoop, add_difference, flat_params, set_flat
 from locoswarm.tasks.task import ReplicaTask
+
+__all__ = ["Boundary", "Trainer", "add_difference", "flat_params", "pick_device", "set_flat"]
 
 
 def pick_device(name: str) -> torch.device:
@@ -29,32 +32,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def flat_params(model: nn.Module) -> Tensor:
-    """A flat fp32 CPU copy of the model's parameters."""
-    return parameters_to_vector(model.parameters()).detach().to("cpu", torch.float32).clone()
-
-
-@torch.no_grad()
-def set_flat(model: nn.Module, flat: Tensor) -> None:
-    """Copy a flat fp32 vector into the model's parameters (never aliasing it)."""
-    offset = 0
-    for p in model.parameters():
-        n = p.numel()
-        p.copy_(flat[offset : offset + n].view_as(p).to(p.device, p.dtype))
-        offset += n
-
-
-@torch.no_grad()
-def add_difference(model: nn.Module, new: Tensor, old: Tensor) -> None:
-    """theta += new - old, one parameter at a time (no full-size temporary)."""
-    offset = 0
-    for p in model.parameters():
-        n = p.numel()
-        step = new[offset : offset + n] - old[offset : offset + n]
-        p.add_(step.view_as(p).to(p.device, p.dtype))
-        offset += n
 
 
 @dataclass
@@ -97,11 +74,11 @@ class Trainer:
         self.device = device
         self.inner_steps = inner_steps
         self.tokens_per_step = tokens_per_step
-        self.grad_clip = inner.grad_clip
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=inner.lr, betas=inner.betas, weight_decay=inner.weight_decay
-        )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(inner, total_steps))
+        self.loop = InnerLoop(self.model, inner, total_steps)
+        self.opt = self.loop.opt
+        self.sched = self.loop.sched
+        self.apply_delay = inner_steps
+        """Steps of a phase before the last round's update lands (overlap)."""
         self.step = 0
         self.stats = TrainerStats()
         self._lock = threading.Lock()
@@ -150,13 +127,7 @@ class Trainer:
         batch = next(self.task.batches)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             loss = self.task.loss(self.model, _to(batch, self.device))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        value = float(loss.detach())
+        value = self.loop.step(loss)
         self.step += 1
         self.stats.inner_steps += 1
         self.stats.tokens += self.tokens_per_step
@@ -174,22 +145,35 @@ class Trainer:
         on_boundary: Callable[[Boundary], None],
         want_state: Callable[[int], bool],
         overlap: bool,
+        apply_delay: int | None = None,
     ) -> None:
-        """Train until ``stop`` is set. Runs in the trainer thread."""
+        """Train until ``stop`` is set. Runs in the trainer thread.
+
+        Overlap: the update of round r lands after exactly ``apply_delay`` steps (default H) of
+        the next phase; the thread waits there if it has not arrived (idle time). Blocking: the
+        thread waits for it right after the snapshot.
+        """
         self.overlap = overlap
+        delay = self.inner_steps if apply_delay is None else apply_delay
         outer_step = first_outer_step
         losses: list[float] = []
+        into_phase = 0
         while not stop.is_set():
-            self._apply_pending()
+            if overlap and outer_step > first_outer_step and into_phase == delay:
+                if not self._wait_for(outer_step - 1, stop):
+                    break
             losses.append(self.inner_step())
+            into_phase += 1
             if self.step % self.inner_steps:
                 continue
             # A round boundary. The previous round's update must be in before we snapshot.
-            if outer_step > first_outer_step and not self._wait_for(outer_step - 1, stop):
-                break
+            if overlap and outer_step > first_outer_step and delay == self.inner_steps:
+                if not self._wait_for(outer_step - 1, stop):
+                    break
             state = self.state_dict() if want_state(outer_step) else None
             on_boundary(Boundary(outer_step, flat_params(self.model), _mean(losses), state))
             losses = []
+            into_phase = 0
             if not overlap and not self._wait_for(outer_step, stop):
                 break
             outer_step += 1
@@ -240,18 +224,3 @@ def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_to(v, device) for v in obj)
     return obj
-
-
-def _schedule(inner: InnerConfig, total_steps: int | None) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant when open-ended)."""
-
-    def factor(step: int) -> float:
-        if step < inner.warmup_steps:
-            return (step + 1) / inner.warmup_steps
-        if total_steps is None:
-            return 1.0
-        progress = min(1.0, (step - inner.warmup_steps) / max(1, total_steps - inner.warmup_steps))
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return inner.min_lr_ratio + (1 - inner.min_lr_ratio) * cosine
-
-    return factor

@@ -36,6 +36,14 @@ class PeersConfig:
     """Peers whose outer step differs from ours by more than this are not partners."""
     group_size: int = 2
     """Nodes per exchange: 2 (pairs) for noloco and ef, up to k for diloco."""
+    min_peers: int = 0
+    """Before its first round, wait until this many other live nodes are seen (a swarm that
+    starts together); 0 starts at once."""
+    min_peers_timeout_s: float = 120.0
+    """Longest wait for ``min_peers``; then training starts with whoever is there."""
+    pairing: str = "random"
+    """random: a seeded shuffle per round; hypercube: partner rank i XOR 2^(r mod d), with
+    random pairs for whoever has no partner in the cube (consensus.md §4)."""
     listen_share: float = 0.5
     """Share of the match deadline a non-dialling node waits for its planned dialler before it
     starts dialling free peers itself."""
@@ -62,6 +70,10 @@ class PeersConfig:
             raise ConfigError("peers.bootstrap_attempts must be >= 1 and bootstrap_timeout_s > 0")
         if self.group_size < 2:
             raise ConfigError(f"peers.group_size must be >= 2, got {self.group_size}")
+        if self.min_peers < 0 or self.min_peers_timeout_s <= 0:
+            raise ConfigError("peers.min_peers must be >= 0 and peers.min_peers_timeout_s > 0")
+        if self.pairing not in ("random", "hypercube"):
+            raise ConfigError(f"peers.pairing must be random or hypercube, got {self.pairing!r}")
         if self.lag_window < 0:
             raise ConfigError(f"peers.lag_window must be >= 0, got {self.lag_window}")
         if not 0 < self.listen_share <= 1:

@@ -163,11 +163,16 @@ class Matchmaker(Generic[S]):
             group_size=self.config.group_size,
             lag_window=self.config.lag_window,
             available=lambda p: self.health.available(p, now)[0],
+            schedule=self.config.pairing,
         )
         reason = plan.reason
         tried: set[str] = set()
         try:
             async with asyncio.timeout(deadline_s):
+                if self._picked.is_set():
+                    # A proposal that waited for our round was accepted when it opened: that is
+                    # this round's exchange; dialling as well would make two.
+                    return self._responder(step)
                 if plan.role == "dial":
                     sessions = await self._dial(plan.targets, step, propose)
                     tried.update(plan.targets)

@@ -62,6 +62,41 @@ def cut_groups(order: Sequence[str], group_size: int) -> list[tuple[str, ...]]:
     return [tuple(order[i : i + group_size]) for i in range(0, len(order), group_size)]
 
 
+def hypercube_groups(ids: Sequence[str], run_id: str, outer_step: int) -> list[tuple[str, ...]]:
+    """Pairs along one hypercube dimension per round (the Moshpit SGD idea, consensus.md §4).
+
+    The sorted ids get ranks 0..n-1; in round r, rank i pairs with i XOR 2^(r mod d), with
+    d = ceil(log2 n). With a fixed membership of 2^d nodes the swarm's average is exact after d
+    rounds. Ranks whose partner does not exist (n is not a power of two, or churn) are paired at
+    random among themselves with the round's shuffle; a last one left over is alone.
+    """
+    order = sorted(set(ids))
+    n = len(order)
+    if n < 2:
+        return [tuple(order)] if order else []
+    d = max(1, (n - 1).bit_length())
+    bit = 1 << (outer_step % d)
+    groups: list[tuple[str, ...]] = []
+    left: list[str] = []
+    for i, peer in enumerate(order):
+        j = i ^ bit
+        if j < n:
+            if i < j:
+                groups.append((peer, order[j]))
+        else:
+            left.append(peer)
+    return groups + cut_groups(shuffled(left, run_id, outer_step), 2)
+
+
+def round_groups(
+    ids: Sequence[str], run_id: str, outer_step: int, group_size: int, schedule: str = "random"
+) -> list[tuple[str, ...]]:
+    """Every group of the round, as each node that sees ``ids`` computes it."""
+    if schedule == "hypercube" and group_size == 2:
+        return hypercube_groups(ids, run_id, outer_step)
+    return cut_groups(shuffled(ids, run_id, outer_step), group_size)
+
+
 def can_dial(caller: PeerRecord, callee: PeerRecord) -> bool:
     """Anyone may dial a node with an address; nobody can dial a client-mode node."""
     return callee.address is not None and callee.peer_id != caller.peer_id
@@ -87,6 +122,7 @@ def plan_round(
     group_size: int,
     lag_window: int,
     available: Callable[[str], bool] = lambda _peer: True,
+    schedule: str = "random",
 ) -> Plan:
     """Decide this round's role from our view of the swarm (``view`` may include us)."""
     by_id = {me.peer_id: me}
@@ -101,7 +137,8 @@ def plan_round(
     fallbacks = tuple(p for p in order if p != me.peer_id and can_dial(me, by_id[p]))
     if len(by_id) == 1:
         return Plan("solo", (me.peer_id,), (), (), "no live compatible peer")
-    group = next(g for g in cut_groups(order, group_size) if me.peer_id in g)
+    groups = round_groups(list(by_id), run_id, me.outer_step, group_size, schedule)
+    group = next(g for g in groups if me.peer_id in g)
     if len(group) == 1:
         return Plan("solo", group, (), fallbacks, "odd one out this round")
     members = [by_id[p] for p in group]

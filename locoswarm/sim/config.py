@@ -9,43 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from locoswarm.compression.config import CompressionConfig
 from locoswarm.errors import ConfigError
-from locoswarm.sync.diloco import DiLoCoConfig
-from locoswarm.sync.noloco import NoLoCoConfig
+from locoswarm.sync.rounds import RoundConfig, default_round_config
+from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
 
 Strategy = Literal["ddp", "diloco", "noloco", "ef", "solo"]
+Pairing = Literal["random", "hypercube"]
 STRATEGIES: tuple[Strategy, ...] = ("ddp", "diloco", "noloco", "ef", "solo")
 
-EF_DEFAULT_INNER_STEPS = 10
-"""S, the default inner steps between compressed error-feedback exchanges."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class InnerConfig:
-    """The inner optimizer: AdamW with linear warm-up, cosine decay and gradient clipping."""
-
-    lr: float = 1e-3
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """The cosine decays to lr * min_lr_ratio at the last inner step."""
-    warmup_steps: int = 100
-    """Linear warm-up length in inner steps."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    grad_clip: float = 1.0
-    """Clip the gradient's global L2 norm to this; 0 disables clipping."""
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"inner.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"inner.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("inner.warmup_steps, grad_clip and weight_decay must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,32 +42,41 @@ class NetworkModel:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SimConfig:
-    """One simulated run: N replicas of a task under one synchronisation strategy."""
+    """One simulated run: N replicas of a task under one synchronisation strategy, scheduled as
+    the daemon schedules its rounds."""
 
     strategy: Strategy = "noloco"
-    """ddp (gradients averaged every step), diloco, noloco, ef (compressed error-feedback pair
-    exchange of pseudo-gradients, then DiLoCo's outer step) or solo (no communication)."""
+    """ddp (gradients averaged every step), diloco, noloco, ef (compressed proposals) or solo (no
+    communication). diloco, noloco and ef run ``sync/rounds.py``, the daemon's round."""
     num_replicas: int = 8
     """Number of simulated nodes."""
     rounds: int = 40
     """Outer rounds; every strategy runs rounds * inner_steps inner steps."""
-    inner_steps: int | None = None
-    """H, inner steps per round; None takes the strategy's default (noloco 50, diloco 500)."""
+    inner_steps: int = 50
+    """H, inner steps per round."""
     seed: int = 0
-    """Seeds the model initialisation, the data order, the pairing and the faults."""
+    """Seeds the model initialisation, the data order and the faults."""
     task: TaskConfig = field(default_factory=TaskConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
-    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
-    noloco: NoLoCoConfig = field(default_factory=NoLoCoConfig)
+    sync: RoundConfig | None = None
+    """The round's maths; None takes the daemon's defaults for the strategy."""
+    group_size: int = 2
+    """Members per group (the daemon's ``sync.group_size``); 0 means every present replica (an
+    all-reduce: the reference DiLoCo)."""
+    pairing: Pairing = "random"
+    """random: the daemon's seeded shuffle per round; hypercube: partner i XOR 2^(r mod d)."""
+    overlap: bool = True
+    """Apply each round's update one phase late (the daemon's default); False blocks."""
+    apply_delay: int | None = None
+    """With overlap: inner steps of the next phase run before the update is applied (None: the
+    whole phase, the daemon's default)."""
     network: NetworkModel = field(default_factory=NetworkModel)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
-    """Codec and error feedback for diloco and ef payloads (noloco, ddp, solo: fp32 only)."""
     miss_prob: float = 0.0
     """Probability that a replica misses a round's exchange (then it takes a solo outer step)."""
     eval_every: int = 1
     """Evaluate every this many rounds (and always after the last)."""
-    bytes_per_element: int = 4
-    """Wire size of one parameter element (fp32: 4)."""
+    run_id: str = "sim"
+    """Seeds the pairing shuffle, as the daemon's run id does."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -104,22 +85,27 @@ class SimConfig:
             raise ConfigError(f"sim.num_replicas must be >= 1, got {self.num_replicas}")
         if self.rounds < 1:
             raise ConfigError(f"sim.rounds must be >= 1, got {self.rounds}")
-        if self.inner_steps is not None and self.inner_steps < 1:
+        if self.inner_steps < 1:
             raise ConfigError(f"sim.inner_steps must be >= 1, got {self.inner_steps}")
+        if self.apply_delay is not None and not 1 <= self.apply_delay <= self.inner_steps:
+            raise ConfigError(
+                f"sim.apply_delay must be in 1..inner_steps, got {self.apply_delay}"
+            )
         if not 0 <= self.miss_prob < 1:
             raise ConfigError(f"sim.miss_prob must be in [0, 1), got {self.miss_prob}")
         if self.eval_every < 1:
             raise ConfigError(f"sim.eval_every must be >= 1, got {self.eval_every}")
-        if not self.compression.lossless and self.strategy in ("noloco", "ddp", "solo"):
-            raise ConfigError(
-                f"compression.codec {self.compression.codec!r} applies to diloco and ef only; "
-                f"{self.strategy} sends fp32 (see README, 'Compression')"
-            )
-        if self.strategy == "ef" and self.compression.error_feedback == "econtrol":
-            raise ConfigError(
-                "compression.error_feedback 'econtrol' needs every receiver to track each "
-                "sender's estimator, which changing pairs cannot; use it with diloco, or ef14"
-            )
+        if self.group_size == 1 or self.group_size < 0:
+            raise ConfigError(f"sim.group_size must be 0 (all) or >= 2, got {self.group_size}")
+        if self.pairing not in ("random", "hypercube"):
+            raise ConfigError(f"sim.pairing must be random or hypercube, got {self.pairing!r}")
+        if self.pairing == "hypercube" and self.group_size != 2:
+            raise ConfigError("sim.pairing hypercube pairs nodes: group_size must be 2")
+        rc = self.round_config
+        if rc is not None and rc.mode != self.strategy:
+            raise ConfigError(f"sim.sync.mode {rc.mode!r} differs from strategy {self.strategy!r}")
+        if rc is not None and self.group_size != 2 and rc.bits != 32:
+            raise ConfigError("groups other than pairs average fp32 proposals: sync.bits 32")
         if self.network.speeds and len(self.network.speeds) != self.num_replicas:
             raise ConfigError(
                 f"network.speeds has {len(self.network.speeds)} entries for "
@@ -127,15 +113,16 @@ class SimConfig:
             )
 
     @property
+    def round_config(self) -> RoundConfig | None:
+        """The round maths actually used (None for ddp and solo)."""
+        if self.strategy in ("ddp", "solo"):
+            return None
+        return self.sync if self.sync is not None else default_round_config(self.strategy)
+
+    @property
     def h(self) -> int:
-        """Inner steps per round actually used."""
-        if self.inner_steps is not None:
-            return self.inner_steps
-        if self.strategy == "diloco":
-            return self.diloco.inner_steps
-        if self.strategy == "ef":
-            return EF_DEFAULT_INNER_STEPS
-        return self.noloco.inner_steps
+        """Inner steps per round."""
+        return self.inner_steps
 
     @property
     def total_steps(self) -> int:

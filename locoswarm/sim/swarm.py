@@ -1,10 +1,14 @@
-"""An in-process swarm of N replicas of a task, synchronised by the same ``sync/`` code as a node.
+"""An in-process swarm of N replicas of a task, driving the daemon's round algorithm.
 
-Strategies: ``ddp`` (gradients averaged every step, the quality ceiling), ``diloco``, ``noloco`` and
-``solo`` (no communication). Counts the bytes each replica would put on the wire, models replicas of
-different speeds and replicas that miss a round, and records validation loss, the loss of the
-replica-averaged model and the spread of weights across replicas. Knows nothing about sockets, the
-DHT or gRPC: the network is a model (``clock.py``).
+Strategies: ``ddp`` (gradients averaged every step, the quality ceiling), ``diloco``, ``noloco``,
+``ef`` and ``solo`` (no communication). The three sync modes run ``sync/rounds.py``, the code the
+daemon runs, and are scheduled as the daemon schedules them: the daemon's pairing (a seeded
+shuffle cut into groups, the odd one out alone; or the hypercube), messages encoded and decoded
+through the real codecs, and each round's update applied one phase late (overlap) or at once
+(blocking). Counts the bytes each replica puts on the wire, models replicas of different speeds and
+replicas that miss a round, and records validation loss, the loss of the replica-averaged model
+and the spread of weights across replicas. Knows nothing about sockets, the DHT or gRPC: the
+network is a model (``clock.py``).
 """
 
 from __future__ import annotations
@@ -19,15 +23,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector
 
-from locoswarm.compression import get_codec
-from locoswarm.compression.error_feedback import EControl, ErrorFeedback, Pending, make_feedback
+from locoswarm.peers.pairing import round_groups
 from locoswarm.sim.clock import SimClock
-from locoswarm.sim.config import InnerConfig, SimConfig
-from locoswarm.sync.diloco import diloco_outer_step, group_mean, outer_grad
-from locoswarm.sync.noloco import noloco_outer_step
-from locoswarm.sync.pairing import pairing
+from locoswarm.sim.config import SimConfig
+from locoswarm.sync import rounds
+from locoswarm.sync.rounds import Message, OuterState, RoundConfig
+from locoswarm.tasks.inner import InnerConfig, InnerLoop, add_difference, flat_params, set_flat
 from locoswarm.tasks.task import ReplicaTask, TaskFactory
 
 
@@ -89,71 +91,52 @@ class SimResult:
         }
 
 
-class _Replica:
-    """One simulated node: model, inner optimizer, data, and fp32 outer state (phi, momentum)."""
+class Replica:
+    """One simulated node: model, inner loop, data, outer state and the update it owes itself."""
 
-    def __init__(self, task: ReplicaTask, inner: InnerConfig, total_steps: int) -> None:
+    def __init__(
+        self, peer_id: str, task: ReplicaTask, inner: InnerConfig, total_steps: int | None
+    ) -> None:
+        self.peer_id = peer_id
         self.task = task
         self.model = task.model
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=inner.lr,
-            betas=inner.betas,
-            weight_decay=inner.weight_decay,
-        )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, _cosine_with_warmup(inner, total_steps)
-        )
-        self.grad_clip = inner.grad_clip
-        self.phi = self.theta()
-        self.momentum: Tensor | None = None
+        self.loop = InnerLoop(self.model, inner, total_steps)
+        self.state = OuterState(phi=flat_params(self.model))
+        self.pending: tuple[Tensor, Tensor] | None = None
+        """(phi_{r+1}, theta_r): the last round's update, not applied yet (overlap)."""
         self.losses: list[float] = []
+        self.bytes_sent = 0.0
+        self.bytes_received = 0.0
+        self.missed = 0
 
-    def theta(self) -> Tensor:
-        return parameters_to_vector(self.model.parameters()).detach().float().clone()
-
-    def set_theta(self, flat: Tensor) -> None:
-        _copy_into(self.model, flat)
-
-    def inner_steps(self, n: int) -> None:
+    def train(self, steps: int) -> None:
         self.model.train()
-        for _ in range(n):
-            loss = self.task.loss(self.model, next(self.task.batches))
-            self.step(loss)
+        for _ in range(steps):
+            self.losses.append(self.loop.step(self.task.loss(self.model, next(self.task.batches))))
 
-    def step(self, loss: Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.losses.append(float(loss.detach()))
+    def apply_pending(self) -> None:
+        """theta += phi_{r+1} - theta_r: the daemon trainer's overlapped apply."""
+        if self.pending is not None:
+            add_difference(self.model, *self.pending)
+            self.pending = None
 
+    def phase(self, h: int, *, overlap: bool, delay: int) -> Tensor:
+        """One inner phase; returns the snapshot theta at its boundary. With overlap the last
+        round's update lands after ``delay`` steps (the daemon trainer's rule)."""
+        if overlap and self.pending is not None:
+            self.train(delay)
+            self.apply_pending()
+            self.train(h - delay)
+        else:
+            self.train(h)
+        return flat_params(self.model)
 
-@torch.no_grad()
-def _copy_into(model: nn.Module, flat: Tensor) -> None:
-    """Copies a flat vector into the model's parameters.
-
-    Not ``vector_to_parameters``: that rebinds ``param.data`` to views of ``flat``, so training
-    would then write through into the caller's tensor (here: the outer weights phi).
-    """
-    offset = 0
-    for p in model.parameters():
-        n = p.numel()
-        p.copy_(flat[offset : offset + n].view_as(p))
-        offset += n
-
-
-def _cosine_with_warmup(inner: InnerConfig, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < inner.warmup_steps:
-            return (step + 1) / inner.warmup_steps
-        progress = min(1.0, (step - inner.warmup_steps) / max(1, total_steps - inner.warmup_steps))
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return inner.min_lr_ratio + (1 - inner.min_lr_ratio) * cosine
-
-    return factor
+    def finish(self, new: OuterState, theta: Tensor, *, overlap: bool) -> None:
+        self.state = new
+        if overlap:
+            self.pending = (new.phi, theta)
+        else:
+            set_flat(self.model, new.phi)
 
 
 @torch.no_grad()
@@ -165,34 +148,35 @@ def _val_loss(task: ReplicaTask, model: nn.Module) -> float:
     return total / len(task.val_batches)
 
 
+RoundHook = Callable[[int, dict[str, Message]], None]
+
+
 class Swarm:
     """N replicas trained under one strategy; ``run`` drives the whole simulation."""
 
-    def __init__(self, cfg: SimConfig) -> None:
+    def __init__(self, cfg: SimConfig, replicas: Sequence[Replica] | None = None) -> None:
         self.cfg = cfg
-        factory = TaskFactory(cfg.task)
-        torch.manual_seed(cfg.seed)
         n = cfg.num_replicas
-        tasks = [factory.build(replica=i, num_replicas=n, seed=cfg.seed) for i in range(n)]
-        # Every replica starts from the same weights (NoLoCo averages at init; DiLoCo broadcasts).
-        init = tasks[0].model.state_dict()
-        for t in tasks[1:]:
-            t.model.load_state_dict(init)
-        self.replicas = [_Replica(t, cfg.inner, cfg.total_steps) for t in tasks]
-        self.num_parameters = int(self.replicas[0].phi.numel())
+        if replicas is None:
+            factory = TaskFactory(cfg.task)
+            torch.manual_seed(cfg.seed)
+            tasks = [factory.build(replica=i, num_replicas=n, seed=cfg.seed) for i in range(n)]
+            # Every replica starts from the same weights (as nodes of one run do).
+            init = tasks[0].model.state_dict()
+            for t in tasks[1:]:
+                t.model.load_state_dict(init)
+            replicas = [
+                Replica(f"replica-{i:03d}", t, cfg.inner, cfg.total_steps)
+                for i, t in enumerate(tasks)
+            ]
+        self.replicas = list(replicas)
+        self.rc: RoundConfig | None = cfg.round_config
+        self.num_parameters = int(self.replicas[0].state.phi.numel())
         self.clock = SimClock(n, cfg.network)
-        self.bytes_sent = [0.0] * n
-        self.bytes_received = [0.0] * n
-        self.missed = [0] * n
         self._fault_rng = random.Random(f"miss/{cfg.seed}")
         self._scratch = copy.deepcopy(self.replicas[0].model)
-        self._tensor_bytes = self.num_parameters * cfg.bytes_per_element
-        comp = cfg.compression
-        self._feedback: list[ErrorFeedback] = []
-        if cfg.strategy == "ef" or (cfg.strategy == "diloco" and not comp.lossless):
-            codec = get_codec(comp.codec, block_size=comp.block_size, topk_ratio=comp.topk_ratio)
-            kind = "none" if comp.lossless else comp.error_feedback
-            self._feedback = [make_feedback(kind, codec, eta=comp.eta) for _ in range(n)]
+        self._tensor_bytes = self.num_parameters * 4
+        self.delay = cfg.apply_delay or cfg.h
 
     def run(self, on_eval: Callable[[EvalPoint], None] | None = None) -> SimResult:
         cfg = self.cfg
@@ -202,27 +186,113 @@ class Swarm:
             if cfg.strategy == "ddp":
                 self._ddp_round()
             else:
-                for i, rep in enumerate(self.replicas):
-                    rep.inner_steps(cfg.h)
+                thetas = [
+                    rep.phase(cfg.h, overlap=cfg.overlap, delay=self.delay)
+                    for rep in self.replicas
+                ]
+                for i in range(cfg.num_replicas):
                     self.clock.compute(i, cfg.h)
-                if self._feedback:
-                    self._compressed_outer_step(r)
-                elif cfg.strategy != "solo":
-                    self._outer_step(r)
+                if self.rc is None:  # solo: the model is its own outer weights
+                    for rep, theta in zip(self.replicas, thetas, strict=True):
+                        rep.state = OuterState(phi=theta)
+                else:
+                    self.outer_round(r, thetas, self._groups(r))
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
                 point = self._evaluate(r + 1)
                 result.curve.append(point)
                 if on_eval is not None:
                     on_eval(point)
         n = cfg.num_replicas
-        result.val_loss_per_replica = [_val_loss(rep.task, rep.model) for rep in self.replicas]
-        result.bytes_sent_per_replica = list(self.bytes_sent)
-        result.bytes_received_per_replica = list(self.bytes_received)
+        result.val_loss_per_replica = [self._replica_loss(rep) for rep in self.replicas]
+        result.bytes_sent_per_replica = [rep.bytes_sent for rep in self.replicas]
+        result.bytes_received_per_replica = [rep.bytes_received for rep in self.replicas]
         result.idle_fraction_per_replica = [self.clock.idle_fraction(i) for i in range(n)]
-        result.rounds_missed_per_replica = list(self.missed)
+        result.rounds_missed_per_replica = [rep.missed for rep in self.replicas]
         result.tokens_per_replica = cfg.total_steps * cfg.task.batch_size * cfg.task.seq_len
         result.wall_s = time.perf_counter() - started
         return result
+
+    # -- rounds ------------------------------------------------------------------------------
+
+    def _groups(self, r: int) -> list[tuple[int, ...]]:
+        """This round's groups of replica indices; replicas that miss the round stand alone."""
+        cfg = self.cfg
+        present = [i for i in range(cfg.num_replicas) if self._fault_rng.random() >= cfg.miss_prob]
+        for i in set(range(cfg.num_replicas)) - set(present):
+            self.replicas[i].missed += 1
+        index = {self.replicas[i].peer_id: i for i in present}
+        size = cfg.group_size or max(2, len(present))
+        groups = [
+            tuple(sorted(index[p] for p in g))
+            for g in round_groups(list(index), cfg.run_id, r, size, cfg.pairing)
+        ]
+        return groups + [(i,) for i in range(cfg.num_replicas) if i not in present]
+
+    def outer_round(
+        self,
+        r: int,
+        thetas: Sequence[Tensor],
+        groups: Sequence[Sequence[int]],
+        labels: Sequence[int] | None = None,
+    ) -> dict[int, Message]:
+        """Every replica's message for round ``r``, then every group's exchange (members in id
+        order); a group of one takes the solo step. Returns the messages."""
+        rc = self.rc
+        assert rc is not None
+        labels = labels or [r] * len(self.replicas)
+        messages = {
+            i: rounds.prepare(
+                rc,
+                rep.state,
+                thetas[i],
+                round=labels[i],
+                seed=rounds.round_seed(rep.peer_id, labels[i]),
+            )
+            for i, rep in enumerate(self.replicas)
+            if any(i in g for g in groups)
+        }
+        for group in groups:
+            self.exchange(group, messages, thetas)
+        return messages
+
+    def exchange(
+        self, group: Sequence[int], messages: dict[int, Message], thetas: Sequence[Tensor]
+    ) -> None:
+        """One group's exchange, as each member's daemon computes it."""
+        rc = self.rc
+        assert rc is not None
+        if len(group) == 1:
+            i = group[0]
+            rep = self.replicas[i]
+            rep.finish(rounds.alone(rc, rep.state, messages[i]), thetas[i], overlap=self.cfg.overlap)
+            return
+        new: dict[int, OuterState] = {}
+        for i in group:
+            rep = self.replicas[i]
+            members = [
+                messages[i].own
+                if j == i
+                else rounds.read(rc, messages[i], messages[j].parts)
+                for j in group
+            ]
+            new[i] = rounds.combine(rc, rep.state, messages[i], rounds.member_mean(members))
+        k = len(group)
+        for i in group:
+            rep = self.replicas[i]
+            rep.finish(new[i], thetas[i], overlap=self.cfg.overlap)
+            size = messages[i].num_bytes
+            if self.cfg.group_size == 0:  # the reference: a ring all-reduce of one fp32 tensor
+                sent = received = 2 * (k - 1) / k * self._tensor_bytes
+            elif k == 2:
+                sent, received = size, messages[group[1] if i == group[0] else group[0]].num_bytes
+            else:  # reduce-scatter + all-gather over pairwise exchanges
+                sent = received = 2 * (k - 1) / k * size
+            rep.bytes_sent += sent
+            rep.bytes_received += received
+        hops = 1 if k == 2 else 2 * (k - 1)
+        self.clock.sync(
+            group, bytes_per_member=max(m.num_bytes for m in messages.values()), hops=hops
+        )
 
     def _ddp_round(self) -> None:
         """H steps of data-parallel training: every step averages all replicas' gradients."""
@@ -233,164 +303,44 @@ class Swarm:
         per_step = 2 * (n - 1) / n * self._tensor_bytes
         for _ in range(self.cfg.h):
             losses = [rep.task.loss(lead.model, next(rep.task.batches)) for rep in self.replicas]
-            lead.step(torch.stack(losses).mean())
-            for i in range(n):
+            lead.losses.append(lead.loop.step(torch.stack(losses).mean()))
+            for i, rep in enumerate(self.replicas):
                 self.clock.compute(i, 1)
-                self.bytes_sent[i] += per_step
-                self.bytes_received[i] += per_step
+                rep.bytes_sent += per_step
+                rep.bytes_received += per_step
             self.clock.sync(range(n), bytes_per_member=per_step, hops=2 * (n - 1))
-        theta = lead.theta()
-        for rep in self.replicas[1:]:
-            rep.set_theta(theta)
-
-    def _present(self) -> list[int]:
-        """Replicas that take part in this round's exchange (the rest miss it)."""
-        cfg = self.cfg
-        present = [i for i in range(cfg.num_replicas) if self._fault_rng.random() >= cfg.miss_prob]
-        for i in set(range(cfg.num_replicas)) - set(present):
-            self.missed[i] += 1
-        return present
-
-    def _groups(self, r: int, present: list[int]) -> list[tuple[int, ...]]:
-        """This round's groups among the present replicas: pairs for noloco (its group size) and
-        ef, groups of diloco's size (default: everyone present) for diloco."""
-        cfg = self.cfg
-        if not present:
-            return []
-        if cfg.strategy == "noloco":
-            size = cfg.noloco.group_size
-        elif cfg.strategy == "ef":
-            size = 2
-        else:
-            size = cfg.diloco.group_size or len(present)
-        # The pairing seed counter is the inner step count at sync time, as in the reference.
-        return pairing(cfg.seed, (r + 1) * cfg.h, present, group_size=size)
-
-    def _outer_step(self, r: int) -> None:
-        cfg = self.cfg
-        present = self._present()
-        groups = self._groups(r, present)
-        groups += [(i,) for i in range(cfg.num_replicas) if i not in present]
-        thetas = [rep.theta() for rep in self.replicas]
-        for group in groups:
-            if cfg.strategy == "noloco":
-                self._noloco_group(group, thetas)
-            else:
-                self._diloco_group(group, thetas)
+        theta = flat_params(lead.model)
         for rep in self.replicas:
-            rep.set_theta(rep.phi)  # blocking mode: theta <- phi before training on
+            rep.state = OuterState(phi=theta)
 
-    def _compressed_outer_step(self, r: int) -> None:
-        """ef (pairs) or diloco (groups) on error-feedback-compressed pseudo-gradients.
+    # -- evaluation --------------------------------------------------------------------------
 
-        Each member encodes its outer gradient plus residual, the group averages the decoded
-        messages in a fixed order, every member commits its residual and takes DiLoCo's outer
-        step on that average (compression.md sections 3.5 and 3.7). A replica that misses the
-        round aborts: its residual keeps the whole value and theta restarts from phi, so the
-        progress it made reaches the swarm with its next message instead of being lost.
-        """
-        cfg = self.cfg
-        present = self._present()
-        groups = self._groups(r, present)
-        pending = [
-            fb.prepare("params", outer_grad(rep.phi, rep.theta()))
-            for fb, rep in zip(self._feedback, self.replicas, strict=True)
-        ]
-        for i in set(range(cfg.num_replicas)) - set(present):
-            self._feedback[i].abort(pending[i])
-        for group in groups:
-            for j in group:
-                self._feedback[j].commit(pending[j])
-            grad = group_mean([self._received(j, pending[j]) for j in group])
-            sizes = [pending[j].encoded.num_bytes for j in group]
-            n = len(group)
-            for j, own in zip(group, sizes, strict=True):
-                rep = self.replicas[j]
-                rep.phi, rep.momentum = diloco_outer_step(rep.phi, grad, rep.momentum, cfg.diloco)
-                sent: float
-                received: float
-                if cfg.strategy == "ef":  # each member sends its message to every other member
-                    sent, received = (n - 1) * own, sum(sizes) - own
-                else:  # compressed reduce-scatter + all-gather, as a ring
-                    sent = received = 2 * (n - 1) / n * own
-                self.bytes_sent[j] += sent
-                self.bytes_received[j] += received
-            hops = n - 1 if cfg.strategy == "ef" else 2 * (n - 1)
-            self.clock.sync(group, bytes_per_member=max(sizes) * max(1, n - 1), hops=hops)
-        for rep in self.replicas:
-            rep.set_theta(rep.phi)
-
-    def _received(self, j: int, pending: Pending) -> Tensor:
-        """What the group averages for member j: its decoded message, or for EControl its
-        updated estimator h_j (each member keeps a copy of every group member's h)."""
-        fb = self._feedback[j]
-        return fb.estimate[pending.key] if isinstance(fb, EControl) else pending.decoded
-
-    def _noloco_group(self, group: Sequence[int], thetas: list[Tensor]) -> None:
-        cfg = self.cfg.noloco
-        members = [self.replicas[j] for j in group]
-        theta_g = [thetas[j] for j in group]
-        phis = None if cfg.theta_only else [m.phi for m in members]
-        updates = []
-        for m in members:
-            delta = m.momentum if m.momentum is not None else torch.zeros_like(m.phi)
-            updates.append(
-                noloco_outer_step(
-                    m.phi,
-                    delta,
-                    theta_g,
-                    phis,
-                    alpha=cfg.alpha,
-                    beta=cfg.beta,
-                    gamma=cfg.effective_gamma,
-                )
-            )
-        for m, (phi, delta) in zip(members, updates, strict=True):
-            m.phi, m.momentum = phi, delta
-        tensors = 1 if cfg.theta_only else 2
-        sent = (len(group) - 1) * tensors * self._tensor_bytes
-        self._account(group, sent, hops=len(group) - 1)
-
-    def _diloco_group(self, group: Sequence[int], thetas: list[Tensor]) -> None:
-        cfg = self.cfg.diloco
-        members = [self.replicas[j] for j in group]
-        grad = group_mean(
-            [outer_grad(m.phi, thetas[j]) for j, m in zip(group, members, strict=True)]
-        )
-        for m in members:
-            m.phi, m.momentum = diloco_outer_step(m.phi, grad, m.momentum, cfg)
-        n = len(group)
-        self._account(group, 2 * (n - 1) / n * self._tensor_bytes, hops=2 * (n - 1))
-
-    def _account(self, group: Sequence[int], sent: float, *, hops: int) -> None:
-        for j in group:
-            self.bytes_sent[j] += sent
-            self.bytes_received[j] += sent
-        self.clock.sync(group, bytes_per_member=sent, hops=hops)
+    def _replica_loss(self, rep: Replica) -> float:
+        """Validation loss of a replica's outer weights (the model a node keeps)."""
+        set_flat(self._scratch, rep.state.phi)
+        return _val_loss(rep.task, self._scratch)
 
     def _evaluate(self, rounds_done: int) -> EvalPoint:
-        thetas = torch.stack([rep.theta() for rep in self.replicas])
-        mean = thetas.mean(dim=0)
-        spread = float(((thetas - mean) ** 2).mean().sqrt())
+        phis = torch.stack([rep.state.phi for rep in self.replicas])
+        mean = phis.mean(dim=0)
+        spread = float(((phis - mean) ** 2).mean().sqrt())
         task0 = self.replicas[0].task
         if self.cfg.strategy == "ddp":
-            per_replica = [_val_loss(task0, self.replicas[0].model)] * len(self.replicas)
+            per_replica = [self._replica_loss(self.replicas[0])] * len(self.replicas)
         else:
-            per_replica = [_val_loss(rep.task, rep.model) for rep in self.replicas]
-        _copy_into(self._scratch, mean)
-        recent = [
-            sum(rep.losses[-self.cfg.h :]) / max(1, len(rep.losses[-self.cfg.h :]))
-            for rep in self.replicas
-            if rep.losses
-        ]
+            per_replica = [self._replica_loss(rep) for rep in self.replicas]
+        set_flat(self._scratch, mean)
+        h = self.cfg.h
+        recent = [sum(rep.losses[-h:]) / len(rep.losses[-h:]) for rep in self.replicas if rep.losses]
+        sent = [rep.bytes_sent for rep in self.replicas]
         return EvalPoint(
             round=rounds_done,
-            inner_step=rounds_done * self.cfg.h,
+            inner_step=rounds_done * h,
             val_loss_mean=sum(per_replica) / len(per_replica),
             val_loss_avg_model=_val_loss(task0, self._scratch),
             spread=spread,
             train_loss_mean=sum(recent) / len(recent) if recent else math.nan,
-            bytes_sent_mean=sum(self.bytes_sent) / len(self.bytes_sent),
+            bytes_sent_mean=sum(sent) / len(sent),
             sim_time_s=max(self.clock.now_s),
         )
 

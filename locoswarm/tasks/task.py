@@ -7,6 +7,8 @@ every machine); users may pass their own text files or folders, or their own tas
 
 from __future__ import annotations
 
+import hashlib
+
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +69,12 @@ class ReplicaTask:
     """Batches for validation loss; the same for every replica. Empty when the task has none."""
     info: dict[str, Any] = field(default_factory=dict)
     """Facts for reports (corpus sizes and the like)."""
+
+
+def node_data_seed(peer_id: str) -> int:
+    """The data seed of a node: its batches differ from every other node's, and a replay of the
+    node (the simulator) draws the same ones."""
+    return int(hashlib.sha256(peer_id.encode()).hexdigest()[:8], 16)
 
 
 class TaskFactory:

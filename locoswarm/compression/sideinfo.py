@@ -1,0 +1,151 @@
+"""Quantization with side information (Moniqua; ``consensus.md`` §3.2): send a vector at ``b`` bits
+per element when the receiver holds a vector close to it.
+
+The sender rounds ``v`` onto a per-block lattice of step ``s`` (stochastic rounding from a seeded
+generator, so the rounding is unbiased and repeatable) and sends only each lattice index modulo
+``2^b``, plus the block's step. The receiver, holding ``w`` close to ``v``, takes in every element
+the lattice point with that residue nearest to ``w``. That is the sender's own point exactly
+whenever ``|v_hat - w| < 2^(b-1) * s`` in the element; the sender sizes ``s`` from a bound on that
+distance. Both sides therefore know the same ``v_hat`` bit for bit, which is what lets a pair
+average into identical weights.
+
+Payload (``nb = ceil(n / block_size)``): ``nb`` bfloat16 steps (little-endian), then the ``n``
+residues packed ``8 / b`` to a byte for ``b`` in 1, 2, 4 (element ``i`` in the bits
+``b * (i mod (8 / b))`` upward), one byte each for 8, two bytes each (little-endian) for 16.
+``Encoded.codec`` is ``"siq"``, ``block_size`` the block length and ``k_per_chunk`` the bit width.
+
+Knows nothing about what the vectors mean, who the partner is or the network.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from locoswarm.compression.encoded import DEFAULT_LIMITS, CorruptPayload, DecodeLimits, Encoded
+
+__all__ = ["SIQ_BITS", "siq_bytes", "siq_decode", "siq_encode", "siq_steps"]
+
+SIQ_BITS = (1, 2, 4, 8, 16)
+_NAME = "siq"
+
+
+def _blocks(n: int, block_size: int) -> int:
+    return (n + block_size - 1) // block_size
+
+
+def siq_bytes(numel: int, bits: int, block_size: int) -> int:
+    """Payload size of one ``siq`` message."""
+    return 2 * _blocks(numel, block_size) + (numel * bits + 7) // 8
+
+
+def siq_steps(bound: Tensor, bits: int, margin: float) -> Tensor:
+    """Per-block lattice steps for a distance bound per block: ``margin * bound / 2^(b-1)``,
+    rounded to bfloat16 (what the payload carries) and never zero."""
+    step = (bound.double() * margin / 2 ** (bits - 1)).to(torch.bfloat16)
+    tiny = torch.tensor(torch.finfo(torch.bfloat16).tiny, dtype=torch.bfloat16)
+    return torch.where(step > 0, step, tiny)
+
+
+def _expand(steps: Tensor, n: int, block_size: int) -> Tensor:
+    return steps.double().repeat_interleave(block_size)[:n]
+
+
+def siq_encode(
+    v: Tensor, steps: Tensor, *, bits: int, block_size: int, seed: int, name: str = ""
+) -> tuple[Encoded, Tensor]:
+    """``v`` (1-D fp32) on the lattice of ``steps`` (bfloat16, one per block).
+
+    Returns the message and ``v_hat``, the lattice point a receiver reconstructs (fp32).
+    """
+    if bits not in SIQ_BITS:
+        raise ValueError(f"siq bits must be one of {SIQ_BITS}, got {bits}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"siq: tensor {name or '<unnamed>'} holds NaN or Inf")
+    n = v.numel()
+    s = _expand(steps, n, block_size)
+    gen = torch.Generator().manual_seed(seed & (2**63 - 1))
+    noise = torch.rand(n, generator=gen, dtype=torch.float64)
+    index = torch.floor(v.double() / s + noise)
+    v_hat = (index * s).float()
+    residue = torch.remainder(index, 2**bits).to(torch.int64)
+    payload = steps.contiguous().view(torch.int16).numpy().tobytes() + _pack(residue, bits)
+    encoded = Encoded(
+        codec=_NAME,
+        shape=(n,),
+        dtype="float32",
+        payload=payload,
+        block_size=block_size,
+        k_per_chunk=bits,
+        name=name,
+    )
+    return encoded, v_hat
+
+
+def siq_decode(
+    encoded: Encoded, side: Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS
+) -> Tensor:
+    """The sender's ``v_hat``, recovered with ``side`` (our own vector, 1-D fp32, close to it).
+
+    Raises:
+        CorruptPayload: Wrong codec, shape, bit width, block size or length, or a bad step.
+    """
+    name = encoded.name
+    if encoded.codec != _NAME:
+        raise CorruptPayload(encoded.codec, name, f"expected codec {_NAME!r}")
+    bits, block_size = encoded.k_per_chunk, encoded.block_size
+    n = side.numel()
+    if encoded.shape != (n,) or n > limits.max_numel:
+        raise CorruptPayload(_NAME, name, f"shape {encoded.shape}, expected ({n},)")
+    if bits not in SIQ_BITS:
+        raise CorruptPayload(_NAME, name, f"bit width {bits}, expected one of {SIQ_BITS}")
+    if not 1 <= block_size <= max(1, n):
+        raise CorruptPayload(_NAME, name, f"block size {block_size} for {n} elements")
+    nb = _blocks(n, block_size)
+    if len(encoded.payload) != siq_bytes(n, bits, block_size):
+        raise CorruptPayload(
+            _NAME,
+            name,
+            f"payload is {len(encoded.payload)} bytes, expected {siq_bytes(n, bits, block_size)}",
+        )
+    raw = np.frombuffer(encoded.payload, dtype=np.int16, count=nb)
+    steps = torch.from_numpy(raw.copy()).view(torch.bfloat16)
+    if not bool(torch.isfinite(steps).all()) or not bool((steps > 0).all()):
+        raise CorruptPayload(_NAME, name, "a block step is not a positive finite number")
+    residue = _unpack(encoded.payload[2 * nb :], bits, n).double()
+    s = _expand(steps, n, block_size)
+    modulus = float(2**bits)
+    # The index with this residue nearest to our own position on the lattice.
+    index = residue + modulus * torch.round((side.double() / s - residue) / modulus)
+    return (index * s).float()
+
+
+def _pack(residue: Tensor, bits: int) -> bytes:
+    r = residue.numpy()
+    if bits == 16:
+        return r.astype("<u2").tobytes()
+    if bits == 8:
+        return r.astype(np.uint8).tobytes()
+    per = 8 // bits
+    padded = np.zeros(math.ceil(len(r) / per) * per, dtype=np.uint8)
+    padded[: len(r)] = r
+    grouped = padded.reshape(-1, per)
+    out = np.zeros(len(grouped), dtype=np.uint8)
+    for k in range(per):
+        out |= grouped[:, k] << np.uint8(bits * k)
+    return out.tobytes()
+
+
+def _unpack(data: bytes, bits: int, n: int) -> Tensor:
+    if bits == 16:
+        return torch.from_numpy(np.frombuffer(data, dtype="<u2").astype(np.int64))
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if bits == 8:
+        return torch.from_numpy(raw.astype(np.int64))
+    per = 8 // bits
+    mask = np.uint8(2**bits - 1)
+    parts = [(raw >> np.uint8(bits * k)) & mask for k in range(per)]
+    return torch.from_numpy(np.stack(parts, axis=1).reshape(-1)[:n].astype(np.int64))

@@ -1,0 +1,201 @@
+"""Replay a real swarm's rounds in the simulator and check every node's outer weights.
+
+Each node's log holds one ``round-event`` per round (its boundary, round label, outcome and
+partners, and the digests of its theta snapshot and of its new phi) and, for a late joiner, the
+digest of the state it fetched. ``replay`` rebuilds every node as the daemon builds it (same
+initial weights, the data seed of its peer id, the daemon's inner loop), trains it, and drives
+``sync/rounds.py`` with the logged schedule: the same partners, the same outcomes. It returns,
+per node and round, the digests the simulator computed beside the logged ones.
+
+Knows the log format of ``node/daemon.py`` and nothing of sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from locoswarm.sim.swarm import Replica
+from locoswarm.sync import rounds
+from locoswarm.sync.rounds import Message, OuterState, RoundConfig
+from locoswarm.tasks.inner import InnerConfig, flat_params, set_flat
+from locoswarm.tasks.task import TaskConfig, TaskFactory, node_data_seed
+
+__all__ = ["NodeLog", "ReplayRow", "parse_log", "replay"]
+
+_EVENT = re.compile(r"round-event (\{.*\})")
+_JOIN = re.compile(r"late join: fetched the outer weights of round (\d+) from (\S+) \(phi (\w+)\)")
+
+
+def digest(flat: Tensor) -> str:
+    """The daemon's weight digest (``node.daemon.weights_digest``)."""
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class NodeLog:
+    """What one node's log says about its rounds."""
+
+    peer: str
+    events: list[dict[str, object]]
+    joined_from: tuple[int, str, str] | None = None
+    """A late joiner's (round, source peer, phi digest)."""
+
+
+def parse_log(text: str) -> NodeLog:
+    events = [json.loads(m.group(1)) for m in _EVENT.finditer(text)]
+    if not events:
+        raise ValueError("the log holds no round-event lines")
+    join = _JOIN.search(text)
+    joined = (int(join.group(1)), join.group(2), join.group(3)) if join else None
+    return NodeLog(str(events[0]["peer"]), events, joined)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRow:
+    peer: str
+    round: int
+    theta_logged: str
+    theta_replayed: str
+    phi_logged: str
+    phi_replayed: str
+
+    @property
+    def matches(self) -> bool:
+        return self.theta_logged == self.theta_replayed and self.phi_logged == self.phi_replayed
+
+
+@dataclass
+class _Node:
+    log: NodeLog
+    replica: Replica
+    next: int = 0
+    """Index of the next event to run."""
+    snapshot: Tensor | None = None
+    message: Message | None = None
+    history: list[OuterState] = field(default_factory=list)
+    started: bool = False
+    messages: dict[int, Message] = field(default_factory=dict)
+    """Every message this node prepared, by event index."""
+
+
+def replay(
+    logs: Iterable[NodeLog],
+    *,
+    rc: RoundConfig,
+    task: TaskConfig,
+    inner: InnerConfig,
+    inner_steps: int,
+    total_rounds: int | None,
+    seed: int,
+    overlap: bool,
+) -> list[ReplayRow]:
+    """Replays every node's rounds; raises ``ValueError`` when the logs cannot be replayed (a
+    partner's round is missing, or a late joiner's state is never reached)."""
+    nodes: dict[str, _Node] = {}
+    total = total_rounds * inner_steps if total_rounds else None
+    for log in logs:
+        torch.manual_seed(seed)  # every node's initial weights (the daemon seeds before build)
+        built = TaskFactory(task).build(
+            replica=0, num_replicas=1, seed=node_data_seed(log.peer)
+        )
+        replica = Replica(log.peer, built, inner, total)
+        nodes[log.peer] = _Node(log, replica, history=[replica.state])
+    rows: list[ReplayRow] = []
+    progress = True
+    while progress:
+        progress = False
+        for node in nodes.values():
+            if node.next >= len(node.log.events):
+                continue
+            if not node.started and not _start(node, nodes):
+                continue
+            event = node.log.events[node.next]
+            if node.message is None:
+                node.snapshot = node.replica.phase(inner_steps, overlap=overlap, delay=inner_steps)
+                label = int(event["round"])  # type: ignore[call-overload]
+                node.message = rounds.prepare(
+                    rc,
+                    node.replica.state,
+                    node.snapshot,
+                    round=label,
+                    seed=rounds.round_seed(node.log.peer, label),
+                )
+                node.messages[node.next] = node.message
+                progress = True
+            partners = [str(p) for p in event["partners"]]  # type: ignore[attr-defined]
+            labels = [int(x) for x in event.get("partner_rounds", [event["round"]] * len(partners))]  # type: ignore[attr-defined]
+            theirs = [_message_for(nodes, p, lb) for p, lb in zip(partners, labels, strict=True)]
+            if any(m is None for m in theirs):
+                continue
+            new = _finish(rc, node, [m for m in theirs if m is not None], partners)
+            node.replica.finish(new, node.snapshot, overlap=overlap)  # type: ignore[arg-type]
+            node.history.append(new)
+            assert node.snapshot is not None
+            rows.append(
+                ReplayRow(
+                    node.log.peer,
+                    int(event["round"]),  # type: ignore[call-overload]
+                    str(event["theta"]),
+                    digest(node.snapshot),
+                    str(event["phi"]),
+                    digest(new.phi),
+                )
+            )
+            node.next += 1
+            node.message = None
+            progress = True
+    stuck = [n.log.peer for n in nodes.values() if n.next < len(n.log.events)]
+    if stuck:
+        raise ValueError(f"could not replay the rounds of {stuck}: a partner's round is missing")
+    return rows
+
+
+def _start(node: _Node, nodes: dict[str, _Node]) -> bool:
+    """A late joiner starts from the state it fetched, once its source has reached it."""
+    if node.log.joined_from is None:
+        node.started = True
+        return True
+    _, source, phi = node.log.joined_from
+    found = next((s for s in nodes[source].history if digest(s.phi) == phi), None)
+    if found is None:
+        return False
+    momentum = found.momentum if found.momentum is not None and bool(found.momentum.any()) else None
+    node.replica.state = OuterState(phi=found.phi.clone(), momentum=momentum)
+    set_flat(node.replica.model, found.phi)
+    node.history = [node.replica.state]
+    node.started = True
+    return True
+
+
+def _message_for(nodes: dict[str, _Node], peer: str, label: int) -> Message | None:
+    """``peer``'s message of its round ``label`` (None until it is prepared)."""
+    node = nodes.get(peer)
+    if node is None:
+        raise ValueError(f"a node exchanged with {peer}, whose log is missing")
+    index = [j for j, e in enumerate(node.log.events) if int(e["round"]) == label]  # type: ignore[call-overload]
+    if not index:
+        raise ValueError(f"{peer} logged no round {label}")
+    return node.messages.get(index[0])
+
+
+def _finish(rc: RoundConfig, node: _Node, theirs: list[Message], partners: list[str]) -> OuterState:
+    msg = node.message
+    assert msg is not None
+    if not theirs:
+        return rounds.alone(rc, node.replica.state, msg)
+    by_id = {node.log.peer: msg.own}
+    for peer, other in zip(partners, theirs, strict=True):
+        by_id[peer] = rounds.read(rc, msg, other.parts)
+    members = [by_id[p] for p in sorted(by_id)]
+    return rounds.combine(rc, node.replica.state, msg, rounds.member_mean(members))
+
+
+def theta_digest(replica: Replica) -> str:
+    return digest(flat_params(replica.model))

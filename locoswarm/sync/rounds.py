@@ -1,0 +1,397 @@
+"""One outer round of every sync mode, as pure functions: the simulator and the daemon both drive it.
+
+A round, for one member of a group (a pair, a group of k, or itself alone):
+
+    msg   = prepare(cfg, state, theta, round=r, seed=s)   # our message and private step
+    parts = msg.parts                                     # what goes on the wire (Encoded)
+    got   = read(cfg, msg, partner_parts)                 # a partner's tensors, decoded with our
+                                                          #   own vectors as side information
+    state = combine(cfg, state, msg, member_mean([...]))  # the group's means, in a shared order
+    state = alone(cfg, state, msg)                        # no partner, or the exchange failed
+
+Modes (``consensus.md``):
+
+- ``noloco``: the paper's update on the group's thetas (and phis when gamma != beta).
+- ``diloco``: proposal averaging (§3.1). Each member takes its own Nesterov step on its own
+  pseudo-gradient, ``m <- mu m + D``, ``p = phi - lr (D + mu m)``, and the group averages the
+  proposals, so every member leaves with the same phi. With ``share_momentum`` the momenta are
+  averaged too (sent with side-information quantization, ``momentum_bits``), so no private state
+  re-injects disagreement; without it each member keeps its own.
+- ``ef``: the same proposals, compressed. Design ``siq`` sends the proposal at ``bits`` per element
+  with side-information quantization (§3.2): the partner's own proposal recovers the coarse part,
+  both members reconstruct the same values and leave with the same phi; the rounding error is
+  kept in a residual and sent with the next proposal (error feedback, committed only when the
+  exchange completed). Design ``pull`` sends the proposal's step ``p - phi`` through an
+  error-feedback codec every round and the whole proposal at 16 bits every ``pull_every``
+  rounds (§3.3).
+
+Every function returns new tensors and never writes into its inputs. Knows nothing about peers,
+sockets, asyncio or how a group was formed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from locoswarm.compression.codecs import decode, get_codec
+from locoswarm.compression.encoded import DEFAULT_LIMITS, CorruptPayload, DecodeLimits, Encoded
+from locoswarm.compression.sideinfo import SIQ_BITS, siq_decode, siq_encode, siq_steps
+from locoswarm.errors import ConfigError
+from locoswarm.sync.diloco import group_mean
+from locoswarm.sync.noloco import noloco_outer_step
+
+__all__ = [
+    "Message",
+    "OuterState",
+    "RoundConfig",
+    "alone",
+    "combine",
+    "member_mean",
+    "message_names",
+    "prepare",
+    "read",
+    "round_seed",
+]
+
+Mode = Literal["noloco", "diloco", "ef"]
+MODES: tuple[Mode, ...] = ("noloco", "diloco", "ef")
+Design = Literal["siq", "pull"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundConfig:
+    """The maths of one mode's round."""
+
+    mode: Mode = "noloco"
+    lr: float = 0.7
+    """noloco beta; diloco and ef: the outer learning rate."""
+    momentum: float = 0.5
+    """noloco alpha; diloco and ef: Nesterov momentum."""
+    gamma: float | None = None
+    """noloco: pull toward the group's mean phi (None: gamma == lr, the theta-only wire)."""
+    share_momentum: bool = False
+    """diloco: average the momenta within the group too (a second tensor on the wire)."""
+    bits: int = 32
+    """Proposal wire width: 32 sends fp32; 1, 2, 4, 8 or 16 side-information quantization."""
+    momentum_bits: int = 16
+    """Width of a shared momentum (siq, or 32 for fp32)."""
+    block_size: int = 64
+    """Elements per siq block (one bfloat16 step each)."""
+    margin: float | None = None
+    """siq: the lattice covers ``margin`` times the disagreement bound; None: 2 below 8 bits,
+    16 from 8 bits up."""
+    error_feedback: bool = True
+    """ef: carry the rounding error into the next proposal."""
+    design: Design = "siq"
+    """ef: ``siq`` every round, or ``pull`` (a codec on the step, a 16-bit proposal every
+    ``pull_every`` rounds)."""
+    pull_every: int = 8
+    codec: str = "int4"
+    """ef ``pull``: the step's codec."""
+    codec_block: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"sync mode must be one of {MODES}, got {self.mode!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"outer lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"outer momentum must be in [0, 1), got {self.momentum}")
+        for label, width in (("bits", self.bits), ("momentum_bits", self.momentum_bits)):
+            if width != 32 and width not in SIQ_BITS:
+                raise ConfigError(f"sync.{label} must be 32 or one of {SIQ_BITS}, got {width}")
+        if self.mode == "ef" and self.bits == 32 and self.design == "siq":
+            raise ConfigError("ef sends compressed proposals: sync.bits must be below 32")
+        if self.block_size < 1 or self.pull_every < 1:
+            raise ConfigError("sync.block_size and sync.pull_every must be >= 1")
+        if self.design not in ("siq", "pull"):
+            raise ConfigError(f"sync.design must be siq or pull, got {self.design!r}")
+
+    @property
+    def effective_margin(self) -> float:
+        if self.margin is not None:
+            return self.margin
+        return 2.0 if self.bits < 8 else 16.0
+
+    @property
+    def theta_only(self) -> bool:
+        return self.gamma is None or self.gamma == self.lr
+
+    def is_pull_round(self, round: int) -> bool:
+        return self.mode == "ef" and self.design == "pull" and round % self.pull_every == 0
+
+    def bits_per_element(self, numel: int) -> float:
+        """Payload bits per parameter of one message (averaged over a pull cycle)."""
+        if self.mode == "noloco":
+            return 32.0 * (1 if self.theta_only else 2)
+        if self.mode == "ef" and self.design == "pull":
+            step = get_codec(self.codec, block_size=self.codec_block).encode(torch.zeros(8))
+            per = 8.0 * step.num_bytes / 8
+            return ((self.pull_every - 1) * per + _siq_bits(16, self.block_size)) / self.pull_every
+        total = 32.0 if self.bits == 32 else _siq_bits(self.bits, self.block_size)
+        if self.mode == "diloco" and self.share_momentum:
+            total += (
+                32.0 if self.momentum_bits == 32 else _siq_bits(self.momentum_bits, self.block_size)
+            )
+        return total
+
+
+def _siq_bits(bits: int, block_size: int) -> float:
+    return bits + 16.0 / block_size
+
+
+@dataclass(frozen=True, slots=True)
+class OuterState:
+    """A member's outer state, swapped as one value."""
+
+    phi: Tensor
+    momentum: Tensor | None = None
+    residual: Tensor | None = None
+    """ef: what earlier messages owed the swarm (rounding error, or the codec's EF residual)."""
+    bound: Tensor | None = None
+    """siq: per block, the largest distance to a partner's proposal seen at the last exchange."""
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"phi": self.phi}
+        for key in ("momentum", "residual", "bound"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor]) -> OuterState:
+        return cls(
+            phi=tensors["phi"],
+            momentum=tensors.get("momentum"),
+            residual=tensors.get("residual"),
+            bound=tensors.get("bound"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One member's message for one round and what it needs to finish the round."""
+
+    round: int
+    parts: tuple[Encoded, ...]
+    """On the wire, in order (``Encoded.name`` is the tensor's name)."""
+    own: dict[str, Tensor]
+    """What every partner reconstructs from our parts (our entry of the group's means)."""
+    side: dict[str, Tensor] = field(default_factory=dict)
+    """Our vectors that decode partners' side-information parts, by name."""
+    proposal: Tensor | None = None
+    """phi after our own step alone (diloco, ef)."""
+    momentum: Tensor | None = None
+    """Our momentum after our own step (diloco, ef) or noloco's current delta."""
+    sent: Tensor | None = None
+    """ef: the value we compressed (proposal or step plus residual)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parts)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(p.num_bytes for p in self.parts)
+
+
+def round_seed(sender: str, round: int) -> int:
+    """The seed of a sender's stochastic rounding in one round (both drivers derive it alike)."""
+    return int.from_bytes(hashlib.sha256(f"{sender}\n{round}".encode()).digest()[:8], "little")
+
+
+def message_names(cfg: RoundConfig, round: int) -> tuple[str, ...]:
+    """Tensor names of a message of ``round``, in order."""
+    if cfg.mode == "noloco":
+        return ("theta",) if cfg.theta_only else ("theta", "phi")
+    if cfg.mode == "ef":
+        return ("proposal",) if cfg.design == "siq" or cfg.is_pull_round(round) else ("step",)
+    return ("proposal", "momentum") if cfg.share_momentum else ("proposal",)
+
+
+def _fp32(t: Tensor, name: str) -> Encoded:
+    return get_codec("fp32").encode(t, name=name)
+
+
+def _block_max(x: Tensor, block_size: int) -> Tensor:
+    n = x.numel()
+    pad = (-n) % block_size
+    flat = torch.nn.functional.pad(x.abs(), (0, pad)) if pad else x.abs()
+    return flat.view(-1, block_size).amax(dim=1)
+
+
+def _nesterov(cfg: RoundConfig, state: OuterState, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """Our own Nesterov step: (proposal, momentum). torch SGD(nesterov=True)'s op order."""
+    g = state.phi - theta
+    m = g.clone() if state.momentum is None else state.momentum.mul(cfg.momentum).add(g)
+    return state.phi.add(g.add(m, alpha=cfg.momentum), alpha=-cfg.lr), m
+
+
+def prepare(
+    cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int, seed: int
+) -> Message:
+    """Our message for ``round`` from the fast weights ``theta`` (CPU work)."""
+    if cfg.mode == "noloco":
+        delta = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
+        parts = [_fp32(theta, "theta")]
+        own = {"theta": theta}
+        if not cfg.theta_only:
+            parts.append(_fp32(state.phi, "phi"))
+            own["phi"] = state.phi
+        return Message(round, tuple(parts), own, momentum=delta)
+    proposal, momentum = _nesterov(cfg, state, theta)
+    if cfg.mode == "diloco":
+        parts, own, side = [_fp32(proposal, "proposal")], {"proposal": proposal}, {}
+        if cfg.bits != 32:
+            parts, own, side = _siq_part(cfg, "proposal", proposal, state, seed, cfg.bits)
+        if cfg.share_momentum:
+            if cfg.momentum_bits == 32:
+                parts.append(_fp32(momentum, "momentum"))
+                own["momentum"] = momentum
+            else:
+                bound = 2 * _block_max(momentum, cfg.block_size)
+                steps = siq_steps(bound, cfg.momentum_bits, 16.0)
+                enc, hat = siq_encode(
+                    momentum,
+                    steps,
+                    bits=cfg.momentum_bits,
+                    block_size=cfg.block_size,
+                    seed=seed + 1,
+                    name="momentum",
+                )
+                parts.append(enc)
+                own["momentum"], side["momentum"] = hat, momentum
+        return Message(round, tuple(parts), own, side, proposal, momentum)
+    # ef
+    owed = state.residual if (state.residual is not None and cfg.error_feedback) else None
+    if cfg.design == "pull" and not cfg.is_pull_round(round):
+        step = proposal - state.phi
+        value = step if owed is None else step + owed
+        codec = get_codec(cfg.codec, block_size=cfg.codec_block)
+        enc = codec.encode(value, name="step")
+        hat = codec.decode(enc)
+        return Message(round, (enc,), {"step": hat}, {}, proposal, momentum, value)
+    value = proposal if owed is None else proposal + owed
+    bits = 16 if cfg.design == "pull" else cfg.bits
+    parts, own, side = _siq_part(cfg, "proposal", value, state, seed, bits)
+    return Message(round, tuple(parts), own, side, proposal, momentum, value)
+
+
+def _siq_part(
+    cfg: RoundConfig, name: str, value: Tensor, state: OuterState, seed: int, bits: int
+) -> tuple[list[Encoded], dict[str, Tensor], dict[str, Tensor]]:
+    bound = 2 * _block_max(value - state.phi, cfg.block_size)
+    if state.bound is not None and state.bound.shape == bound.shape:
+        bound = torch.maximum(bound, state.bound)
+    margin = cfg.effective_margin if bits == cfg.bits else 16.0
+    steps = siq_steps(bound, bits, margin)
+    enc, hat = siq_encode(
+        value, steps, bits=bits, block_size=cfg.block_size, seed=seed, name=name
+    )
+    return [enc], {name: hat}, {name: value}
+
+
+def read(
+    cfg: RoundConfig,
+    msg: Message,
+    parts: Sequence[Encoded],
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    peer: str | None = None,
+) -> dict[str, Tensor]:
+    """A partner's message for the same round, checked and decoded.
+
+    Raises:
+        CorruptPayload: Wrong tensor names or shapes, or a malformed part.
+    """
+    names = tuple(p.name for p in parts)
+    if names != msg.names:
+        raise CorruptPayload(
+            "message", ",".join(names)[:80], f"holds {list(names)}, expected {list(msg.names)}"
+        )
+    out: dict[str, Tensor] = {}
+    for part in parts:
+        ours = msg.own[part.name]
+        if part.shape != tuple(ours.shape):
+            raise CorruptPayload(part.codec, part.name, f"shape {part.shape}, ours {tuple(ours.shape)}")
+        if part.name in msg.side:
+            out[part.name] = siq_decode(part, msg.side[part.name], limits=limits)
+        else:
+            if part.codec == "siq":
+                raise CorruptPayload(part.codec, part.name, "side-information part not expected")
+            out[part.name] = decode(part, limits=limits)
+    del peer
+    return out
+
+
+def member_mean(members: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The group's mean of every named tensor, summed in the members' given order (every member
+    passes the same order and gets the same bits)."""
+    if not members:
+        raise ValueError("member_mean needs at least one member")
+    return {name: group_mean([m[name] for m in members]) for name in members[0]}
+
+
+def combine(
+    cfg: RoundConfig, state: OuterState, msg: Message, means: Mapping[str, Tensor]
+) -> OuterState:
+    """Our new state from the group's means of every member's ``own`` (ours included)."""
+    if cfg.mode == "noloco":
+        phis = [means["phi"]] if "phi" in means else None
+        gamma = cfg.lr if cfg.gamma is None else cfg.gamma
+        assert msg.momentum is not None  # prepare() sets it for every mode
+        phi, delta = noloco_outer_step(
+            state.phi,
+            msg.momentum,
+            [means["theta"]],
+            phis,
+            alpha=cfg.momentum,
+            beta=cfg.lr,
+            gamma=gamma,
+        )
+        return replace(state, phi=phi, momentum=delta)
+    if cfg.mode == "diloco":
+        momentum = means["momentum"] if cfg.share_momentum else msg.momentum
+        return replace(state, phi=means["proposal"], momentum=momentum)
+    # ef
+    assert msg.sent is not None and msg.proposal is not None
+    if "step" in means:
+        residual = msg.sent - msg.own["step"] if cfg.error_feedback else None
+        return replace(
+            state, phi=state.phi + means["step"], momentum=msg.momentum, residual=residual
+        )
+    own = msg.own["proposal"]
+    residual = msg.sent - own if cfg.error_feedback else None
+    # The largest distance to the group's other members, from the mean (exact for pairs).
+    seen = _block_max(means["proposal"] - own, cfg.block_size)
+    k = 2.0
+    return OuterState(
+        phi=means["proposal"], momentum=msg.momentum, residual=residual, bound=k * seen
+    )
+
+
+def alone(cfg: RoundConfig, state: OuterState, msg: Message) -> OuterState:
+    """Our new state when the round had no partner or its exchange failed: our own step; an ef
+    residual keeps everything still owed."""
+    if cfg.mode == "noloco":
+        return combine(cfg, state, msg, msg.own)
+    return replace(state, phi=msg.proposal, momentum=msg.momentum)
+
+
+def default_round_config(mode: Mode) -> RoundConfig:
+    """The daemon's defaults for each mode (the best settings measured in bench/convergence.py)."""
+    if mode == "noloco":
+        return RoundConfig(mode="noloco", lr=0.7, momentum=0.5)
+    if mode == "diloco":
+        return RoundConfig(
+            mode="diloco", lr=0.7, momentum=0.9, share_momentum=True, bits=16, momentum_bits=16,
+            block_size=256,
+        )
+    return RoundConfig(mode="ef", lr=0.7, momentum=0.9, bits=4, block_size=64)
