@@ -1,17 +1,21 @@
 """Quantization with side information (Moniqua; ``consensus.md`` §3.2): send a vector at ``b`` bits
 per element when the receiver holds a vector close to it.
 
-The sender rounds ``v`` onto a per-block lattice of step ``s`` (stochastic rounding from a seeded
-generator, so the rounding is unbiased and repeatable) and sends only each lattice index modulo
-``2^b``, plus the block's step. The receiver, holding ``w`` close to ``v``, takes in every element
-the lattice point with that residue nearest to ``w``. That is the sender's own point exactly
-whenever ``|v_hat - w| < 2^(b-1) * s`` in the element; the sender sizes ``s`` from a bound on that
-distance. Both sides therefore know the same ``v_hat`` bit for bit, which is what lets a pair
-average into identical weights.
+The sender rounds ``v`` to the nearest point of a per-block lattice of step ``s`` and sends only
+each lattice index modulo ``2^b``, plus the block's step and a checksum of the block's full
+indices. The receiver, holding ``w`` close to ``v``, takes in every element the lattice point with
+that residue nearest to ``w``. That is the sender's own point exactly whenever
+``|v - w| < (2^(b-1) - 1/2) * s``; the sender sizes ``s`` from a bound on that distance
+(``siq_steps``). Both sides then know the same ``v_hat`` bit for bit, which is what lets a pair
+average into identical weights. Where the bound was too small the receiver's indices differ and
+the block's checksum says so: ``siq_decode`` reports those blocks instead of returning values off
+by a multiple of ``2^b`` steps. (Rounding is deterministic; the error feedback of the caller, not
+randomness, removes its bias.)
 
-Payload (``nb = ceil(n / block_size)``): ``nb`` bfloat16 steps (little-endian), then the ``n``
-residues packed ``8 / b`` to a byte for ``b`` in 1, 2, 4 (element ``i`` in the bits
-``b * (i mod (8 / b))`` upward), one byte each for 8, two bytes each (little-endian) for 16.
+Payload (``nb = ceil(n / block_size)``): ``nb`` bfloat16 steps (little-endian), ``nb`` one-byte
+checksums (the sum of the block's indices mod 251), then the ``n`` residues packed ``8 / b`` to a
+byte for ``b`` in 1, 2, 4 (element ``i`` in the bits ``b * (i mod (8 / b))`` upward), one byte each
+for 8, two bytes each (little-endian) for 16.
 ``Encoded.codec`` is ``"siq"``, ``block_size`` the block length and ``k_per_chunk`` the bit width.
 
 Knows nothing about what the vectors mean, who the partner is or the network.
@@ -37,15 +41,19 @@ def _blocks(n: int, block_size: int) -> int:
     return (n + block_size - 1) // block_size
 
 
+_CHECK = 251
+
+
 def siq_bytes(numel: int, bits: int, block_size: int) -> int:
     """Payload size of one ``siq`` message."""
-    return 2 * _blocks(numel, block_size) + (numel * bits + 7) // 8
+    return 3 * _blocks(numel, block_size) + (numel * bits + 7) // 8
 
 
 def siq_steps(bound: Tensor, bits: int, margin: float) -> Tensor:
-    """Per-block lattice steps for a distance bound per block: ``margin * bound / 2^(b-1)``,
-    rounded to bfloat16 (what the payload carries) and never zero."""
-    step = (bound.double() * margin / 2 ** (bits - 1)).to(torch.bfloat16)
+    """Per-block lattice steps that decode exactly within ``margin * bound`` of the sender:
+    ``margin * bound / (2^(b-1) - 1/2)``, rounded to bfloat16 (what the payload carries) and
+    never zero."""
+    step = (bound.double() * margin / (2 ** (bits - 1) - 0.5)).to(torch.bfloat16)
     tiny = torch.tensor(torch.finfo(torch.bfloat16).tiny, dtype=torch.bfloat16)
     return torch.where(step > 0, step, tiny)
 
@@ -55,7 +63,7 @@ def _expand(steps: Tensor, n: int, block_size: int) -> Tensor:
 
 
 def siq_encode(
-    v: Tensor, steps: Tensor, *, bits: int, block_size: int, seed: int, name: str = ""
+    v: Tensor, steps: Tensor, *, bits: int, block_size: int, name: str = ""
 ) -> tuple[Encoded, Tensor]:
     """``v`` (1-D fp32) on the lattice of ``steps`` (bfloat16, one per block).
 
@@ -67,12 +75,14 @@ def siq_encode(
         raise ValueError(f"siq: tensor {name or '<unnamed>'} holds NaN or Inf")
     n = v.numel()
     s = _expand(steps, n, block_size)
-    gen = torch.Generator().manual_seed(seed & (2**63 - 1))
-    noise = torch.rand(n, generator=gen, dtype=torch.float64)
-    index = torch.floor(v.double() / s + noise)
+    index = torch.floor(v.double() / s + 0.5)
     v_hat = (index * s).float()
     residue = torch.remainder(index, 2**bits).to(torch.int64)
-    payload = steps.contiguous().view(torch.int16).numpy().tobytes() + _pack(residue, bits)
+    payload = (
+        steps.contiguous().view(torch.int16).numpy().tobytes()
+        + _checksums(index, block_size).numpy().tobytes()
+        + _pack(residue, bits)
+    )
     encoded = Encoded(
         codec=_NAME,
         shape=(n,),
@@ -85,13 +95,25 @@ def siq_encode(
     return encoded, v_hat
 
 
+def _checksums(index: Tensor, block_size: int) -> Tensor:
+    n = index.numel()
+    pad = (-n) % block_size
+    full = torch.remainder(index, _CHECK).to(torch.int64)
+    if pad:
+        full = torch.nn.functional.pad(full, (0, pad))
+    return torch.remainder(full.view(-1, block_size).sum(dim=1), _CHECK).to(torch.uint8)
+
+
 def siq_decode(
     encoded: Encoded, side: Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS
-) -> Tensor:
-    """The sender's ``v_hat``, recovered with ``side`` (our own vector, 1-D fp32, close to it).
+) -> tuple[Tensor, Tensor]:
+    """The sender's ``v_hat``, recovered with ``side`` (our own vector, 1-D fp32, close to it),
+    and a boolean per block: True where the checksum failed (``side`` was out of reach there;
+    those blocks' values are not the sender's).
 
     Raises:
-        CorruptPayload: Wrong codec, shape, bit width, block size or length, or a bad step.
+        CorruptPayload: Wrong codec, shape, bit width or length, a bad step, or (unless
+            ``limits.allow_nonfinite``) a value that is not finite.
     """
     name = encoded.name
     if encoded.codec != _NAME:
@@ -102,8 +124,8 @@ def siq_decode(
         raise CorruptPayload(_NAME, name, f"shape {encoded.shape}, expected ({n},)")
     if bits not in SIQ_BITS:
         raise CorruptPayload(_NAME, name, f"bit width {bits}, expected one of {SIQ_BITS}")
-    if not 1 <= block_size <= max(1, n):
-        raise CorruptPayload(_NAME, name, f"block size {block_size} for {n} elements")
+    if not 1 <= block_size <= 2**31 - 1:
+        raise CorruptPayload(_NAME, name, f"block size {block_size}")
     nb = _blocks(n, block_size)
     if len(encoded.payload) != siq_bytes(n, bits, block_size):
         raise CorruptPayload(
@@ -115,12 +137,16 @@ def siq_decode(
     steps = torch.from_numpy(raw.copy()).view(torch.bfloat16)
     if not bool(torch.isfinite(steps).all()) or not bool((steps > 0).all()):
         raise CorruptPayload(_NAME, name, "a block step is not a positive finite number")
-    residue = _unpack(encoded.payload[2 * nb :], bits, n).double()
+    sums = torch.from_numpy(np.frombuffer(encoded.payload, np.uint8, nb, 2 * nb).copy())
+    residue = _unpack(encoded.payload[3 * nb :], bits, n).double()
     s = _expand(steps, n, block_size)
     modulus = float(2**bits)
     # The index with this residue nearest to our own position on the lattice.
     index = residue + modulus * torch.round((side.double() / s - residue) / modulus)
-    return (index * s).float()
+    values = (index * s).float()
+    if not limits.allow_nonfinite and not bool(torch.isfinite(values).all()):
+        raise CorruptPayload(_NAME, name, "a decoded value is not finite")
+    return values, _checksums(index, block_size) != sums
 
 
 def _pack(residue: Tensor, bits: int) -> bytes:

@@ -58,9 +58,7 @@ class SyncConfig:
     pull_every: int = 8
     codec: str = "int4"
     """ef pull: the codec of the step between pulls."""
-    apply_delay_steps: int | None = None
-    """Overlap: inner steps of the next phase run before a round's update is applied; None
-    means the whole phase (the update lands just before the next snapshot)."""
+
     gamma: float | None = None
     """noloco pull toward the partner's phi; None means gamma = beta (only theta is sent)."""
     group_size: int = 2
@@ -90,12 +88,6 @@ class SyncConfig:
             )
         if self.match_deadline_s <= 0 or self.exchange_timeout_s <= 0 or self.rounds < 0:
             raise ConfigError("sync deadlines must be > 0 and sync.rounds >= 0")
-        if self.apply_delay_steps is not None and not (
-            1 <= self.apply_delay_steps <= self.inner_steps
-        ):
-            raise ConfigError(
-                f"sync.apply_delay_steps must be in 1..inner_steps, got {self.apply_delay_steps}"
-            )
         rc = self.round_config  # raises ConfigError for a bad combination
         if self.group_size > 2 and rc.bits != 32:
             raise ConfigError(

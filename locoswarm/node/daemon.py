@@ -366,7 +366,6 @@ class Daemon:
                 on_boundary=lambda b: _post(loop, boundaries, b),
                 want_state=want_state,
                 overlap=cfg.sync.overlap,
-                apply_delay=cfg.sync.apply_delay_steps,
             )
         )
         try:
@@ -491,6 +490,7 @@ class Daemon:
             "outcome": "exchanged" if result == "ok" else result,
             "partners": list(partners),
             "partner_rounds": [outer.heard.get(p, r) for p in partners],
+            "applied_after": b.applied_after,
             "theta": weights_digest(b.theta),
             "phi": weights_digest(phi),
         }

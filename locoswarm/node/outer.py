@@ -93,6 +93,8 @@ class OuterStep:
         self.limits = DecodeLimits(max_numel=self.numel)
         self._fp32 = get_codec("fp32")
         self._current: Message | None = None
+        self.wrapped_blocks = 0
+        """Side-information blocks of partners' messages that failed their checksum (so far)."""
         self.heard: dict[str, int] = {}
         """This round: the round label of each sender whose message we decoded (round log)."""
 
@@ -153,8 +155,7 @@ class OuterStep:
             self.rc,
             self.state,
             theta,
-            round=outer_step,
-            seed=rounds.round_seed(self.peer_id, outer_step),
+            round=outer_step
         )
         specs = tuple(_spec(e, e.name) for e in message.parts)
         payload = b"".join(e.payload for e in message.parts)
@@ -183,7 +184,9 @@ class OuterStep:
             return [decode(p, limits=self.limits) for p in parts]
         if self._current is None:
             raise ProtocolViolation(peer, "no round is open", reason="rejected")
-        got = rounds.read(self.rc, self._current, parts, limits=self.limits, peer=peer)
+        partner = rounds.read(self.rc, self._current, parts, limits=self.limits)
+        got = partner.tensors
+        self.wrapped_blocks += partner.wrapped_blocks
         self.heard[peer] = received.header.outer_step
         return [got[name] for name in self._current.names]
 

@@ -2,10 +2,11 @@
 
 The thread runs inner steps; every H steps (a round boundary) it hands the loop a flat fp32
 snapshot of theta and keeps training (overlap) or waits for the outer result (blocking). An
-outer result arrives as new slow weights phi; the thread applies ``theta += phi - theta_r`` after
-exactly ``apply_delay`` steps of the next phase (overlap; waiting there if the result is late, so
-the trajectory never depends on timing) or sets ``theta = phi`` (blocking). Time spent waiting is
-idle time. The simulator applies updates by the same rule (``sim/swarm.py``).
+outer result arrives as new slow weights phi; the thread applies ``theta += phi - theta_r`` at the
+first step boundary after it arrived, and at the latest before the next snapshot (overlap), or
+sets ``theta = phi`` (blocking). Time spent waiting is idle time. The step of the phase at which
+each update landed goes to the round log (``Boundary.applied_after``), so a replay of the node in
+the simulator (which applies updates by the same rule, ``sim/swarm.py``) trains the same steps.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Boundary:
     """Flat fp32 CPU snapshot of theta at the boundary."""
     loss: float
     state: dict[str, Any] | None = None
+    applied_after: int | None = None
+    """Steps of this phase run before the previous round's update landed (overlap)."""
     """A copy of the trainer state, when the loop asked for a checkpoint at this boundary."""
 
 
@@ -77,8 +80,6 @@ class Trainer:
         self.loop = InnerLoop(self.model, inner, total_steps)
         self.opt = self.loop.opt
         self.sched = self.loop.sched
-        self.apply_delay = inner_steps
-        """Steps of a phase before the last round's update lands (overlap)."""
         self.step = 0
         self.stats = TrainerStats()
         self._lock = threading.Lock()
@@ -108,6 +109,11 @@ class Trainer:
         else:
             set_flat(self.model, phi)
         self._applied = outer_step
+
+    def _ready(self, outer_step: int) -> bool:
+        """Round ``outer_step``'s result has arrived (and is not applied yet)."""
+        with self._lock:
+            return self._update is not None and self._update[0] >= outer_step
 
     def _wait_for(self, outer_step: int, stop: threading.Event) -> bool:
         """Block until round ``outer_step``'s result arrived; False when stopped first."""
@@ -145,35 +151,41 @@ class Trainer:
         on_boundary: Callable[[Boundary], None],
         want_state: Callable[[int], bool],
         overlap: bool,
-        apply_delay: int | None = None,
     ) -> None:
         """Train until ``stop`` is set. Runs in the trainer thread.
 
-        Overlap: the update of round r lands after exactly ``apply_delay`` steps (default H) of
-        the next phase; the thread waits there if it has not arrived (idle time). Blocking: the
-        thread waits for it right after the snapshot.
+        Overlap: the update of round r lands at the first step boundary after it arrived, at
+        the latest just before the snapshot of round r + 1 (waiting there is idle time).
+        Blocking: the thread waits for it right after the snapshot.
         """
         self.overlap = overlap
-        delay = self.inner_steps if apply_delay is None else apply_delay
         outer_step = first_outer_step
         losses: list[float] = []
         into_phase = 0
+        applied_after: int | None = None
         while not stop.is_set():
-            if overlap and outer_step > first_outer_step and into_phase == delay:
-                if not self._wait_for(outer_step - 1, stop):
-                    break
+            if overlap and applied_after is None and outer_step > first_outer_step:
+                if self._ready(outer_step - 1):
+                    self._apply_pending()
+                    applied_after = into_phase
             losses.append(self.inner_step())
             into_phase += 1
             if self.step % self.inner_steps:
                 continue
             # A round boundary. The previous round's update must be in before we snapshot.
-            if overlap and outer_step > first_outer_step and delay == self.inner_steps:
+            if overlap and applied_after is None and outer_step > first_outer_step:
                 if not self._wait_for(outer_step - 1, stop):
                     break
+                applied_after = into_phase
             state = self.state_dict() if want_state(outer_step) else None
-            on_boundary(Boundary(outer_step, flat_params(self.model), _mean(losses), state))
+            on_boundary(
+                Boundary(
+                    outer_step, flat_params(self.model), _mean(losses), state, applied_after
+                )
+            )
             losses = []
             into_phase = 0
+            applied_after = None
             if not overlap and not self._wait_for(outer_step, stop):
                 break
             outer_step += 1

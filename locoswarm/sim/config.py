@@ -68,8 +68,9 @@ class SimConfig:
     overlap: bool = True
     """Apply each round's update one phase late (the daemon's default); False blocks."""
     apply_delay: int | None = None
-    """With overlap: inner steps of the next phase run before the update is applied (None: the
-    whole phase, the daemon's default)."""
+    """With overlap: inner steps of the next phase run before a round's update lands. None
+    models the daemon, which applies an update as soon as it arrives: the exchange's transfer
+    time on the modelled network (latency and bandwidth), in the replica's steps, at most H."""
     network: NetworkModel = field(default_factory=NetworkModel)
     miss_prob: float = 0.0
     """Probability that a replica misses a round's exchange (then it takes a solo outer step)."""
@@ -87,9 +88,9 @@ class SimConfig:
             raise ConfigError(f"sim.rounds must be >= 1, got {self.rounds}")
         if self.inner_steps < 1:
             raise ConfigError(f"sim.inner_steps must be >= 1, got {self.inner_steps}")
-        if self.apply_delay is not None and not 1 <= self.apply_delay <= self.inner_steps:
+        if self.apply_delay is not None and not 0 <= self.apply_delay <= self.inner_steps:
             raise ConfigError(
-                f"sim.apply_delay must be in 1..inner_steps, got {self.apply_delay}"
+                f"sim.apply_delay must be in 0..inner_steps, got {self.apply_delay}"
             )
         if not 0 <= self.miss_prob < 1:
             raise ConfigError(f"sim.miss_prob must be in [0, 1), got {self.miss_prob}")

@@ -118,14 +118,15 @@ def replay(
                 continue
             event = node.log.events[node.next]
             if node.message is None:
-                node.snapshot = node.replica.phase(inner_steps, overlap=overlap, delay=inner_steps)
+                after = event.get("applied_after")
+                delay = inner_steps if after is None else int(after)  # type: ignore[call-overload]
+                node.snapshot = node.replica.phase(inner_steps, overlap=overlap, delay=delay)
                 label = int(event["round"])  # type: ignore[call-overload]
                 node.message = rounds.prepare(
                     rc,
                     node.replica.state,
                     node.snapshot,
-                    round=label,
-                    seed=rounds.round_seed(node.log.peer, label),
+                    round=label
                 )
                 node.messages[node.next] = node.message
                 progress = True
@@ -192,7 +193,7 @@ def _finish(rc: RoundConfig, node: _Node, theirs: list[Message], partners: list[
         return rounds.alone(rc, node.replica.state, msg)
     by_id = {node.log.peer: msg.own}
     for peer, other in zip(partners, theirs, strict=True):
-        by_id[peer] = rounds.read(rc, msg, other.parts)
+        by_id[peer] = rounds.read(rc, msg, other.parts).tensors
     members = [by_id[p] for p in sorted(by_id)]
     return rounds.combine(rc, node.replica.state, msg, rounds.member_mean(members))
 

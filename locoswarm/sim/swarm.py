@@ -66,6 +66,7 @@ class SimResult:
     idle_fraction_per_replica: list[float] = field(default_factory=list)
     rounds_missed_per_replica: list[int] = field(default_factory=list)
     tokens_per_replica: int = 0
+    wrapped_blocks: int = 0
     wall_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +86,7 @@ class SimResult:
                 "rounds_missed_per_replica": self.rounds_missed_per_replica,
                 "sim_time_s": final.sim_time_s,
                 "tokens_per_replica": self.tokens_per_replica,
+                "wrapped_blocks": self.wrapped_blocks,
             },
             "curve": [asdict(p) for p in self.curve],
             "wall_s": self.wall_s,
@@ -104,6 +106,8 @@ class Replica:
         self.state = OuterState(phi=flat_params(self.model))
         self.pending: tuple[Tensor, Tensor] | None = None
         """(phi_{r+1}, theta_r): the last round's update, not applied yet (overlap)."""
+        self.delay = 0
+        """Steps of the next phase run before ``pending`` lands (overlap)."""
         self.losses: list[float] = []
         self.bytes_sent = 0.0
         self.bytes_received = 0.0
@@ -176,7 +180,8 @@ class Swarm:
         self._fault_rng = random.Random(f"miss/{cfg.seed}")
         self._scratch = copy.deepcopy(self.replicas[0].model)
         self._tensor_bytes = self.num_parameters * 4
-        self.delay = cfg.apply_delay or cfg.h
+        self.wrapped_blocks = 0
+        """Side-information blocks whose checksum failed (decoded out of reach)."""
 
     def run(self, on_eval: Callable[[EvalPoint], None] | None = None) -> SimResult:
         cfg = self.cfg
@@ -187,7 +192,7 @@ class Swarm:
                 self._ddp_round()
             else:
                 thetas = [
-                    rep.phase(cfg.h, overlap=cfg.overlap, delay=self.delay)
+                    rep.phase(cfg.h, overlap=cfg.overlap, delay=rep.delay)
                     for rep in self.replicas
                 ]
                 for i in range(cfg.num_replicas):
@@ -208,6 +213,7 @@ class Swarm:
         result.bytes_received_per_replica = [rep.bytes_received for rep in self.replicas]
         result.idle_fraction_per_replica = [self.clock.idle_fraction(i) for i in range(n)]
         result.rounds_missed_per_replica = [rep.missed for rep in self.replicas]
+        result.wrapped_blocks = self.wrapped_blocks
         result.tokens_per_replica = cfg.total_steps * cfg.task.batch_size * cfg.task.seq_len
         result.wall_s = time.perf_counter() - started
         return result
@@ -245,8 +251,7 @@ class Swarm:
                 rc,
                 rep.state,
                 thetas[i],
-                round=labels[i],
-                seed=rounds.round_seed(rep.peer_id, labels[i]),
+                round=labels[i]
             )
             for i, rep in enumerate(self.replicas)
             if any(i in g for g in groups)
@@ -265,21 +270,32 @@ class Swarm:
             i = group[0]
             rep = self.replicas[i]
             rep.finish(rounds.alone(rc, rep.state, messages[i]), thetas[i], overlap=self.cfg.overlap)
+            rep.delay = 0 if self.cfg.apply_delay is None else self.cfg.apply_delay
             return
         new: dict[int, OuterState] = {}
         for i in group:
             rep = self.replicas[i]
-            members = [
-                messages[i].own
-                if j == i
-                else rounds.read(rc, messages[i], messages[j].parts)
-                for j in group
-            ]
+            members = []
+            for j in group:
+                if j == i:
+                    members.append(messages[i].own)
+                    continue
+                partner = rounds.read(rc, messages[i], messages[j].parts)
+                self.wrapped_blocks += partner.wrapped_blocks
+                members.append(partner.tensors)
             new[i] = rounds.combine(rc, rep.state, messages[i], rounds.member_mean(members))
         k = len(group)
+        net = self.cfg.network
         for i in group:
             rep = self.replicas[i]
             rep.finish(new[i], thetas[i], overlap=self.cfg.overlap)
+            # The update lands once the exchange is over: the modelled transfer time in steps.
+            transfer = (k - 1) * net.latency_s + messages[i].num_bytes * max(1, k - 1) / (
+                net.bandwidth_bytes_per_s
+            )
+            modelled = math.ceil(transfer / self.clock.step_time_s[i] - 1e-9)
+            given = self.cfg.apply_delay
+            rep.delay = min(self.cfg.h, modelled if given is None else given)
             size = messages[i].num_bytes
             if self.cfg.group_size == 0:  # the reference: a ring all-reduce of one fp32 tensor
                 sent = received = 2 * (k - 1) / k * self._tensor_bytes

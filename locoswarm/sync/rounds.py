@@ -2,9 +2,9 @@
 
 A round, for one member of a group (a pair, a group of k, or itself alone):
 
-    msg   = prepare(cfg, state, theta, round=r, seed=s)   # our message and private step
+    msg   = prepare(cfg, state, theta, round=r)           # our message and private step
     parts = msg.parts                                     # what goes on the wire (Encoded)
-    got   = read(cfg, msg, partner_parts)                 # a partner's tensors, decoded with our
+    got   = read(cfg, msg, partner_parts).tensors         # a partner's tensors, decoded with our
                                                           #   own vectors as side information
     state = combine(cfg, state, msg, member_mean([...]))  # the group's means, in a shared order
     state = alone(cfg, state, msg)                        # no partner, or the exchange failed
@@ -31,7 +31,6 @@ sockets, asyncio or how a group was formed.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -56,7 +55,7 @@ __all__ = [
     "message_names",
     "prepare",
     "read",
-    "round_seed",
+    "Partner",
 ]
 
 Mode = Literal["noloco", "diloco", "ef"]
@@ -131,8 +130,8 @@ class RoundConfig:
         if self.mode == "noloco":
             return 32.0 * (1 if self.theta_only else 2)
         if self.mode == "ef" and self.design == "pull":
-            step = get_codec(self.codec, block_size=self.codec_block).encode(torch.zeros(8))
-            per = 8.0 * step.num_bytes / 8
+            codec = get_codec(self.codec, block_size=self.codec_block)
+            per = codec.encode(torch.ones(numel)).bits_per_element
             return ((self.pull_every - 1) * per + _siq_bits(16, self.block_size)) / self.pull_every
         total = 32.0 if self.bits == 32 else _siq_bits(self.bits, self.block_size)
         if self.mode == "diloco" and self.share_momentum:
@@ -143,7 +142,7 @@ class RoundConfig:
 
 
 def _siq_bits(bits: int, block_size: int) -> float:
-    return bits + 16.0 / block_size
+    return bits + 24.0 / block_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,11 +201,6 @@ class Message:
         return sum(p.num_bytes for p in self.parts)
 
 
-def round_seed(sender: str, round: int) -> int:
-    """The seed of a sender's stochastic rounding in one round (both drivers derive it alike)."""
-    return int.from_bytes(hashlib.sha256(f"{sender}\n{round}".encode()).digest()[:8], "little")
-
-
 def message_names(cfg: RoundConfig, round: int) -> tuple[str, ...]:
     """Tensor names of a message of ``round``, in order."""
     if cfg.mode == "noloco":
@@ -234,9 +228,7 @@ def _nesterov(cfg: RoundConfig, state: OuterState, theta: Tensor) -> tuple[Tenso
     return state.phi.add(g.add(m, alpha=cfg.momentum), alpha=-cfg.lr), m
 
 
-def prepare(
-    cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int, seed: int
-) -> Message:
+def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -> Message:
     """Our message for ``round`` from the fast weights ``theta`` (CPU work)."""
     if cfg.mode == "noloco":
         delta = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
@@ -250,7 +242,7 @@ def prepare(
     if cfg.mode == "diloco":
         parts, own, side = [_fp32(proposal, "proposal")], {"proposal": proposal}, {}
         if cfg.bits != 32:
-            parts, own, side = _siq_part(cfg, "proposal", proposal, state, seed, cfg.bits)
+            parts, own, side = _siq_part(cfg, "proposal", proposal, state, cfg.bits)
         if cfg.share_momentum:
             if cfg.momentum_bits == 32:
                 parts.append(_fp32(momentum, "momentum"))
@@ -259,11 +251,7 @@ def prepare(
                 bound = 2 * _block_max(momentum, cfg.block_size)
                 steps = siq_steps(bound, cfg.momentum_bits, 16.0)
                 enc, hat = siq_encode(
-                    momentum,
-                    steps,
-                    bits=cfg.momentum_bits,
-                    block_size=cfg.block_size,
-                    seed=seed + 1,
+                    momentum, steps, bits=cfg.momentum_bits, block_size=cfg.block_size,
                     name="momentum",
                 )
                 parts.append(enc)
@@ -280,22 +268,32 @@ def prepare(
         return Message(round, (enc,), {"step": hat}, {}, proposal, momentum, value)
     value = proposal if owed is None else proposal + owed
     bits = 16 if cfg.design == "pull" else cfg.bits
-    parts, own, side = _siq_part(cfg, "proposal", value, state, seed, bits)
+    parts, own, side = _siq_part(cfg, "proposal", value, state, bits)
     return Message(round, tuple(parts), own, side, proposal, momentum, value)
 
 
 def _siq_part(
-    cfg: RoundConfig, name: str, value: Tensor, state: OuterState, seed: int, bits: int
+    cfg: RoundConfig, name: str, value: Tensor, state: OuterState, bits: int
 ) -> tuple[list[Encoded], dict[str, Tensor], dict[str, Tensor]]:
     bound = 2 * _block_max(value - state.phi, cfg.block_size)
     if state.bound is not None and state.bound.shape == bound.shape:
         bound = torch.maximum(bound, state.bound)
     margin = cfg.effective_margin if bits == cfg.bits else 16.0
     steps = siq_steps(bound, bits, margin)
-    enc, hat = siq_encode(
-        value, steps, bits=bits, block_size=cfg.block_size, seed=seed, name=name
-    )
+    enc, hat = siq_encode(value, steps, bits=bits, block_size=cfg.block_size, name=name)
     return [enc], {name: hat}, {name: value}
+
+
+@dataclass(frozen=True, slots=True)
+class Partner:
+    """A partner's decoded message."""
+
+    tensors: dict[str, Tensor]
+    """By name: what the partner sent, where a side-information block failed its checksum
+    replaced by our own entry (that block then averages to our own value)."""
+    wrapped_blocks: int = 0
+    """Side-information blocks whose checksum failed (our vector was out of the lattice's
+    reach there)."""
 
 
 def read(
@@ -304,8 +302,7 @@ def read(
     parts: Sequence[Encoded],
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
-    peer: str | None = None,
-) -> dict[str, Tensor]:
+) -> Partner:
     """A partner's message for the same round, checked and decoded.
 
     Raises:
@@ -317,18 +314,23 @@ def read(
             "message", ",".join(names)[:80], f"holds {list(names)}, expected {list(msg.names)}"
         )
     out: dict[str, Tensor] = {}
+    wrapped = 0
     for part in parts:
         ours = msg.own[part.name]
         if part.shape != tuple(ours.shape):
             raise CorruptPayload(part.codec, part.name, f"shape {part.shape}, ours {tuple(ours.shape)}")
         if part.name in msg.side:
-            out[part.name] = siq_decode(part, msg.side[part.name], limits=limits)
+            values, bad = siq_decode(part, msg.side[part.name], limits=limits)
+            if bool(bad.any()):
+                wrapped += int(bad.sum())
+                mask = bad.repeat_interleave(part.block_size)[: values.numel()]
+                values = torch.where(mask, ours, values)
+            out[part.name] = values
         else:
             if part.codec == "siq":
                 raise CorruptPayload(part.codec, part.name, "side-information part not expected")
             out[part.name] = decode(part, limits=limits)
-    del peer
-    return out
+    return Partner(out, wrapped)
 
 
 def member_mean(members: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
