@@ -56,6 +56,8 @@ class SyncConfig:
     """ef: siq (quantized proposals every round) or pull (a codec on the step, the proposal at
     16 bits every ``pull_every`` rounds)."""
     pull_every: int = 8
+    rotate: int = 1
+    """ef siq: each round covers one in ``rotate`` blocks (a ``rotate`` times smaller message)."""
     codec: str = "int4"
     """ef pull: the codec of the step between pulls."""
 
@@ -122,6 +124,7 @@ class SyncConfig:
                 "error_feedback": self.error_feedback,
                 "design": self.design,
                 "pull_every": self.pull_every,
+                "rotate": self.rotate,
                 "codec": self.codec,
             }
         return dataclasses.replace(rc, **changes)

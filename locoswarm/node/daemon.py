@@ -213,7 +213,11 @@ class Daemon:
                 log.info("%d peers are live: starting", len(seen))
                 return
             await asyncio.sleep(0.5)
-        log.warning("fewer than %d peers after %.0fs: starting anyway", want, self.config.peers.min_peers_timeout_s)
+        log.warning(
+            "fewer than %d peers after %.0fs: starting anyway",
+            want,
+            self.config.peers.min_peers_timeout_s,
+        )
 
     # -- building and restoring ----------------------------------------------------------------
 
@@ -459,6 +463,7 @@ class Daemon:
             handler.close_round()
         partners: tuple[str, ...] = ()
         if mean is not None:
+            assert current.group is not None  # a group's mean comes from a group round
             partners = tuple(p for p in current.group.members_ids() if p != self.peer_id)
             phi = await asyncio.to_thread(outer.apply_mean, prepared, mean)
         elif partner is not None:
@@ -477,7 +482,7 @@ class Daemon:
         log.info(
             "round %d: %s, train loss %.4f, %.2fs, phi %s",
             r,
-            f"exchanged with {', '.join(partners)}" if result == "ok" else f"solo ({result})",
+            "exchanged" if result == "ok" else f"solo ({result})",
             b.loss,
             time.perf_counter() - start,
             weights_digest(phi),
@@ -752,9 +757,7 @@ def _display_host(host: str) -> str:
 
 
 def _protocol_config(protocol: ProtocolConfig, secret: bytes | None) -> ProtocolConfig:
-    limits = dataclasses.replace(
-        protocol.limits, allowed_codecs=frozenset((*CODEC_CHOICES, "siq"))
-    )
+    limits = dataclasses.replace(protocol.limits, allowed_codecs=frozenset((*CODEC_CHOICES, "siq")))
     auth = dataclasses.replace(protocol.auth, secret=secret) if secret else protocol.auth
     return dataclasses.replace(protocol, limits=limits, auth=auth)
 

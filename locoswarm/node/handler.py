@@ -19,6 +19,7 @@ from locoswarm.node.metrics import NodeMetrics
 from locoswarm.node.outer import OuterStep, Prepared
 from locoswarm.peers import Matchmaker, PeerHealth
 from locoswarm.protocol import Header, LocalView, Outgoing, Received, StatusInfo
+from locoswarm.sync.rounds import compatible_rounds
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,10 @@ class NodeHandler:
 
     async def _admit_proposal(self, peer: str, header: Header) -> Outgoing:
         accepted, why = await self.matchmaker.on_proposal(
-            peer, header.outer_step, wait_s=self.match_wait_s
+            peer,
+            header.outer_step,
+            wait_s=self.match_wait_s,
+            compatible=lambda ours: compatible_rounds(self.outer.rc, ours, header.outer_step),
         )
         current = self.round
         if not accepted or current is None:

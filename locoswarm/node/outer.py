@@ -151,12 +151,7 @@ class OuterStep:
 
     def prepare(self, outer_step: int, theta: Tensor) -> Prepared:
         """This round's message (CPU work: call it from a worker thread)."""
-        message = rounds.prepare(
-            self.rc,
-            self.state,
-            theta,
-            round=outer_step
-        )
+        message = rounds.prepare(self.rc, self.state, theta, round=outer_step)
         specs = tuple(_spec(e, e.name) for e in message.parts)
         payload = b"".join(e.payload for e in message.parts)
         outgoing = Outgoing(self.header(outer_step, specs, "outer"), payload)
@@ -210,7 +205,7 @@ class OuterStep:
     def apply_mean(self, prepared: Prepared, mean: Tensor) -> Tensor:
         """Finish the round with the group's mean of ``group_vector``; returns the new phi."""
         msg = prepared.message
-        means = dict(zip(msg.names, mean.split(self.numel), strict=True))
+        means = dict(zip(msg.names, torch.split(mean, self.numel), strict=True))
         return self._commit(rounds.combine(self.rc, self.state, msg, means))
 
     def solo(self, prepared: Prepared) -> Tensor:

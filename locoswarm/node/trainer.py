@@ -164,10 +164,14 @@ class Trainer:
         into_phase = 0
         applied_after: int | None = None
         while not stop.is_set():
-            if overlap and applied_after is None and outer_step > first_outer_step:
-                if self._ready(outer_step - 1):
-                    self._apply_pending()
-                    applied_after = into_phase
+            if (
+                overlap
+                and applied_after is None
+                and outer_step > first_outer_step
+                and self._ready(outer_step - 1)
+            ):
+                self._apply_pending()
+                applied_after = into_phase
             losses.append(self.inner_step())
             into_phase += 1
             if self.step % self.inner_steps:
@@ -179,9 +183,7 @@ class Trainer:
                 applied_after = into_phase
             state = self.state_dict() if want_state(outer_step) else None
             on_boundary(
-                Boundary(
-                    outer_step, flat_params(self.model), _mean(losses), state, applied_after
-                )
+                Boundary(outer_step, flat_params(self.model), _mean(losses), state, applied_after)
             )
             losses = []
             into_phase = 0

@@ -67,13 +67,21 @@ class Matchmaker(Generic[S]):
     # -- the responder side ------------------------------------------------------------------
 
     async def on_proposal(
-        self, proposer: str, outer_step: int, *, wait_s: float
+        self,
+        proposer: str,
+        outer_step: int,
+        *,
+        wait_s: float,
+        compatible: Callable[[int], bool] = lambda _ours: True,
     ) -> tuple[bool, str]:
-        """Decide on a peer's proposal for ``outer_step``; wait up to ``wait_s`` for our round."""
+        """Decide on a peer's proposal for ``outer_step``; wait up to ``wait_s`` for our round.
+        ``compatible(our_step)`` says whether the two rounds' messages can be combined."""
         deadline = self.clock() + wait_s
         while True:
             ok = self.health.available(proposer, self.clock())[0]
             step = self._step if self._open else None
+            if step is not None and not compatible(step):
+                return False, f"outer step {outer_step} is in another phase than ours ({step})"
             mutual = self._dialling_to == {proposer} and proposer < self.peer_id
             state = ResponderState(
                 step, self._matched, self._dialling, proposer_ok=ok, mutual_and_lower=mutual

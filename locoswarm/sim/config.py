@@ -19,7 +19,6 @@ Pairing = Literal["random", "hypercube"]
 STRATEGIES: tuple[Strategy, ...] = ("ddp", "diloco", "noloco", "ef", "solo")
 
 
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class NetworkModel:
     """How long compute and transfers take, in simulated seconds (no real sockets)."""
@@ -89,9 +88,7 @@ class SimConfig:
         if self.inner_steps < 1:
             raise ConfigError(f"sim.inner_steps must be >= 1, got {self.inner_steps}")
         if self.apply_delay is not None and not 0 <= self.apply_delay <= self.inner_steps:
-            raise ConfigError(
-                f"sim.apply_delay must be in 0..inner_steps, got {self.apply_delay}"
-            )
+            raise ConfigError(f"sim.apply_delay must be in 0..inner_steps, got {self.apply_delay}")
         if not 0 <= self.miss_prob < 1:
             raise ConfigError(f"sim.miss_prob must be in [0, 1), got {self.miss_prob}")
         if self.eval_every < 1:
@@ -116,7 +113,7 @@ class SimConfig:
     @property
     def round_config(self) -> RoundConfig | None:
         """The round maths actually used (None for ddp and solo)."""
-        if self.strategy in ("ddp", "solo"):
+        if self.strategy == "ddp" or self.strategy == "solo":
             return None
         return self.sync if self.sync is not None else default_round_config(self.strategy)
 

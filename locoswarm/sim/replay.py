@@ -102,9 +102,7 @@ def replay(
     total = total_rounds * inner_steps if total_rounds else None
     for log in logs:
         torch.manual_seed(seed)  # every node's initial weights (the daemon seeds before build)
-        built = TaskFactory(task).build(
-            replica=0, num_replicas=1, seed=node_data_seed(log.peer)
-        )
+        built = TaskFactory(task).build(replica=0, num_replicas=1, seed=node_data_seed(log.peer))
         replica = Replica(log.peer, built, inner, total)
         nodes[log.peer] = _Node(log, replica, history=[replica.state])
     rows: list[ReplayRow] = []
@@ -122,12 +120,7 @@ def replay(
                 delay = inner_steps if after is None else int(after)  # type: ignore[call-overload]
                 node.snapshot = node.replica.phase(inner_steps, overlap=overlap, delay=delay)
                 label = int(event["round"])  # type: ignore[call-overload]
-                node.message = rounds.prepare(
-                    rc,
-                    node.replica.state,
-                    node.snapshot,
-                    round=label
-                )
+                node.message = rounds.prepare(rc, node.replica.state, node.snapshot, round=label)
                 node.messages[node.next] = node.message
                 progress = True
             partners = [str(p) for p in event["partners"]]  # type: ignore[attr-defined]

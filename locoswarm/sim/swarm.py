@@ -192,8 +192,7 @@ class Swarm:
                 self._ddp_round()
             else:
                 thetas = [
-                    rep.phase(cfg.h, overlap=cfg.overlap, delay=rep.delay)
-                    for rep in self.replicas
+                    rep.phase(cfg.h, overlap=cfg.overlap, delay=rep.delay) for rep in self.replicas
                 ]
                 for i in range(cfg.num_replicas):
                     self.clock.compute(i, cfg.h)
@@ -247,12 +246,7 @@ class Swarm:
         assert rc is not None
         labels = labels or [r] * len(self.replicas)
         messages = {
-            i: rounds.prepare(
-                rc,
-                rep.state,
-                thetas[i],
-                round=labels[i]
-            )
+            i: rounds.prepare(rc, rep.state, thetas[i], round=labels[i])
             for i, rep in enumerate(self.replicas)
             if any(i in g for g in groups)
         }
@@ -269,7 +263,9 @@ class Swarm:
         if len(group) == 1:
             i = group[0]
             rep = self.replicas[i]
-            rep.finish(rounds.alone(rc, rep.state, messages[i]), thetas[i], overlap=self.cfg.overlap)
+            rep.finish(
+                rounds.alone(rc, rep.state, messages[i]), thetas[i], overlap=self.cfg.overlap
+            )
             rep.delay = 0 if self.cfg.apply_delay is None else self.cfg.apply_delay
             return
         new: dict[int, OuterState] = {}
@@ -347,7 +343,9 @@ class Swarm:
             per_replica = [self._replica_loss(rep) for rep in self.replicas]
         set_flat(self._scratch, mean)
         h = self.cfg.h
-        recent = [sum(rep.losses[-h:]) / len(rep.losses[-h:]) for rep in self.replicas if rep.losses]
+        recent = [
+            sum(rep.losses[-h:]) / len(rep.losses[-h:]) for rep in self.replicas if rep.losses
+        ]
         sent = [rep.bytes_sent for rep in self.replicas]
         return EvalPoint(
             round=rounds_done,

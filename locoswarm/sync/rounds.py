@@ -1,4 +1,4 @@
-"""One outer round of every sync mode, as pure functions: the simulator and the daemon both drive it.
+"""One outer round of every sync mode, as pure functions, driven by the simulator and the daemon.
 
 A round, for one member of a group (a pair, a group of k, or itself alone):
 
@@ -48,14 +48,15 @@ from locoswarm.sync.noloco import noloco_outer_step
 __all__ = [
     "Message",
     "OuterState",
+    "Partner",
     "RoundConfig",
     "alone",
     "combine",
+    "compatible_rounds",
     "member_mean",
     "message_names",
     "prepare",
     "read",
-    "Partner",
 ]
 
 Mode = Literal["noloco", "diloco", "ef"]
@@ -91,6 +92,10 @@ class RoundConfig:
     """ef: ``siq`` every round, or ``pull`` (a codec on the step, a 16-bit proposal every
     ``pull_every`` rounds)."""
     pull_every: int = 8
+    rotate: int = 1
+    """ef siq: each round covers one in ``rotate`` blocks (block b when (b + round) % rotate
+    == 0), so a message is ``rotate`` times smaller; the other blocks take our own step and
+    meet a partner in a later round."""
     codec: str = "int4"
     """ef ``pull``: the step's codec."""
     codec_block: int = 4096
@@ -107,8 +112,8 @@ class RoundConfig:
                 raise ConfigError(f"sync.{label} must be 32 or one of {SIQ_BITS}, got {width}")
         if self.mode == "ef" and self.bits == 32 and self.design == "siq":
             raise ConfigError("ef sends compressed proposals: sync.bits must be below 32")
-        if self.block_size < 1 or self.pull_every < 1:
-            raise ConfigError("sync.block_size and sync.pull_every must be >= 1")
+        if self.block_size < 1 or self.pull_every < 1 or self.rotate < 1:
+            raise ConfigError("sync.block_size, sync.pull_every and sync.rotate must be >= 1")
         if self.design not in ("siq", "pull"):
             raise ConfigError(f"sync.design must be siq or pull, got {self.design!r}")
 
@@ -133,7 +138,7 @@ class RoundConfig:
             codec = get_codec(self.codec, block_size=self.codec_block)
             per = codec.encode(torch.ones(numel)).bits_per_element
             return ((self.pull_every - 1) * per + _siq_bits(16, self.block_size)) / self.pull_every
-        total = 32.0 if self.bits == 32 else _siq_bits(self.bits, self.block_size)
+        total = 32.0 if self.bits == 32 else _siq_bits(self.bits, self.block_size) / self.rotate
         if self.mode == "diloco" and self.share_momentum:
             total += (
                 32.0 if self.momentum_bits == 32 else _siq_bits(self.momentum_bits, self.block_size)
@@ -155,10 +160,12 @@ class OuterState:
     """ef: what earlier messages owed the swarm (rounding error, or the codec's EF residual)."""
     bound: Tensor | None = None
     """siq: per block, the largest distance to a partner's proposal seen at the last exchange."""
+    mbound: Tensor | None = None
+    """siq: the same for a shared momentum."""
 
     def tensors(self) -> dict[str, Tensor]:
         out = {"phi": self.phi}
-        for key in ("momentum", "residual", "bound"):
+        for key in ("momentum", "residual", "bound", "mbound"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -171,6 +178,7 @@ class OuterState:
             momentum=tensors.get("momentum"),
             residual=tensors.get("residual"),
             bound=tensors.get("bound"),
+            mbound=tensors.get("mbound"),
         )
 
 
@@ -191,6 +199,8 @@ class Message:
     """Our momentum after our own step (diloco, ef) or noloco's current delta."""
     sent: Tensor | None = None
     """ef: the value we compressed (proposal or step plus residual)."""
+    index: Tensor | None = None
+    """ef rotate: the elements this round's message covers (None: all)."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -206,8 +216,34 @@ def message_names(cfg: RoundConfig, round: int) -> tuple[str, ...]:
     if cfg.mode == "noloco":
         return ("theta",) if cfg.theta_only else ("theta", "phi")
     if cfg.mode == "ef":
-        return ("proposal",) if cfg.design == "siq" or cfg.is_pull_round(round) else ("step",)
+        if cfg.design == "siq":
+            return (_rotated("proposal", cfg, round),)
+        return ("proposal",) if cfg.is_pull_round(round) else ("step",)
     return ("proposal", "momentum") if cfg.share_momentum else ("proposal",)
+
+
+def _rotated(name: str, cfg: RoundConfig, round: int) -> str:
+    """A rotated message names its phase: partners in different phases cannot mix blocks."""
+    return name if cfg.rotate == 1 else f"{name}/{round % cfg.rotate}"
+
+
+def compatible_rounds(cfg: RoundConfig, ours: int, theirs: int) -> bool:
+    """Whether messages of these two round labels can be combined."""
+    if cfg.mode == "ef" and cfg.design == "siq":
+        return (ours - theirs) % cfg.rotate == 0
+    if cfg.mode == "ef" and cfg.design == "pull":
+        return cfg.is_pull_round(ours) == cfg.is_pull_round(theirs)
+    return True
+
+
+def _selected(cfg: RoundConfig, numel: int, round: int) -> Tensor | None:
+    """Element indices of this round's blocks (None: every element)."""
+    if cfg.rotate == 1:
+        return None
+    blocks = (numel + cfg.block_size - 1) // cfg.block_size
+    chosen = torch.arange(blocks)[(torch.arange(blocks) + round) % cfg.rotate == 0]
+    index = (chosen.unsqueeze(1) * cfg.block_size + torch.arange(cfg.block_size)).reshape(-1)
+    return index[index < numel]
 
 
 def _fp32(t: Tensor, name: str) -> Encoded:
@@ -219,6 +255,11 @@ def _block_max(x: Tensor, block_size: int) -> Tensor:
     pad = (-n) % block_size
     flat = torch.nn.functional.pad(x.abs(), (0, pad)) if pad else x.abs()
     return flat.view(-1, block_size).amax(dim=1)
+
+
+def _block_values(per_block: Tensor, index: Tensor, block_size: int) -> Tensor:
+    """The entries of a per-block tensor for the blocks that ``index`` (whole blocks) covers."""
+    return per_block[index[::block_size] // block_size]
 
 
 def _nesterov(cfg: RoundConfig, state: OuterState, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -240,7 +281,8 @@ def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -
         return Message(round, tuple(parts), own, momentum=delta)
     proposal, momentum = _nesterov(cfg, state, theta)
     if cfg.mode == "diloco":
-        parts, own, side = [_fp32(proposal, "proposal")], {"proposal": proposal}, {}
+        side: dict[str, Tensor] = {}
+        parts, own = [_fp32(proposal, "proposal")], {"proposal": proposal}
         if cfg.bits != 32:
             parts, own, side = _siq_part(cfg, "proposal", proposal, state, cfg.bits)
         if cfg.share_momentum:
@@ -248,10 +290,21 @@ def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -
                 parts.append(_fp32(momentum, "momentum"))
                 own["momentum"] = momentum
             else:
-                bound = 2 * _block_max(momentum, cfg.block_size)
-                steps = siq_steps(bound, cfg.momentum_bits, 16.0)
+                # Momenta differ by this round's pseudo-gradients and what the last exchange saw;
+                # at 16 bits the whole magnitude fits (margin 16 costs nothing).
+                if cfg.momentum_bits >= 16:
+                    bound, margin = 2 * _block_max(momentum, cfg.block_size), 16.0
+                else:
+                    bound = 2 * _block_max(state.phi - theta, cfg.block_size)
+                    if state.mbound is not None and state.mbound.shape == bound.shape:
+                        bound = torch.maximum(bound, state.mbound)
+                    margin = 4.0
+                steps = siq_steps(bound, cfg.momentum_bits, margin)
                 enc, hat = siq_encode(
-                    momentum, steps, bits=cfg.momentum_bits, block_size=cfg.block_size,
+                    momentum,
+                    steps,
+                    bits=cfg.momentum_bits,
+                    block_size=cfg.block_size,
                     name="momentum",
                 )
                 parts.append(enc)
@@ -267,9 +320,22 @@ def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -
         hat = codec.decode(enc)
         return Message(round, (enc,), {"step": hat}, {}, proposal, momentum, value)
     value = proposal if owed is None else proposal + owed
-    bits = 16 if cfg.design == "pull" else cfg.bits
-    parts, own, side = _siq_part(cfg, "proposal", value, state, bits)
-    return Message(round, tuple(parts), own, side, proposal, momentum, value)
+    if cfg.design == "pull":
+        parts, own, side = _siq_part(cfg, "proposal", value, state, 16)
+        return Message(round, tuple(parts), own, side, proposal, momentum, value)
+    index = _selected(cfg, value.numel(), round)
+    if index is None:
+        parts, own, side = _siq_part(cfg, "proposal", value, state, cfg.bits)
+    else:
+        view = OuterState(
+            phi=state.phi[index],
+            bound=None
+            if state.bound is None
+            else _block_values(state.bound, index, cfg.block_size),
+        )
+        name = _rotated("proposal", cfg, round)
+        parts, own, side = _siq_part(cfg, name, value[index], view, cfg.bits)
+    return Message(round, tuple(parts), own, side, proposal, momentum, value, index)
 
 
 def _siq_part(
@@ -318,7 +384,9 @@ def read(
     for part in parts:
         ours = msg.own[part.name]
         if part.shape != tuple(ours.shape):
-            raise CorruptPayload(part.codec, part.name, f"shape {part.shape}, ours {tuple(ours.shape)}")
+            raise CorruptPayload(
+                part.codec, part.name, f"shape {part.shape}, ours {tuple(ours.shape)}"
+            )
         if part.name in msg.side:
             values, bad = siq_decode(part, msg.side[part.name], limits=limits)
             if bool(bad.any()):
@@ -360,23 +428,38 @@ def combine(
         )
         return replace(state, phi=phi, momentum=delta)
     if cfg.mode == "diloco":
-        momentum = means["momentum"] if cfg.share_momentum else msg.momentum
-        return replace(state, phi=means["proposal"], momentum=momentum)
+        if not cfg.share_momentum:
+            return replace(state, phi=means["proposal"], momentum=msg.momentum)
+        seen = 2.0 * _block_max(means["momentum"] - msg.own["momentum"], cfg.block_size)
+        return replace(state, phi=means["proposal"], momentum=means["momentum"], mbound=seen)
     # ef
-    assert msg.sent is not None and msg.proposal is not None
+    assert msg.sent is not None
+    assert msg.proposal is not None
     if "step" in means:
         residual = msg.sent - msg.own["step"] if cfg.error_feedback else None
         return replace(
             state, phi=state.phi + means["step"], momentum=msg.momentum, residual=residual
         )
-    own = msg.own["proposal"]
-    residual = msg.sent - own if cfg.error_feedback else None
+    name = msg.names[0]
+    own, mean = msg.own[name], means[name]
     # The largest distance to the group's other members, from the mean (exact for pairs).
-    seen = _block_max(means["proposal"] - own, cfg.block_size)
-    k = 2.0
-    return OuterState(
-        phi=means["proposal"], momentum=msg.momentum, residual=residual, bound=k * seen
-    )
+    seen = 2.0 * _block_max(mean - own, cfg.block_size)
+    if msg.index is None:
+        residual = msg.sent - own if cfg.error_feedback else None
+        return OuterState(phi=mean, momentum=msg.momentum, residual=residual, bound=seen)
+    # Rotated: the covered blocks average; the others take our own step and keep what they owe.
+    phi = msg.proposal.clone()
+    phi[msg.index] = mean
+    residual = None
+    if cfg.error_feedback:
+        residual = msg.sent - msg.proposal
+        residual[msg.index] = msg.sent[msg.index] - own
+    bound = state.bound
+    if bound is None:
+        bound = torch.zeros((msg.proposal.numel() + cfg.block_size - 1) // cfg.block_size)
+    bound = bound.clone()
+    bound[msg.index[:: cfg.block_size] // cfg.block_size] = seen
+    return OuterState(phi=phi, momentum=msg.momentum, residual=residual, bound=bound)
 
 
 def alone(cfg: RoundConfig, state: OuterState, msg: Message) -> OuterState:
@@ -384,6 +467,7 @@ def alone(cfg: RoundConfig, state: OuterState, msg: Message) -> OuterState:
     residual keeps everything still owed."""
     if cfg.mode == "noloco":
         return combine(cfg, state, msg, msg.own)
+    assert msg.proposal is not None  # prepare() sets it for diloco and ef
     return replace(state, phi=msg.proposal, momentum=msg.momentum)
 
 
@@ -393,7 +477,12 @@ def default_round_config(mode: Mode) -> RoundConfig:
         return RoundConfig(mode="noloco", lr=0.7, momentum=0.5)
     if mode == "diloco":
         return RoundConfig(
-            mode="diloco", lr=0.7, momentum=0.9, share_momentum=True, bits=16, momentum_bits=16,
+            mode="diloco",
+            lr=0.7,
+            momentum=0.9,
+            share_momentum=True,
+            bits=16,
+            momentum_bits=8,
             block_size=256,
         )
     return RoundConfig(mode="ef", lr=0.7, momentum=0.9, bits=4, block_size=64)

@@ -8,7 +8,6 @@ every machine); users may pass their own text files or folders, or their own tas
 from __future__ import annotations
 
 import hashlib
-
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field

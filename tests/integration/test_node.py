@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 @pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
 def test_three_nodes_join_exchange_and_learn(nodes: Nodes, mode: str) -> None:
-    extra = ["--codec", "int8"] if mode == "ef" else []
+    extra: list[str] = []
     first = nodes.start("--sync", mode, "--rounds", "30", *extra)
     join = nodes.join_address(first)
     first.wait_for(r"round 1: ")  # the others join a running swarm: they fetch its state
@@ -195,7 +195,7 @@ def test_demo_starts_a_local_swarm_that_exchanges(tmp_path: Path) -> None:
 
 
 def test_a_diloco_group_of_three_ends_each_round_with_identical_weights(nodes: Nodes) -> None:
-    args = ["--sync", "diloco", "--group-size", "3", "--rounds", "20"]
+    args = ["--sync", "diloco", "--group-size", "3", "--bits", "32", "--rounds", "20"]
     first = nodes.start(*args)
     join = nodes.join_address(first)
     first.wait_for(r"round 1: ")

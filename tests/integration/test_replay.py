@@ -1,4 +1,4 @@
-"""The simulator replays a real swarm: same schedule, same seeds, the same outer weights bit for bit.
+"""The simulator replays a real swarm: same schedule and seeds, the same outer weights bit for bit.
 
 Three real ``locoswarm run`` processes (CPU, one torch thread) train and exchange; each logs one
 ``round-event`` per round. ``locoswarm.sim.replay`` rebuilds the three nodes, drives the shared
@@ -23,7 +23,7 @@ H = 5
 
 @pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
 def test_simulator_reproduces_every_nodes_outer_weights(nodes: Nodes, mode: str) -> None:
-    flags = ("--sync", mode, "--rounds", str(ROUNDS), "--inner-steps", str(H))
+    flags: tuple[str, ...] = ("--sync", mode, "--rounds", str(ROUNDS), "--inner-steps", str(H))
     flags += ("--set", "peers.min_peers=2")  # the three start their first round together
     first = nodes.start(*flags)
     join = nodes.join_address(first)
@@ -31,9 +31,7 @@ def test_simulator_reproduces_every_nodes_outer_weights(nodes: Nodes, mode: str)
     for node in [first, *others]:
         assert node.proc.wait(timeout=240) == 0, node.text()
     logs = [parse_log(node.text()) for node in [first, *others]]
-    exchanged = [
-        sum(e["outcome"] == "exchanged" for e in log.events) for log in logs
-    ]
+    exchanged = [sum(e["outcome"] == "exchanged" for e in log.events) for log in logs]
     assert all(n >= 2 for n in exchanged), exchanged  # a replay of solo steps would prove little
 
     config = load_config(

@@ -1,4 +1,5 @@
-"""Node config loading (file < environment < flags, unknown keys) and atomic checkpoints."""
+"""Node config loading (file < environment < flags, unknown keys), the sync section's round
+config, ``locoswarm run``'s flags and atomic checkpoints."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch
 
 from locoswarm.errors import CheckpointError, ConfigError
 from locoswarm.node import checkpoint
-from locoswarm.node.config import load_config, to_dict
+from locoswarm.node.cli import build_parser
+from locoswarm.node.config import SyncMode, load_config, to_dict
+from locoswarm.node.run import overrides_from_args
+from locoswarm.sync.rounds import default_round_config
 
 
 def test_precedence_is_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -37,8 +41,16 @@ def test_precedence_is_file_then_environment_then_flags(tmp_path: Path) -> None:
         ({"sync.inner_steps": "many"}, "sync.inner_steps: cannot use 'many' as int"),
         ({"sync.mode": "allreduce"}, "sync.mode must be one of"),
         ({"sync.overlap": "maybe"}, "sync.overlap"),
-        ({"sync.mode": "noloco", "compression.codec": "int8"}, "noloco sends weights"),
+        ({"sync.bits": 3}, "sync.bits must be 32 or one of"),
+        ({"sync.mode": "diloco", "sync.group_size": 3, "sync.bits": 16}, "average fp32"),
         ({"sync.mode": "ef", "sync.group_size": 3}, "groups are for diloco"),
+        ({"sync.mode": "ef", "sync.bits": 32}, "sync.bits must be below 32"),
+        ({"sync.mode": "ef", "sync.design": "push"}, "sync.design must be siq or pull"),
+        ({"sync.block_size": 0}, "sync.block_size"),
+        # Removed: the compression section (the round's codec is sync.codec) and the fixed delay.
+        ({"compression.codec": "int8"}, "unknown config key 'compression'"),
+        ({"sync.apply_delay_steps": 5}, "unknown config key 'sync.apply_delay_steps'"),
+        ({"peers.pairing": "ring"}, "peers.pairing must be random or hypercube"),
         (
             {"protocol.tls.cert_file": "/no/such.pem", "protocol.tls.key_file": "/no/k"},
             "no such file",
@@ -48,6 +60,92 @@ def test_precedence_is_file_then_environment_then_flags(tmp_path: Path) -> None:
 def test_bad_settings_name_the_key(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(None, overrides, {})
+
+
+@pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
+def test_sync_round_config_defaults_are_the_modes(mode: SyncMode) -> None:
+    config = load_config(None, {"sync.mode": mode}, {})
+    assert config.sync.round_config == default_round_config(mode)
+    assert (config.sync.lr, config.sync.momentum) == (
+        default_round_config(mode).lr,
+        default_round_config(mode).momentum,
+    )
+
+
+def test_sync_keys_reach_the_round_config() -> None:
+    ef = load_config(
+        None,
+        {
+            "sync.mode": "ef",
+            "sync.bits": "2",
+            "sync.block_size": "32",
+            "sync.error_feedback": "false",
+            "sync.outer_lr": "0.5",
+        },
+        {},
+    ).sync.round_config
+    assert (ef.mode, ef.bits, ef.block_size, ef.error_feedback, ef.lr) == ("ef", 2, 32, False, 0.5)
+    assert ef.design == "siq"
+    pull = load_config(
+        None,
+        {"sync.mode": "ef", "sync.design": "pull", "sync.pull_every": 4, "sync.codec": "int8"},
+        {},
+    ).sync.round_config
+    assert (pull.design, pull.pull_every, pull.codec) == ("pull", 4, "int8")
+    diloco = load_config(
+        None,
+        {"sync.mode": "diloco", "sync.momentum_bits": 8, "sync.share_momentum": True},
+        {},
+    ).sync.round_config
+    assert (diloco.bits, diloco.momentum_bits, diloco.share_momentum) == (16, 8, True)
+    private = load_config(
+        None, {"sync.mode": "diloco", "sync.share_momentum": False}, {}
+    ).sync.round_config
+    assert not private.share_momentum
+    # ef-only keys leave the other modes' defaults alone.
+    assert load_config(None, {"sync.codec": "int8"}, {}).sync.round_config == (
+        default_round_config("noloco")
+    )
+
+
+def _run_flags(*args: str) -> dict[str, object]:
+    return overrides_from_args(build_parser().parse_args(["run", *args]))
+
+
+def test_run_flags_map_to_config_keys() -> None:
+    flags = _run_flags(
+        "--sync", "ef", "--bits", "8", "--codec", "int8", "--pairing", "hypercube", "--blocking"
+    )  # fmt: skip
+    assert flags == {
+        "sync.mode": "ef",
+        "sync.bits": 8,
+        "sync.codec": "int8",
+        "peers.pairing": "hypercube",
+        "sync.overlap": False,
+    }
+    config = load_config(None, {**flags, "sync.design": "pull"}, {})
+    assert config.sync.round_config.codec == "int8"
+    assert config.sync.round_config.bits == 8
+    assert config.peers.pairing == "hypercube"
+    assert not config.sync.overlap
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--error-feedback", "ef14"),  # removed: the ef design keeps its own residual
+        ("--bits", "3"),
+        ("--pairing", "ring"),
+        ("--codec", "zstd"),
+    ],
+)
+def test_removed_or_malformed_run_flags_are_usage_errors(
+    args: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["run", *args])
+    assert info.value.code == 2
+    capsys.readouterr()
 
 
 def test_a_bad_toml_file_is_a_config_error(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from locoswarm.peers import Match, Matchmaker, PeerRecord, PeersConfig
+from locoswarm.peers import Match, Matchmaker, PeerRecord, PeersConfig, plan_round
+from locoswarm.peers.pairing import cut_groups, hypercube_groups, round_groups, shuffled
 
 DEADLINE_S = 0.3
 
@@ -222,3 +223,145 @@ async def test_two_nodes_dialling_each_other_at_once_still_pair() -> None:
     # a dialled b while b's own proposal to a waited: the lower id's proposal wins
     assert (match_a.role, match_a.partners) == ("dialler", ("n01",))
     assert (match_b.role, match_b.partners) == ("responder", ("n00",))
+
+
+# -- the round's groups as pure functions (peers/pairing.py) -----------------------------------
+
+
+def _ids(n: int) -> list[str]:
+    return [f"n{i:02d}" for i in range(n)]
+
+
+def _flat(groups: list[tuple[str, ...]]) -> list[str]:
+    return sorted(p for g in groups for p in g)
+
+
+@pytest.mark.parametrize("step", [0, 1, 2, 3, 7, 1001])
+def test_hypercube_pairs_rank_i_with_i_xor_two_to_the_step(step: int) -> None:
+    ids = _ids(8)
+    groups = hypercube_groups(ids, "run", step)
+    bit = 1 << (step % 3)
+    assert len(groups) == 4
+    assert all(len(g) == 2 for g in groups)
+    assert _flat(groups) == ids
+    partner = {a: b for x, y in groups for a, b in ((x, y), (y, x))}
+    for i, peer in enumerate(ids):
+        assert partner[peer] == ids[i ^ bit], (step, peer)
+
+
+def test_hypercube_partners_cycle_through_every_dimension() -> None:
+    ids = _ids(8)
+    seen: dict[str, set[str]] = {p: set() for p in ids}
+    for step in range(3):
+        for a, b in hypercube_groups(ids, "run", step):
+            seen[a].add(b)
+            seen[b].add(a)
+    # Three rounds: every node met its three cube neighbours, each once.
+    assert seen["n00"] == {"n01", "n02", "n04"}
+    assert all(len(partners) == 3 for partners in seen.values())
+    assert hypercube_groups(ids, "run", 3) == hypercube_groups(ids, "run", 0)
+
+
+def test_hypercube_ranks_come_from_sorted_ids_not_the_given_order() -> None:
+    ids = ["zed", "amy", "kim", "bob"]
+    groups = hypercube_groups(ids, "run", 0)
+    assert groups == [("amy", "bob"), ("kim", "zed")]  # ranks 0-1 and 2-3
+    shuffled_ids = [*ids[::-1], "amy"]  # order and duplicates do not matter
+    assert hypercube_groups(shuffled_ids, "run", 0) == groups
+    assert hypercube_groups(ids, "run", 1) == [("amy", "kim"), ("bob", "zed")]
+
+
+def test_hypercube_with_six_nodes_pairs_the_ranks_left_over_at_random() -> None:
+    ids = _ids(6)  # d = 3; ranks 4 and 5 have no partner along dimensions 1 and 2
+    assert hypercube_groups(ids, "run", 0) == [("n00", "n01"), ("n02", "n03"), ("n04", "n05")]
+    one = hypercube_groups(ids, "run", 1)
+    assert one[:2] == [("n00", "n02"), ("n01", "n03")]
+    assert sorted(one[2]) == ["n04", "n05"]
+    two = hypercube_groups(ids, "run", 2)
+    assert two[:2] == [("n00", "n04"), ("n01", "n05")]
+    assert sorted(two[2]) == ["n02", "n03"]
+    for step in range(6):  # everybody is paired every round
+        groups = hypercube_groups(ids, "run", step)
+        assert _flat(groups) == ids
+        assert all(len(g) == 2 for g in groups)
+
+
+@pytest.mark.parametrize("n", [3, 5, 7])
+def test_hypercube_with_an_odd_count_leaves_exactly_one_node_alone(n: int) -> None:
+    ids = _ids(n)
+    for step in range(6):
+        groups = hypercube_groups(ids, "run", step)
+        assert _flat(groups) == ids
+        assert sorted(len(g) for g in groups) == [1] + [2] * (n // 2)
+
+
+def test_hypercube_leftovers_follow_the_rounds_seeded_shuffle() -> None:
+    ids = _ids(5)  # step 2 (mod 3): ranks 1, 2, 3 have no partner (1^4, 2^4, 3^4 >= 5)
+    groups = hypercube_groups(ids, "run", 2)
+    assert groups[0] == ("n00", "n04")
+    assert groups[1:] == cut_groups(shuffled(["n01", "n02", "n03"], "run", 2), 2)
+    # Deterministic for (run, step) ...
+    assert hypercube_groups(ids, "run", 2) == groups
+    # ... and the shuffle differs between runs for some step.
+    assert any(
+        hypercube_groups(ids, "run", s) != hypercube_groups(ids, "other", s)
+        for s in range(2, 30, 3)
+    )
+
+
+def test_hypercube_with_fewer_than_two_nodes() -> None:
+    assert hypercube_groups([], "run", 0) == []
+    assert hypercube_groups(["a"], "run", 5) == [("a",)]
+    assert hypercube_groups(["b", "a"], "run", 7) == [("a", "b")]
+
+
+def test_round_groups_picks_the_schedule() -> None:
+    ids = _ids(8)
+    assert round_groups(ids, "run", 4, 2, "hypercube") == hypercube_groups(ids, "run", 4)
+    assert round_groups(ids, "run", 4, 2) == cut_groups(shuffled(ids, "run", 4), 2)
+    assert round_groups(ids, "run", 4, 2, "random") == round_groups(ids, "run", 4, 2)
+    assert round_groups(ids, "run", 4, 2, "hypercube") != round_groups(ids, "run", 4, 2)
+    # The hypercube pairs nodes; groups of another size keep the shuffle.
+    assert round_groups(ids, "run", 4, 4, "hypercube") == cut_groups(shuffled(ids, "run", 4), 4)
+
+
+def test_plan_round_follows_the_hypercube_and_every_node_agrees() -> None:
+    ids = _ids(8)
+    view = [record(p, 2) for p in ids]
+    plans = {
+        p: plan_round(
+            record(p, 2), view, run_id="run", group_size=2, lag_window=1, schedule="hypercube"
+        )
+        for p in ids
+    }
+    want = hypercube_groups(ids, "run", 2)  # bit 4: n00-n04, n01-n05, ...
+    for p, plan in plans.items():
+        group = next(g for g in want if p in g)
+        assert plan.group == group
+        assert plan.role == ("dial" if p == group[0] else "listen")
+
+
+async def test_matchmaker_with_hypercube_pairing_forms_the_cube_pairs() -> None:
+    config = PeersConfig(run_id="cube", pairing="hypercube", backoff_base_s=0.01)
+    ids = _ids(4)
+    nodes = {p: Matchmaker[Session](config, p) for p in ids}
+    step = 1  # bit 2: n00-n02, n01-n03
+    view = [record(p, step) for p in ids]
+
+    def transport(me: str):
+        async def propose(peer: str, s: int) -> Session | None:
+            accepted, _ = await nodes[peer].on_proposal(me, s, wait_s=DEADLINE_S)
+            return Session(me, peer) if accepted else None
+
+        return propose
+
+    matches = await asyncio.gather(
+        *(nodes[p].match(record(p, step), view, transport(p), deadline_s=DEADLINE_S) for p in ids)
+    )
+    got = {p: (m.role, m.partners) for p, m in zip(ids, matches, strict=True)}
+    assert got == {
+        "n00": ("dialler", ("n02",)),
+        "n01": ("dialler", ("n03",)),
+        "n02": ("responder", ("n00",)),
+        "n03": ("responder", ("n01",)),
+    }

@@ -1,0 +1,124 @@
+"""The node's outer step (``node/outer.py``) around ``sync/rounds.py``: a pair's messages through
+the wire format, the same state as the shared round computes, solo steps, and checkpoints that
+hold the whole outer state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from locoswarm.errors import ProtocolViolation
+from locoswarm.node.config import load_config
+from locoswarm.node.outer import OuterStep, Prepared
+from locoswarm.protocol import Received
+from locoswarm.sync import rounds
+
+N = 700
+
+
+def _randn(seed: int, scale: float = 1.0) -> Tensor:
+    return scale * torch.randn(N, generator=torch.Generator().manual_seed(seed))
+
+
+def _pair(mode: str) -> tuple[OuterStep, OuterStep]:
+    config = load_config(None, {"sync.mode": mode}, {})
+    phi = _randn(0)
+    return (
+        OuterStep(config, phi, peer_id="a", fp="f"),
+        OuterStep(config, phi, peer_id="b", fp="f"),
+    )
+
+
+def _wire(prepared: Prepared) -> Received:
+    return Received(prepared.outgoing.header, bytes(prepared.outgoing.payload))
+
+
+@pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
+def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
+    a, b = _pair(mode)
+    start = a.state
+    for r in range(3):
+        thetas = [a.phi - _randn(10 + r, 0.01), b.phi - _randn(20 + r, 0.01)]
+        before = (a.state, b.state)
+        pa, pb = a.prepare(r, thetas[0]), b.prepare(r, thetas[1])
+        assert pa.outgoing.header.total_bytes == pa.message.num_bytes
+        got_a, got_b = a.decode(_wire(pb)), b.decode(_wire(pa))
+        assert a.heard == {"b": r}
+        assert b.heard == {"a": r}
+        phi_a, phi_b = a.apply(pa, got_a), b.apply(pb, got_b)
+        # What the shared round computes from the same states and thetas.
+        msg_a = rounds.prepare(a.rc, before[0], thetas[0], round=r)
+        msg_b = rounds.prepare(a.rc, before[1], thetas[1], round=r)
+        theirs = rounds.read(a.rc, msg_a, msg_b.parts).tensors
+        want = rounds.combine(a.rc, before[0], msg_a, rounds.member_mean([msg_a.own, theirs]))
+        assert torch.equal(phi_a, want.phi)
+        assert a.phi is phi_a
+        if mode != "noloco":  # proposal averaging: the pair leaves with the same phi
+            assert torch.equal(phi_a, phi_b)
+    assert not torch.equal(a.phi, start.phi)
+    assert a.wrapped_blocks == b.wrapped_blocks == 0
+
+
+def test_solo_is_the_rounds_alone_step() -> None:
+    a, _ = _pair("ef")
+    theta = a.phi - _randn(30, 0.01)
+    state = a.state
+    prepared = a.prepare(0, theta)
+    phi = a.solo(prepared)
+    want = rounds.alone(a.rc, state, rounds.prepare(a.rc, state, theta, round=0))
+    assert torch.equal(phi, want.phi)
+    # Nothing was sent, so nothing of what the message compressed is owed yet.
+    assert a.state.residual is None
+
+
+def test_decode_needs_an_open_round_and_rejects_a_wrong_message() -> None:
+    a, b = _pair("ef")
+    pb = b.prepare(0, b.phi - _randn(40, 0.01))
+    with pytest.raises(ProtocolViolation, match="no round is open"):
+        a.decode(_wire(pb))
+    pa = a.prepare(0, a.phi - _randn(41, 0.01))
+    a.decode(_wire(pb))
+    a.apply(pa, a.decode(_wire(pb)))
+    with pytest.raises(ProtocolViolation, match="no round is open"):
+        a.decode(_wire(pb))  # the round is finished
+    a.prepare(1, a.phi)
+    noloco, _ = _pair("noloco")
+    other = noloco.prepare(1, noloco.phi - _randn(42, 0.01))
+    with pytest.raises(ProtocolViolation):
+        a.decode(_wire(other))  # an fp32 theta where a quantized proposal belongs
+
+
+@pytest.mark.parametrize("mode", ["diloco", "ef"])
+def test_checkpoints_hold_the_whole_outer_state(mode: str) -> None:
+    a, b = _pair(mode)
+    pa = a.prepare(0, a.phi - _randn(50, 0.01))
+    pb = b.prepare(0, b.phi - _randn(51, 0.01))
+    a.apply(pa, a.decode(_wire(pb)))
+    saved = a.state_dict()
+    assert set(saved) == {"state"}
+    assert set(saved["state"]) == set(a.state.tensors())
+    assert {"phi", "momentum"} <= set(saved["state"])
+    if mode == "ef":  # what is owed and the distance seen survive a restart
+        assert {"residual", "bound"} <= set(saved["state"])
+    fresh, _ = _pair(mode)
+    fresh.load_state_dict(saved)
+    for name, tensor in a.state.tensors().items():
+        assert torch.equal(fresh.state.tensors()[name], tensor), name
+    # The restored node prepares the same next message, bit for bit.
+    theta = a.phi - _randn(52, 0.01)
+    assert fresh.prepare(1, theta).outgoing.payload == a.prepare(1, theta).outgoing.payload
+
+
+def test_state_payload_carries_phi_and_momentum_for_a_late_joiner() -> None:
+    a, b = _pair("diloco")
+    pa = a.prepare(0, a.phi - _randn(60, 0.01))
+    pb = b.prepare(0, b.phi - _randn(61, 0.01))
+    a.apply(pa, a.decode(_wire(pb)))
+    joiner, _ = _pair("diloco")
+    out = a.state_payload(1)
+    joiner.load_state_payload(Received(out.header, bytes(out.payload)))
+    assert torch.equal(joiner.phi, a.phi)
+    assert joiner.momentum is not None
+    assert a.momentum is not None
+    assert torch.equal(joiner.momentum, a.momentum)
