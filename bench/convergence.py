@@ -16,7 +16,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,7 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
             "ef", sync=replace(ef4, design="pull", codec="sign", pull_every=32)
         ),
         "ef_1bit": cfg("ef", sync=replace(ef4, bits=1)),
+        "ef_lowbit_sweep": cfg("ef", sync=low),
         "ef_4bit_blocking_cal": cfg("ef", sync=ef4, overlap=False),
         "ef_2bit_rotate2": cfg("ef", sync=replace(ef4, bits=2, rotate=2)),
         "ef_4bit_hypercube": cfg("ef", sync=ef4, pairing="hypercube"),
@@ -302,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         default="core",
         help="core (every mode overlapped and blocking, the references) or sweep or all",
     )
-    p.add_argument("--only", default=None, help="comma-separated method names to run")
+    p.add_argument(
+        "--only", default=None, help="comma-separated method names to run, in this order"
+    )
     p.add_argument(
         "--steps", type=int, default=None, help="override the regime's inner steps (calibration)"
     )
@@ -321,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, cfg in method_configs(reg, seed, a.suite).items()
         if name not in reused and (a.only is None or name in a.only.split(","))
     ]
+    if a.only is not None:
+        order = a.only.split(",")
+        jobs.sort(key=lambda job: order.index(job[0]))
     # Start the longest jobs first so the pool drains evenly.
     print(
         f"convergence benchmark ({'quick' if a.quick else 'full'}): {len(jobs)} runs, "
@@ -331,9 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = dict(reused)
     ctx = mp.get_context("spawn")
+    partial = Path(a.json).with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=a.workers, mp_context=ctx) as pool:
-        for name, result in pool.map(_run_one, *zip(*jobs, strict=True)):
+        # Jobs start in the order given; every finished run is saved at once (a long run that is
+        # stopped keeps what it measured: pass the .partial.json to --reuse).
+        futures = [pool.submit(_run_one, name, cfg) for name, cfg in jobs]
+        for future in as_completed(futures):
+            name, result = future.result()
             runs.setdefault(name, []).append(result)
+            partial.write_text(json.dumps({"runs": runs}))
     summary = summarise(runs, quick=a.quick)
     out = {
         "regime": {

@@ -104,7 +104,8 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "--apply-delay",
         type=int,
         default=None,
-        help="overlap: inner steps of the next phase before the update lands (default: all H)",
+        help="overlap: inner steps of the next phase before the update lands (default: the "
+        "modelled transfer time in steps, as the daemon applies an update when it arrives)",
     )
     p.add_argument(
         "--bits",
@@ -117,7 +118,7 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "--momentum-bits",
         type=int,
         default=None,
-        help="diloco: width of the shared momentum, 32 or 1..16 (default 16)",
+        help="diloco: width of the shared momentum, 32 or 1, 2, 4, 8, 16 (default 8)",
     )
     share = p.add_mutually_exclusive_group()
     share.add_argument(
@@ -159,6 +160,12 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         help="ef --design pull: a 16-bit proposal every N rounds (default 8)",
     )
     p.add_argument(
+        "--rotate",
+        type=int,
+        default=None,
+        help="ef --design siq: each round covers one in N blocks (default 1: all)",
+    )
+    p.add_argument(
         "--codec",
         choices=CODEC_CHOICES,
         default=None,
@@ -195,6 +202,7 @@ _ROUND_FLAGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("block_size", "--block-size", ("diloco", "ef")),
     ("design", "--design", ("ef",)),
     ("pull_every", "--pull-every", ("ef",)),
+    ("rotate", "--rotate", ("ef",)),
     ("codec", "--codec", ("ef",)),
     ("group_size", "--group-size", ("noloco", "diloco", "ef")),
     ("pairing", "--pairing", ("noloco", "diloco", "ef")),
@@ -244,6 +252,7 @@ def round_config_from_args(a: argparse.Namespace) -> RoundConfig | None:
         ("block_size", "block_size"),
         ("design", "design"),
         ("pull_every", "pull_every"),
+        ("rotate", "rotate"),
         ("codec", "codec"),
     ):
         if _given(a, dest):
