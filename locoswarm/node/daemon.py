@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -48,16 +47,12 @@ from locoswarm.protocol import (
     Received,
 )
 from locoswarm.protocol.reasons import REASONS
+from locoswarm.tasks.inner import weights_digest
 from locoswarm.tasks.task import TaskFactory, node_data_seed
 
 log = logging.getLogger("locoswarm.node")
 REFUSALS = ("busy", "stale_round", "shutting_down")
 """Reasons a peer declines an exchange without anything being wrong: no backoff."""
-
-
-def weights_digest(flat: Tensor) -> str:
-    """A short hash of a weight vector (logged at save and load to prove resumes exact)."""
-    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
 
 
 def _read_secret(path: Path | None) -> bytes | None:

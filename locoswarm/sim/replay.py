@@ -12,7 +12,6 @@ Knows the log format of ``node/daemon.py`` and nothing of sockets.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -24,18 +23,13 @@ from torch import Tensor
 from locoswarm.sim.swarm import Replica
 from locoswarm.sync import rounds
 from locoswarm.sync.rounds import Message, OuterState, RoundConfig
-from locoswarm.tasks.inner import InnerConfig, flat_params, set_flat
+from locoswarm.tasks.inner import InnerConfig, set_flat, weights_digest
 from locoswarm.tasks.task import TaskConfig, TaskFactory, node_data_seed
 
 __all__ = ["NodeLog", "ReplayRow", "parse_log", "replay"]
 
 _EVENT = re.compile(r"round-event (\{.*\})")
 _JOIN = re.compile(r"late join: fetched the outer weights of round (\d+) from (\S+) \(phi (\w+)\)")
-
-
-def digest(flat: Tensor) -> str:
-    """The daemon's weight digest (``node.daemon.weights_digest``)."""
-    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
 
 
 @dataclass
@@ -137,9 +131,9 @@ def replay(
                     node.log.peer,
                     int(event["round"]),  # type: ignore[call-overload]
                     str(event["theta"]),
-                    digest(node.snapshot),
+                    weights_digest(node.snapshot),
                     str(event["phi"]),
-                    digest(new.phi),
+                    weights_digest(new.phi),
                 )
             )
             node.next += 1
@@ -157,7 +151,7 @@ def _start(node: _Node, nodes: dict[str, _Node]) -> bool:
         node.started = True
         return True
     _, source, phi = node.log.joined_from
-    found = next((s for s in nodes[source].history if digest(s.phi) == phi), None)
+    found = next((s for s in nodes[source].history if weights_digest(s.phi) == phi), None)
     if found is None:
         return False
     momentum = found.momentum if found.momentum is not None and bool(found.momentum.any()) else None
@@ -189,7 +183,3 @@ def _finish(rc: RoundConfig, node: _Node, theirs: list[Message], partners: list[
         by_id[peer] = rounds.read(rc, msg, other.parts).tensors
     members = [by_id[p] for p in sorted(by_id)]
     return rounds.combine(rc, node.replica.state, msg, rounds.member_mean(members))
-
-
-def theta_digest(replica: Replica) -> str:
-    return digest(flat_params(replica.model))

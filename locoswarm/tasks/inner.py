@@ -6,6 +6,7 @@ is the same computation wherever it runs. Knows nothing about outer steps or pee
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,15 @@ from torch import Tensor, nn
 
 from locoswarm.errors import ConfigError
 
-__all__ = ["InnerConfig", "InnerLoop", "add_difference", "flat_params", "lr_factor", "set_flat"]
+__all__ = [
+    "InnerConfig",
+    "InnerLoop",
+    "add_difference",
+    "flat_params",
+    "lr_factor",
+    "set_flat",
+    "weights_digest",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,6 +92,11 @@ class InnerLoop:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+
+def weights_digest(flat: Tensor) -> str:
+    """A short hash of a weight vector (round logs, checkpoints, and their replay)."""
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
 
 
 def flat_params(model: nn.Module) -> Tensor:

@@ -80,9 +80,9 @@ def _solo_digest(checkpoint_file: Path) -> str:
     import torch
 
     from locoswarm.node.config import load_config
-    from locoswarm.node.daemon import weights_digest
     from locoswarm.node.outer import OuterStep
     from locoswarm.node.trainer import flat_params
+    from locoswarm.tasks.inner import weights_digest
     from locoswarm.tasks.model import MODEL_SIZES, ByteTransformer
 
     state = torch.load(checkpoint_file, weights_only=True)
