@@ -172,6 +172,7 @@ class NodeHandler:
             ) from exc
         if not current.partner.done():
             current.partner.set_result(tensors)
+        self.health.succeeded(peer)
 
     async def _on_group(self, peer: str, received: Received, current: Round) -> None:
         group = current.group

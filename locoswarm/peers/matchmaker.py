@@ -132,12 +132,16 @@ class Matchmaker(Generic[S]):
 
     async def _try(self, peer: str, outer_step: int, propose: Propose[S]) -> S | None:
         try:
-            return await propose(peer, outer_step)
+            session = await propose(peer, outer_step)
         except ProtocolViolation:
             self.health.violated(peer, self.clock())
+            return None
         except PeerError:
             self.health.failed(peer, self.clock())
-        return None
+            return None
+        if session is not None:
+            self.health.succeeded(peer)  # a transient failure long ago costs nothing now
+        return session
 
     def _responder(self, outer_step: int) -> Match[S]:
         assert self._accepted is not None  # set together with _picked
