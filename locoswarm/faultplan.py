@@ -16,13 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Action = Literal["drop", "delay", "corrupt", "truncate", "stall", "kill", "nan"]
-ACTIONS: tuple[str, ...] = ("drop", "delay", "corrupt", "truncate", "stall", "kill", "nan")
+Action = Literal["drop", "delay", "corrupt", "truncate", "stall", "kill", "nan", "raise"]
+ACTIONS: tuple[str, ...] = (
+    "drop",
+    "delay",
+    "corrupt",
+    "truncate",
+    "stall",
+    "kill",
+    "nan",
+    "raise",
+)
 PHASES: tuple[str, ...] = (
     "send_chunk",  # protocol: before a payload chunk goes out (drop, delay, corrupt, truncate,
     #               stall, kill)
     "prepare",  # node: our outgoing message for a round (nan)
     "round",  # node: at a round boundary, before matchmaking (delay, stall, kill)
+    "exchange",  # node: inside a round's exchange (raise: an unexpected error of our own)
+    "apply",  # node: before the round's outer state is computed (raise)
     "checkpoint",  # node: after the temporary checkpoint file is written, before the rename (kill)
 )
 

@@ -98,6 +98,8 @@ class Daemon:
         self._metrics_seen: tuple[int, float, float] = (0, 0.0, 0.0)
         self._exchange_failed = False
         """An exchange this round was accepted or attempted and then failed (not refused)."""
+        self._delivered = -1
+        """The last boundary whose update went to the trainer."""
         if config.debug.fault_plan is not None:
             try:
                 self.faults = FaultPlan.load(config.debug.fault_plan)
@@ -396,6 +398,9 @@ class Daemon:
                 except asyncio.CancelledError:
                     round_task.cancel()
                     raise
+                except Exception:  # a bug in one round must not end the node
+                    log.exception("round %d failed on our side; training on", self.next_round)
+                    self._round_crashed(boundary, parts)
                 if cfg.sync.rounds and self.next_round >= cfg.sync.rounds:
                     log.info("finished %d rounds", cfg.sync.rounds)
                     self.request_stop()
@@ -437,6 +442,8 @@ class Daemon:
                 match = await matchmaker.match(
                     me, view, propose, deadline_s=cfg.sync.match_deadline_s
                 )
+                if self.faults.fire("exchange", outer_step=r) is not None:
+                    raise RuntimeError(f"fault plan: an injected error in round {r}'s exchange")
                 if match.role != "solo" or self._exchange_failed:
                     result = "failed"  # until the exchange is done
                 if grouped and match.role != "solo":
@@ -454,9 +461,14 @@ class Daemon:
         except PeerError as exc:
             log.info("round %d: the group step failed: %s", r, exc)
             result = "failed"
+        except Exception:  # our own bug: a solo step, counted and logged
+            log.exception("round %d: the exchange failed on our side; taking a solo step", r)
+            result, partner, mean = "error", None, None
         finally:
             handler.close_round()
         partners: tuple[str, ...] = ()
+        if self.faults.fire("apply", outer_step=r) is not None:
+            raise RuntimeError(f"fault plan: an injected error before round {r}'s update")
         if mean is not None:
             assert current.group is not None  # a group's mean comes from a group round
             partners = tuple(p for p in current.group.members_ids() if p != self.peer_id)
@@ -470,6 +482,7 @@ class Daemon:
         self.metrics.exchange_seconds.labels(result=result).observe(time.perf_counter() - start)
         self._sync_metrics(trainer)
         trainer.deliver(b.outer_step, phi, b.theta)  # phi is never changed in place
+        self._delivered = b.outer_step
         self.next_round = r + 1
         handler.outer_step = self.next_round
         self.metrics.outer_step.set(self.next_round)
@@ -495,6 +508,18 @@ class Daemon:
             "phi": weights_digest(phi),
         }
         log.info("round-event %s", json.dumps(event))
+
+    def _round_crashed(self, b: Boundary, parts: Parts) -> None:
+        """A round ended by an unexpected error of ours: count it, log its traceback, and let
+        the trainer go on. The outer state is swapped as one value, so it is either this round's
+        or the last one's; if the update never reached the trainer, theta keeps its progress
+        (the next round's pseudo-gradient carries this one's)."""
+        self.metrics.exchanges.labels(result="error").inc()
+        if self._delivered != b.outer_step:
+            parts.trainer.deliver(b.outer_step, b.theta, b.theta)  # no change to theta
+            self._delivered = b.outer_step
+            self.next_round = max(self.next_round, b.outer_step + self.round_offset + 1)
+            parts.handler.outer_step = self.next_round
 
     async def _round_faults(self, r: int, prepared: Prepared) -> None:
         """Test seam: stall or kill at a round boundary; poison our message with a NaN."""

@@ -20,7 +20,8 @@ from prometheus_client import (
 
 from locoswarm.protocol.reasons import REASONS
 
-EXCHANGE_RESULTS = ("ok", "solo", "failed", "refused")
+EXCHANGE_RESULTS = ("ok", "solo", "failed", "refused", "error")
+"""error: a fault of our own (a bug) ended the round; it is logged with its traceback."""
 
 
 class NodeMetrics:

@@ -180,6 +180,33 @@ def test_nan_payload_is_refused(nodes: Nodes, tmp_path: Path) -> None:
     )
 
 
+def test_an_error_of_our_own_in_a_round_is_a_counted_failed_round(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    # Two unexpected errors inside rounds (a bug of ours, injected): in the exchange, and before
+    # the update. Each is a failed round, counted and logged with its traceback; the node trains on.
+    bad = plan(
+        tmp_path,
+        "raise",
+        {"action": "raise", "phase": "exchange", "outer_step": 3, "times": 2},
+        {"action": "raise", "phase": "apply", "outer_step": 3, "times": 1},
+    )
+    _a, b = pair(nodes, *bad)
+    later = rounds_after(b, 8)
+    text = b.text()
+    injected = re.findall(r"RuntimeError: fault plan: an injected error \w+ round (\d+)", text)
+    assert len(injected) == 3, text
+    assert text.count("Traceback (most recent call last)") == 3, text
+    # One failed round for each round an error ended (a round can hit both faults).
+    assert metric(b, "locoswarm_sync_exchanges_total", 'result="error"') == len(set(injected))
+    assert any(how == "exchanged" for _, how, _ in later[-3:]), text
+    record(
+        "an unexpected error in a round",
+        "fault plan: raise in the exchange and before the update",
+        "two failed rounds, counted as error and logged with tracebacks; training went on",
+    )
+
+
 def test_truncated_stream_is_refused(nodes: Nodes, tmp_path: Path) -> None:
     bad = plan(
         tmp_path,

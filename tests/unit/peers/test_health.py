@@ -32,7 +32,8 @@ def test_repeated_violations_ban_until_the_ban_ends() -> None:
     health = PeerHealth(CFG)
     assert [health.violated("p", now=float(t)) for t in range(3)] == [False, False, True]
     ok, why = health.available("p", 10.0)
-    assert not ok and "banned" in why
+    assert not ok
+    assert "banned" in why
     assert health.available("p", 2.0 + CFG.ban_s)[0] is True
 
 
@@ -66,7 +67,8 @@ async def test_the_matchmaker_forgives_a_peer_after_a_successful_exchange() -> N
         assert match.role == "solo"
     now[0] = 10_000.0
     match = await mm.match(record("a0"), view, propose, deadline_s=0.05)
-    assert match.role == "dialler" and match.partners == ("b1",)
+    assert match.role == "dialler"
+    assert match.partners == ("b1",)
     now[0] = 20_000.0
     match = await mm.match(record("a0"), view, propose, deadline_s=0.05)
     assert match.role == "solo"
