@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import struct
@@ -51,6 +52,8 @@ from locoswarm.tasks.inner import weights_digest
 from locoswarm.tasks.task import TaskFactory, node_data_seed
 
 log = logging.getLogger("locoswarm.node")
+_UNWIND_S = 5.0
+"""Longest wait for a cancelled round to unwind (its worker-thread calls cannot be interrupted)."""
 REFUSALS = ("busy", "stale_round", "shutting_down")
 """Reasons a peer declines an exchange without anything being wrong: no backoff."""
 
@@ -98,6 +101,7 @@ class Daemon:
         self._metrics_seen: tuple[int, float, float] = (0, 0.0, 0.0)
         self._exchange_failed = False
         """An exchange this round was accepted or attempted and then failed (not refused)."""
+        self._stop_at = math.inf
         self._delivered = -1
         """The last boundary whose update went to the trainer."""
         if config.debug.fault_plan is not None:
@@ -110,6 +114,8 @@ class Daemon:
             )
 
     def request_stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop_at = time.monotonic()
         self._stop.set()
         self._train_stop.set()
 
@@ -191,7 +197,7 @@ class Daemon:
                     progress.cancel()
             finally:
                 handler.stopping = True
-                self._final_checkpoint(trainer, outer)
+                await asyncio.to_thread(self._final_checkpoint, trainer, outer)
 
     async def _wait_for_peers(self, membership: Membership, outer: OuterStep) -> None:
         """Hold the first round until ``peers.min_peers`` compatible nodes are live (bounded)."""
@@ -394,10 +400,7 @@ class Daemon:
                     )
                 round_task = asyncio.ensure_future(self._round(boundary, parts))
                 try:
-                    await asyncio.shield(round_task)
-                except asyncio.CancelledError:
-                    round_task.cancel()
-                    raise
+                    await self._await_round(round_task)
                 except Exception:  # a bug in one round must not end the node
                     log.exception("round %d failed on our side; training on", self.next_round)
                     self._round_crashed(boundary, parts)
@@ -406,7 +409,36 @@ class Daemon:
                     self.request_stop()
         finally:
             self._train_stop.set()
-            await asyncio.gather(thread, return_exceptions=True)
+            await asyncio.wait({thread})  # the thread checks the stop flag every inner step
+            if not thread.cancelled() and thread.exception() is not None:
+                log.error("the trainer thread failed", exc_info=thread.exception())
+
+    async def _await_round(self, task: asyncio.Future[Any]) -> None:
+        """Wait for the round in flight. A stop gives it half of ``shutdown_grace_s`` (counted
+        from the stop request; the other half is for the checkpoint and the teardown), then
+        cancels it and waits for it to unwind. A cancelled round changed nothing: the outer
+        state is swapped in one step at its end. Re-raises the round's own error."""
+        stopper: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                left = self.config.shutdown_grace_s / 2 - (time.monotonic() - self._stop_at)
+                await asyncio.wait({task}, timeout=max(0.0, left))
+            if not task.done():
+                log.warning(
+                    "stopping: round %d did not finish within the shutdown grace; abandoned",
+                    self.next_round,
+                )
+                task.cancel()
+                await asyncio.wait({task}, timeout=_UNWIND_S)
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait({task}, timeout=_UNWIND_S)
+            raise
+        finally:
+            stopper.cancel()
+        if task.done() and not task.cancelled():
+            task.result()
 
     async def _round(self, b: Boundary, parts: Parts) -> None:
         cfg = self.config

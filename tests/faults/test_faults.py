@@ -207,6 +207,36 @@ def test_an_error_of_our_own_in_a_round_is_a_counted_failed_round(
     )
 
 
+def test_a_stop_ends_within_the_grace_with_a_checkpoint(nodes: Nodes, tmp_path: Path) -> None:
+    # A round stuck on a frozen partner would hold a stop for a whole minute (the match
+    # deadline); the stop gives it half of shutdown_grace_s, abandons it, and checkpoints.
+    ckpt = tmp_path / "ckpt-a"
+    slow = ["--set", "sync.match_deadline_s=60", "--set", "sync.exchange_timeout_s=120"]
+    a = nodes.start(*slow, "--set", "shutdown_grace_s=6", "--checkpoint-dir", str(ckpt))
+    b = nodes.start(*slow, "--join", nodes.join_address(a))
+    a.wait_for(r"round \d+: exchanged")
+    os.kill(b.proc.pid, signal.SIGSTOP)
+    try:
+        stuck = len(a.rounds())
+        time.sleep(4)  # a's next round is now waiting on the frozen partner
+        assert len(a.rounds()) <= stuck + 1, a.text()
+        # Far less than the stuck round's minute: the grace (6 s) plus start-up slack.
+        rc = a.stop(timeout_s=30)
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    text = a.text()
+    assert rc == 0, text
+    abandoned = text.find("did not finish within the shutdown grace; abandoned")
+    assert abandoned >= 0, text
+    assert re.search(r"checkpoint \S+ at round \d+", text[abandoned:]), text
+    assert list(ckpt.glob("*")), "no checkpoint written"
+    record(
+        "stop (SIGTERM) while a round waits on a frozen partner",
+        "signals: SIGSTOP the partner, SIGTERM the node",
+        "the round was abandoned at half the grace; the final checkpoint was written; exit 0",
+    )
+
+
 def test_truncated_stream_is_refused(nodes: Nodes, tmp_path: Path) -> None:
     bad = plan(
         tmp_path,
