@@ -285,10 +285,11 @@ class Daemon:
         directory = self.config.checkpoint.dir
         if directory is None:
             return
+        outer_state = outer.state_dict()  # one round's state, read once
         state = {
             "outer_step": outer_step,
             "trainer": trainer_state,
-            "outer": outer.state_dict(),
+            "outer": outer_state,
             "fingerprint": outer.fingerprint,
             "config": json.dumps(to_dict(self.config)),
         }
@@ -304,13 +305,13 @@ class Daemon:
             outer_step,
             trainer_state["step"],
             weights_digest(weights),
-            weights_digest(outer.phi),
+            weights_digest(outer_state["state"]["phi"]),
         )
 
     def _final_checkpoint(self, trainer: Trainer, outer: OuterStep) -> None:
         trainer._apply_pending()  # the trainer thread has stopped: apply the last outer update
         try:
-            self._save(self.next_round, trainer.state_dict(), outer)
+            self._save(outer.next_round, trainer.state_dict(), outer)
         except OSError as exc:
             log.error("could not write the final checkpoint: %s", exc)
 

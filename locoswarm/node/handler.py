@@ -211,7 +211,7 @@ class NodeHandler:
     async def on_fetch_state(self, peer: str) -> Outgoing:
         if self.stopping:
             raise PeerUnavailable(peer, "node is shutting down", reason="shutting_down")
-        return self.outer.state_payload(self.outer_step)
+        return await asyncio.to_thread(self.outer.state_payload)  # whole-model work
 
     def status(self) -> StatusInfo:
         return StatusInfo(

@@ -88,7 +88,7 @@ class OuterStep:
         self.rc: RoundConfig = config.sync.round_config
         self.peer_id = peer_id
         self.fingerprint = fp
-        self.state = OuterState(phi=phi.clone())
+        self._snapshot: tuple[int, OuterState] = (0, OuterState(phi=phi.clone()))
         self.numel = phi.numel()
         self.limits = DecodeLimits(max_numel=self.numel)
         self._fp32 = get_codec("fp32")
@@ -97,6 +97,24 @@ class OuterStep:
         """Side-information blocks of partners' messages that failed their checksum (so far)."""
         self.heard: dict[str, int] = {}
         """This round: the round label of each sender whose message we decoded (round log)."""
+
+    @property
+    def snapshot(self) -> tuple[int, OuterState]:
+        """(the next round, the outer state after the rounds before it), swapped as one value:
+        a reader on any thread sees one round's state, never a mix of two."""
+        return self._snapshot
+
+    @property
+    def state(self) -> OuterState:
+        return self._snapshot[1]
+
+    @property
+    def next_round(self) -> int:
+        return self._snapshot[0]
+
+    def restore(self, next_round: int, state: OuterState) -> None:
+        """Replace the outer state (a checkpoint, a fetched state)."""
+        self._snapshot = (next_round, state)
 
     @property
     def phi(self) -> Tensor:
@@ -185,8 +203,8 @@ class OuterStep:
         self.heard[peer] = received.header.outer_step
         return [got[name] for name in self._current.names]
 
-    def _commit(self, new: OuterState) -> Tensor:
-        self.state = new
+    def _commit(self, prepared: Prepared, new: OuterState) -> Tensor:
+        self._snapshot = (prepared.outer_step + 1, new)
         self._current = None
         return new.phi
 
@@ -195,7 +213,7 @@ class OuterStep:
         msg = prepared.message
         theirs = dict(zip(msg.names, partner, strict=True))
         means = rounds.member_mean([msg.own, theirs])
-        return self._commit(rounds.combine(self.rc, self.state, msg, means))
+        return self._commit(prepared, rounds.combine(self.rc, self.state, msg, means))
 
     def group_vector(self, prepared: Prepared) -> Tensor:
         """Our entry of a group's mean, flat (every named tensor, in message order)."""
@@ -206,31 +224,35 @@ class OuterStep:
         """Finish the round with the group's mean of ``group_vector``; returns the new phi."""
         msg = prepared.message
         means = dict(zip(msg.names, torch.split(mean, self.numel), strict=True))
-        return self._commit(rounds.combine(self.rc, self.state, msg, means))
+        return self._commit(prepared, rounds.combine(self.rc, self.state, msg, means))
 
     def solo(self, prepared: Prepared) -> Tensor:
         """Finish the round alone (no partner, or the exchange failed); returns the new phi."""
-        return self._commit(rounds.alone(self.rc, self.state, prepared.message))
+        return self._commit(prepared, rounds.alone(self.rc, self.state, prepared.message))
 
     # -- state for checkpoints and late joiners -------------------------------------------------
 
-    def state_payload(self, outer_step: int) -> Outgoing:
-        """phi and momentum as an fp32 payload (FetchState)."""
-        momentum = self.momentum if self.momentum is not None else torch.zeros_like(self.phi)
+    def state_payload(self) -> Outgoing:
+        """phi and momentum of one round as an fp32 payload (FetchState), labelled with the
+        round that follows them. Whole-model work: call it from a worker thread."""
+        next_round, state = self._snapshot
+        momentum = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
         parts = [
-            self._fp32.encode(self.phi, name="phi"),
+            self._fp32.encode(state.phi, name="phi"),
             self._fp32.encode(momentum, name="momentum"),
         ]
         specs = tuple(_spec(e, n) for e, n in zip(parts, STATE_NAMES, strict=True))
-        header = self.header(outer_step, specs, "state")
+        header = self.header(next_round, specs, "state")
         return Outgoing(header, b"".join(e.payload for e in parts))
 
     def load_state_payload(self, received: Received) -> None:
         phi, momentum = self.decode(received, STATE_NAMES)
-        self.state = OuterState(phi=phi, momentum=momentum if bool(momentum.any()) else None)
+        state = OuterState(phi=phi, momentum=momentum if bool(momentum.any()) else None)
+        self.restore(received.header.outer_step, state)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": self.state.tensors()}
+        next_round, state = self._snapshot
+        return {"state": state.tensors(), "next_round": next_round}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = OuterState.from_tensors(state["state"])
+        self.restore(int(state.get("next_round", 0)), OuterState.from_tensors(state["state"]))

@@ -96,13 +96,15 @@ def test_checkpoints_hold_the_whole_outer_state(mode: str) -> None:
     pb = b.prepare(0, b.phi - _randn(51, 0.01))
     a.apply(pa, a.decode(_wire(pb)))
     saved = a.state_dict()
-    assert set(saved) == {"state"}
+    assert set(saved) == {"state", "next_round"}
+    assert saved["next_round"] == 1
     assert set(saved["state"]) == set(a.state.tensors())
     assert {"phi", "momentum"} <= set(saved["state"])
     if mode == "ef":  # what is owed and the distance seen survive a restart
         assert {"residual", "bound"} <= set(saved["state"])
     fresh, _ = _pair(mode)
     fresh.load_state_dict(saved)
+    assert fresh.next_round == 1
     for name, tensor in a.state.tensors().items():
         assert torch.equal(fresh.state.tensors()[name], tensor), name
     # The restored node prepares the same next message, bit for bit.
@@ -116,9 +118,33 @@ def test_state_payload_carries_phi_and_momentum_for_a_late_joiner() -> None:
     pb = b.prepare(0, b.phi - _randn(61, 0.01))
     a.apply(pa, a.decode(_wire(pb)))
     joiner, _ = _pair("diloco")
-    out = a.state_payload(1)
+    out = a.state_payload()
+    assert out.header.outer_step == 1  # the round that follows the state it carries
     joiner.load_state_payload(Received(out.header, bytes(out.payload)))
+    assert joiner.next_round == 1
     assert torch.equal(joiner.phi, a.phi)
     assert joiner.momentum is not None
     assert a.momentum is not None
     assert torch.equal(joiner.momentum, a.momentum)
+
+
+def test_a_reader_sees_one_rounds_state_and_its_label_together() -> None:
+    a, b = _pair("diloco")
+    before_round, before = a.snapshot
+    pa = a.prepare(4, a.phi - _randn(70, 0.01))
+    pb = b.prepare(4, b.phi - _randn(71, 0.01))
+    # While round 4 is open, readers get the state it started from, labelled round 4's start.
+    open_round = a.state_payload()
+    assert open_round.header.outer_step == before_round
+    got = a.decode(Received(open_round.header, bytes(open_round.payload)), ("phi", "momentum"))
+    assert torch.equal(got[0], before.phi)
+    a.apply(pa, a.decode(_wire(pb)))
+    after_round, after = a.snapshot
+    assert after_round == 5
+    out = a.state_payload()
+    assert out.header.outer_step == 5
+    phi, momentum = a.decode(Received(out.header, bytes(out.payload)), ("phi", "momentum"))
+    assert torch.equal(phi, after.phi)
+    assert after.momentum is not None
+    assert torch.equal(momentum, after.momentum)
+    assert before.phi is not after.phi  # the old value was replaced, never written into
