@@ -114,10 +114,10 @@ class NodeHandler:
                     peer, "a roster from a peer that did not lead us", reason="malformed"
                 )
             return self.outer.control(header.outer_step, "roster")
-        try:  # a member may call before our roster arrived: wait for it, boundedly
-            vector = await asyncio.wait_for(asyncio.shield(group.vector), self.match_wait_s)
-        except (TimeoutError, asyncio.CancelledError):
-            raise PeerUnavailable(peer, "our group is not ready", reason="busy") from None
+        # A member may call before our roster arrived: wait for it, boundedly.
+        vector = await _group_ready(group.vector, self.match_wait_s)
+        if vector is None:
+            raise PeerUnavailable(peer, "our group is not ready", reason="busy")
         if tuple(header.members) != group.roster.result():
             raise ProtocolViolation(peer, "a different roster than ours", reason="malformed")
         members = group.members()
@@ -126,12 +126,10 @@ class NodeHandler:
             lo, hi = bounds[group.index(peer)]
             shard = vector[lo:hi]
         else:
-            try:
-                shard = await asyncio.wait_for(asyncio.shield(group.reduced), self.exchange_wait_s)
-            except (TimeoutError, asyncio.CancelledError):
-                raise PeerUnavailable(
-                    peer, "our reduce-scatter did not finish", reason="busy"
-                ) from None
+            reduced = await _group_ready(group.reduced, self.exchange_wait_s)
+            if reduced is None:
+                raise PeerUnavailable(peer, "our reduce-scatter did not finish", reason="busy")
+            shard = reduced
         return self.outer.shard_message(header.outer_step, kind, shard, group.roster.result())
 
     async def _admit_proposal(self, peer: str, header: Header) -> Outgoing:
@@ -233,3 +231,17 @@ class NodeHandler:
 
     def on_reject(self, reason: str) -> None:
         self.metrics.rejected.labels(reason=reason).inc()
+
+
+async def _group_ready(future: asyncio.Future[Tensor], timeout_s: float) -> Tensor | None:
+    """The group's value, or None when it did not come in time or the group closed (its
+    futures are cancelled). A cancellation of the call itself is not swallowed."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+    except TimeoutError:
+        return None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if future.cancelled() and (task is None or not task.cancelling()):
+            return None  # the group closed under us
+        raise
