@@ -11,11 +11,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterator
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -64,21 +67,58 @@ def peer_of(context: Context, max_chars: int) -> str:
 
 
 class _Tracked:
-    """An async iterator of frames that remembers whether the sender half-closed."""
+    """An async iterator of frames that remembers whether the sender half-closed, and turns a
+    frame that does not parse into a refusal (the sender's fault, not ours)."""
 
-    def __init__(self, frames: AsyncIterator[pb.Frame]) -> None:
+    def __init__(self, frames: AsyncIterator[bytes]) -> None:
         self.frames = frames
         self.ended = False
+        self.peer = "?"
 
     def __aiter__(self) -> _Tracked:
         return self
 
-    async def __anext__(self) -> pb.Frame:
+    async def next_raw(self) -> bytes | None:
+        """The next frame's bytes, unparsed; None at the end of the stream."""
         try:
             return await anext(self.frames)
         except StopAsyncIteration:
             self.ended = True
+            return None
+
+    async def __anext__(self) -> pb.Frame:
+        try:
+            raw = await anext(self.frames)
+        except StopAsyncIteration:
+            self.ended = True
             raise
+        try:  # parsed here, not by grpc: a bad frame is a refusal with our status
+            frame: pb.Frame = pb.Frame.FromString(raw)
+        except DecodeError:
+            raise error_for("malformed", self.peer, "a frame that is not a Frame") from None
+        return frame
+
+
+class _RateLimitedLog:
+    """At most one log line per key per ``interval_s``; the next one counts what was skipped.
+    A hostile peer's garbage must not flood the log."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def __call__(self, key: str, msg: str, *args: object) -> None:
+        now = self.clock()
+        if now - self._last.get(key, -math.inf) < self.interval_s:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return
+        self._last[key] = now
+        skipped = self._skipped.pop(key, 0)
+        if skipped:
+            msg += f" ({skipped} more like it in the last {self.interval_s:.0f}s)"
+        log.info(msg, *args)
 
 
 class _Servicer:
@@ -95,6 +135,7 @@ class _Servicer:
         self.bucket = bucket
         self.faults = faults
         self.busy = 0
+        self._log = _RateLimitedLog()
         self.inflight_bytes = 0
         self.stopping = False
 
@@ -144,19 +185,19 @@ class _Servicer:
         the sender to see the reject frame and half-close.
         """
         budget = 4 * self.limits.max_chunk_bytes
-        with contextlib.suppress(PeerError, TimeoutError):
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(2.0, self.config.frame_timeout_s)):
                 while budget > 0:
-                    frame = await next_frame(frames, peer, self.config.frame_timeout_s)
-                    if frame is None:
+                    raw = await frames.next_raw()  # not parsed: garbage drains like the rest
+                    if raw is None:
                         return
-                    budget -= max(_DRAIN_FRAME_COST, frame.ByteSize())
+                    budget -= max(_DRAIN_FRAME_COST, len(raw))
 
     def _note(self, exc: PeerError) -> str:
         """Count and log a refusal; return its wire reason."""
         reason = reason_of(exc)
         self.handler.on_reject(reason)
-        log.info("refused a call from %s: %s", exc.peer, exc)
+        self._log(reason, "refused a call from %s: %s", exc.peer, exc)
         return reason
 
     async def _abort(self, context: Context, reason: str, detail: str) -> None:
@@ -235,11 +276,11 @@ class _Servicer:
             raise error_for("out_of_order", peer, "a frame after the confirmation")
         await self.handler.on_exchange(peer, received)
 
-    async def Exchange(self, request_iterator: AsyncIterator[pb.Frame], context: Context) -> None:
+    async def Exchange(self, request_iterator: AsyncIterator[bytes], context: Context) -> None:
         frames = _Tracked(aiter(request_iterator))
         peer = "?"
         try:
-            peer = peer_of(context, self.limits.max_name_chars)
+            peer = frames.peer = peer_of(context, self.limits.max_name_chars)
             async with asyncio.timeout(self._deadline(context)):
                 await self._exchange(frames, context, peer)
         except (PeerError, TimeoutError) as exc:
@@ -298,7 +339,7 @@ def _method_handlers(servicer: _Servicer) -> grpc.GenericRpcHandler:
         {
             "Exchange": grpc.stream_stream_rpc_method_handler(
                 servicer.Exchange,
-                request_deserializer=pb.Frame.FromString,
+                request_deserializer=None,  # raw bytes: _Tracked parses each frame
                 response_serializer=serialize,
             ),
             "FetchState": grpc.unary_stream_rpc_method_handler(
