@@ -53,10 +53,12 @@ async def test_the_matchmaker_forgives_a_peer_after_a_successful_exchange() -> N
     health = PeerHealth(CFG)
     mm = Matchmaker[str](CFG, "a0", health=health, clock=lambda: now[0])
     view = [record("a0"), record("b1")]
-    outcomes = iter([PeerUnavailable("b1", "down")] * 7 + ["session", PeerUnavailable("b1", "x")])
+    outcomes: list[str | Exception] = [PeerUnavailable("b1", "down")] * 7
+    outcomes += ["session", PeerUnavailable("b1", "x")]
+    given = iter(outcomes)
 
     async def propose(peer: str, step: int) -> str | None:
-        got = next(outcomes)
+        got = next(given)
         if isinstance(got, Exception):
             raise got
         return got
