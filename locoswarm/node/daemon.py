@@ -52,6 +52,8 @@ from locoswarm.tasks.inner import weights_digest
 from locoswarm.tasks.task import TaskFactory, node_data_seed
 
 log = logging.getLogger("locoswarm.node")
+_LAG_TICK_S = 0.05
+"""Period of the event-loop lag probe."""
 _UNWIND_S = 5.0
 """Longest wait for a cancelled round to unwind (its worker-thread calls cannot be interrupted)."""
 REFUSALS = ("busy", "stale_round", "shutting_down")
@@ -132,7 +134,7 @@ class Daemon:
             membership = await stack.enter_async_context(Membership.start(peers_cfg))
             self.peer_id = membership.dht_peer_id
             trainer, outer = await asyncio.to_thread(self._build)
-            restored = self._restore(trainer, outer)
+            restored = await asyncio.to_thread(self._restore, trainer, outer)
             if cfg.metrics_port is not None:
                 port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
                 stack.callback(self.metrics.close)
@@ -171,7 +173,9 @@ class Daemon:
                 faults=self.faults,
             )
             stack.push_async_callback(client.close)
-            if not restored and peers_cfg.initial_peers:
+            if peers_cfg.initial_peers and (
+                not restored or await self._far_behind(membership, outer)
+            ):
                 await self._late_join(membership, client, trainer, outer)
             handler.outer_step = self.next_round
             record = PeerRecord(
@@ -190,14 +194,24 @@ class Daemon:
                 async with asyncio.TaskGroup() as tasks:
                     refresher = tasks.create_task(membership.refresh_forever(), name="refresh")
                     progress = tasks.create_task(self._progress(trainer, handler), name="progress")
+                    lag = tasks.create_task(self._watch_loop_lag(), name="loop-lag")
                     await self._train(
                         Parts(trainer, outer, handler, matchmaker, membership, client, record)
                     )
                     refresher.cancel()
                     progress.cancel()
+                    lag.cancel()
             finally:
                 handler.stopping = True
                 await asyncio.to_thread(self._final_checkpoint, trainer, outer)
+
+    async def _watch_loop_lag(self) -> None:
+        """How late the loop wakes a timer: whole-model work left on the loop shows here."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(_LAG_TICK_S)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - start - _LAG_TICK_S))
 
     async def _wait_for_peers(self, membership: Membership, outer: OuterStep) -> None:
         """Hold the first round until ``peers.min_peers`` compatible nodes are live (bounded)."""
@@ -315,6 +329,36 @@ class Daemon:
         except OSError as exc:
             log.error("could not write the final checkpoint: %s", exc)
 
+    async def _far_behind(self, membership: Membership, outer: OuterStep) -> bool:
+        """Whether the swarm moved past our restored checkpoint by more than the lag window:
+        then its current state is worth more than ours (a late joiner's start)."""
+        try:
+            records = await asyncio.wait_for(membership.list_peers(), 15)
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - the DHT is best effort here
+            log.warning("could not list peers to compare rounds: %s", exc)
+            return False
+        steps = sorted(
+            r.outer_step
+            for r in records
+            if r.peer_id != self.peer_id
+            and r.model_fingerprint == outer.fingerprint
+            and r.sync == outer.mode
+        )
+        if not steps:
+            return False
+        swarm = steps[len(steps) // 2]
+        window = self.config.peers.lag_window
+        if swarm - self.next_round <= window:
+            return False
+        log.warning(
+            "the swarm is at round %d, our checkpoint at round %d (more than the lag window of "
+            "%d behind): fetching the swarm's current state instead",
+            swarm,
+            self.next_round,
+            window,
+        )
+        return True
+
     async def _late_join(
         self, membership: Membership, client: PeerClient, trainer: Trainer, outer: OuterStep
     ) -> None:
@@ -342,14 +386,15 @@ class Daemon:
             except PeerError as exc:
                 log.warning("could not fetch state from %s: %s", record.peer_id, exc)
                 continue
-            trainer.set_weights(outer.phi)
+            await asyncio.to_thread(trainer.set_weights, outer.phi)
             self.next_round = state.header.outer_step
+            self.round_offset = 0
             trainer.step = self.next_round * self.config.sync.inner_steps
             log.info(
                 "late join: fetched the outer weights of round %d from %s (phi %s)",
                 self.next_round,
                 record.peer_id,
-                weights_digest(outer.phi),
+                await asyncio.to_thread(weights_digest, outer.phi),
             )
             return
 
@@ -520,13 +565,17 @@ class Daemon:
         handler.outer_step = self.next_round
         self.metrics.outer_step.set(self.next_round)
         self.metrics.loss.set(b.loss)
+        # Hashing whole models is whole-model work: off the loop.
+        theta_digest, phi_digest = await asyncio.to_thread(
+            lambda: (weights_digest(b.theta), weights_digest(phi))
+        )
         log.info(
             "round %d: %s, train loss %.4f, %.2fs, phi %s",
             r,
             "exchanged" if result == "ok" else f"solo ({result})",
             b.loss,
             time.perf_counter() - start,
-            weights_digest(phi),
+            phi_digest,
         )
         # One machine-readable event per round: what a replay of this swarm needs.
         event = {
@@ -537,8 +586,8 @@ class Daemon:
             "partners": list(partners),
             "partner_rounds": [outer.heard.get(p, r) for p in partners],
             "applied_after": b.applied_after,
-            "theta": weights_digest(b.theta),
-            "phi": weights_digest(phi),
+            "theta": theta_digest,
+            "phi": phi_digest,
         }
         log.info("round-event %s", json.dumps(event))
 
@@ -676,7 +725,7 @@ class Daemon:
                 ) from None
         roster = group.roster.result()
         ids = [p for p, _ in parse_roster(roster, None)]
-        vector = outer.group_vector(prepared)
+        vector = await asyncio.to_thread(outer.group_vector, prepared)
         bounds = shard_bounds(vector.numel(), len(ids))
         me = ids.index(self.peer_id)
 

@@ -68,6 +68,12 @@ class NodeMetrics:
         )
         self.loss.set(float("nan"))  # no round yet: not a perfect loss of 0
         self.outer_step = Gauge("locoswarm_sync_outer_step", "Outer steps completed", registry=r)
+        self.loop_lag = Histogram(
+            "locoswarm_node_event_loop_lag_seconds",
+            "How late the event loop woke a timer (work that blocks the loop shows here)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.exchanges = Counter(
             "locoswarm_sync_exchanges", "Outer steps by how they ended", ["result"], registry=r
         )

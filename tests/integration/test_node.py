@@ -59,6 +59,26 @@ def test_sigterm_then_restart_resumes_with_identical_weights(nodes: Nodes, tmp_p
     assert again.stop() == 0
 
 
+def test_a_node_restarted_far_behind_the_swarm_fetches_its_state(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    first = nodes.start()
+    join = nodes.join_address(first)
+    second = nodes.start("--join", join, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
+    second.wait_for(r"round \d+: exchanged")
+    assert second.stop() == 0
+    stopped_at = _digest(second.text(), "checkpoint")[0]
+    first.wait_for(rf"round {stopped_at + 6}: ")  # the swarm moves past the lag window (2)
+    again = nodes.start("--join", join, "--checkpoint-dir", str(ckpt), name="restarted")
+    again.wait_for(r"resumed from")
+    again.wait_for(r"fetching the swarm's current state instead")
+    fetched = again.wait_for(r"late join: fetched the outer weights of round (\d+)")
+    assert int(fetched.group(1)) > stopped_at + 2
+    again.wait_for(rf"round {fetched.group(1)}: ")  # and trains on from the swarm's round
+    assert again.stop() == 0
+
+
 def test_a_killed_node_does_not_stop_the_others(nodes: Nodes) -> None:
     first = nodes.start()
     join = nodes.join_address(first)
