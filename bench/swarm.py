@@ -100,6 +100,8 @@ TIMELINE_POINTS = 40
 
 IDLE_TARGET = 0.05
 MEMORY_TARGET_COPIES = 3.0
+LOOP_LAG = "locoswarm_node_event_loop_lag_seconds"
+LOOP_LAG_TARGET_S = 0.05
 FP32_BYTES = 4
 
 TINY_CONFIGS = (
@@ -212,6 +214,20 @@ def _by_label(
     samples: list[tuple[str, dict[str, str], float]], name: str, label: str
 ) -> dict[str, float]:
     return {lab[label]: v for n, lab, v in samples if n == name and label in lab}
+
+
+def histogram_quantile(
+    samples: list[tuple[str, dict[str, str], float]], name: str, q: float
+) -> float | None:
+    """The upper bound of the histogram bucket that holds quantile ``q`` (an upper estimate:
+    the true quantile is at most this), from the ``<name>_bucket`` samples; None if empty."""
+    buckets = sorted(
+        (float(lab["le"]), v) for n, lab, v in samples if n == f"{name}_bucket" and "le" in lab
+    )
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    return next(le for le, count in buckets if count >= q * total)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,6 +626,9 @@ def _metrics_summary(text: str | None, inner_steps: int) -> dict[str, Any]:
         "outer_step": _sample(s, "locoswarm_sync_outer_step"),
         "peers": _sample(s, "locoswarm_peers_live"),
         "rejected": rejected,
+        "loop_lag_p99_s": histogram_quantile(s, LOOP_LAG, 0.99),
+        "loop_lag_p50_s": histogram_quantile(s, LOOP_LAG, 0.5),
+        "loop_lag_samples": _sample(s, f"{LOOP_LAG}_count"),
     }
 
 
@@ -866,7 +885,13 @@ def _config_summary(nodes: list[dict[str, Any]], cap_mbps: float | None) -> dict
         if any(n.get("final_loss") is not None for n in nodes)
         else None,
         "max_vmhwm_bytes": max((n["vmhwm_bytes"] or 0) for n in nodes) if nodes else None,
+        "loop_lag_p99_s_max": max(lags) if (lags := _present(nodes, "loop_lag_p99_s")) else None,
+        "loop_lag_p99_s_per_node": [n.get("loop_lag_p99_s") for n in nodes],
     }
+
+
+def _present(nodes: list[dict[str, Any]], key: str) -> list[float]:
+    return [n[key] for n in nodes if n.get(key) is not None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -986,6 +1011,23 @@ def summarise(configs: dict[str, dict[str, Any]], memory: dict[str, Any]) -> dic
         )
         if overlap.get("exchange_shorter_than_inner_phase") is False:
             notes[name] += "; precondition not met: the exchange took longer than an inner phase"
+
+    small = configs.get(SMALL_CONFIG, {}).get("summary", {})
+    lag = small.get("loop_lag_p99_s_max")
+    name = f"event-loop lag (small): p99 < {LOOP_LAG_TARGET_S * 1e3:.0f} ms on every node"
+    checks[name] = None if lag is None else lag < LOOP_LAG_TARGET_S
+    values[name] = {
+        "p99_s_max": lag,
+        "p99_s_per_node": small.get("loop_lag_p99_s_per_node"),
+        **{
+            f"{c}_p99_s_max": configs[c].get("summary", {}).get("loop_lag_p99_s_max")
+            for c in configs
+        },
+    }
+    notes[name] = (
+        "p99 of how late a 50 ms timer woke (locoswarm_node_event_loop_lag_seconds), as the upper "
+        "bound of its histogram bucket, over the whole run of every node"
+    )
 
     for task in ("small", "tiny"):
         entry = memory.get(task)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.swarm import BASELINE_VARIANTS, TINY_CONFIGS, main
+from bench.swarm import BASELINE_VARIANTS, TINY_CONFIGS, histogram_quantile, main, parse_metrics
 from tests import procs
 
 
@@ -62,6 +62,8 @@ def test_quick_run_measures_idle_bytes_exchanges_and_memory(tmp_path: Path) -> N
             assert node["final_loss"] > 0, where
             assert node["vmhwm_bytes"] > 0, where
             assert node["dht_vmhwm_bytes"] > 0, where
+            assert node["loop_lag_samples"] > 0, where  # the lag probe ran
+            assert 0 < node["loop_lag_p99_s"] <= 2.5, where
         summary = config["summary"]
         assert summary["rounds_done"] >= 2
         for key in ("idle_fraction_mean", "idle_fraction_max"):
@@ -103,3 +105,24 @@ def test_quick_run_measures_idle_bytes_exchanges_and_memory(tmp_path: Path) -> N
     for group in groups:
         assert procs.wait_gone(procs.in_group(group)) == set(), group
     assert procs.descendants(os.getpid()) - children_before == set()
+
+
+def test_histogram_quantile_is_the_upper_bound_of_the_bucket_that_holds_it() -> None:
+    text = "\n".join(
+        [
+            "# TYPE lag_seconds histogram",
+            'lag_seconds_bucket{le="0.01"} 90.0',
+            'lag_seconds_bucket{le="0.05"} 98.0',
+            'lag_seconds_bucket{le="0.1"} 100.0',
+            'lag_seconds_bucket{le="+Inf"} 100.0',
+            "lag_seconds_count 100.0",
+            "lag_seconds_sum 1.0",
+            "",
+        ]
+    )
+    samples = parse_metrics(text)
+    assert histogram_quantile(samples, "lag_seconds", 0.5) == 0.01
+    assert histogram_quantile(samples, "lag_seconds", 0.9) == 0.01
+    assert histogram_quantile(samples, "lag_seconds", 0.98) == 0.05
+    assert histogram_quantile(samples, "lag_seconds", 0.99) == 0.1
+    assert histogram_quantile(samples, "missing", 0.99) is None
