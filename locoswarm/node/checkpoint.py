@@ -6,6 +6,7 @@ the previous one is used.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -14,10 +15,14 @@ from typing import Any
 
 import torch
 
-from locoswarm.errors import CheckpointError
+from locoswarm.errors import CheckpointError, ConfigError
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
+from locoswarm.node.config import NodeConfig, to_dict
+from locoswarm.node.outer import OuterStep
+from locoswarm.node.trainer import Trainer, flat_params
+from locoswarm.tasks.inner import weights_digest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("locoswarm.node")
 PREFIX = "round-"
 SUFFIX = ".pt"
 
@@ -74,3 +79,67 @@ def load_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     if errors:
         raise CheckpointError(f"no loadable checkpoint in {directory}: {'; '.join(errors)}")
     return None
+
+
+# -- a node's checkpoint: the trainer's state and the outer state of one round -------------------
+
+
+def save_node(
+    config: NodeConfig,
+    outer_step: int,
+    trainer_state: dict[str, Any],
+    outer: OuterStep,
+    *,
+    faults: FaultPlan = NO_FAULTS,
+) -> None:
+    """Write the node's checkpoint of ``outer_step`` (whole-model work: off the event loop)."""
+    directory = config.checkpoint.dir
+    if directory is None:
+        return
+    outer_state = outer.state_dict()  # one round's state, read once
+    state = {
+        "outer_step": outer_step,
+        "trainer": trainer_state,
+        "outer": outer_state,
+        "fingerprint": outer.fingerprint,
+        "config": json.dumps(to_dict(config)),
+    }
+    path = save(Path(directory), outer_step, state, keep=config.checkpoint.keep, faults=faults)
+    weights = torch.nn.utils.parameters_to_vector(
+        [t.float() for t in trainer_state["model"].values()]
+    )
+    log.info(
+        "checkpoint %s at round %d, step %d: weights %s, phi %s",
+        path,
+        outer_step,
+        trainer_state["step"],
+        weights_digest(weights),
+        weights_digest(outer_state["state"]["phi"]),
+    )
+
+
+def restore_node(config: NodeConfig, trainer: Trainer, outer: OuterStep) -> int | None:
+    """Load the newest checkpoint into ``trainer`` and ``outer``; returns its round (None: no
+    checkpoint). Raises ConfigError for a checkpoint of another model."""
+    directory = config.checkpoint.dir
+    found = None if directory is None else load_latest(Path(directory))
+    if found is None:
+        return None
+    path, state = found
+    if state.get("fingerprint") != outer.fingerprint:
+        raise ConfigError(
+            f"checkpoint {path} is for model fingerprint {state.get('fingerprint')}, this "
+            f"configuration has {outer.fingerprint}: use another --checkpoint-dir"
+        )
+    trainer.load_state_dict(state["trainer"])
+    outer.load_state_dict(state["outer"])
+    outer_step = int(state["outer_step"])
+    log.info(
+        "resumed from %s at round %d, step %d: weights %s, phi %s",
+        path,
+        outer_step,
+        trainer.step,
+        weights_digest(flat_params(trainer.model)),
+        weights_digest(outer.phi),
+    )
+    return outer_step

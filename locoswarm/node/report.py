@@ -1,0 +1,133 @@
+"""What a node tells its user and its scrapers: the ready banner and file, the progress line,
+the per-round log line and its machine-readable ``round-event``, the trainer's counters moved into
+Prometheus, and the event-loop lag probe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from locoswarm.node.config import NodeConfig
+from locoswarm.node.metrics import NodeMetrics
+from locoswarm.node.round import RoundOutcome
+from locoswarm.node.trainer import Boundary, Trainer
+from locoswarm.peers.membership import Membership
+from locoswarm.tasks.inner import weights_digest
+
+log = logging.getLogger("locoswarm.node")
+
+LAG_TICK_S = 0.05
+"""Period of the event-loop lag probe."""
+
+
+class Reporter:
+    def __init__(self, config: NodeConfig, metrics: NodeMetrics, info: dict[str, Any]) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.info = info
+        self._seen: tuple[int, float, float] = (0, 0.0, 0.0)
+
+    def announce_ready(self, membership: Membership, peer_id: str, address: str | None) -> None:
+        cfg = self.config
+        self.info.update(
+            peer_id=peer_id,
+            grpc=address,
+            maddrs=membership.visible_maddrs(),
+            join=membership.join_command(),
+        )
+        print(
+            f"locoswarm node {peer_id} ({cfg.sync.mode}, task {cfg.task.name}, "
+            f"{self.info['parameters']:,} parameters on {self.info['device']})\n"
+            f"  gRPC: {address or 'client mode (dials out only)'}\n"
+            f"  metrics: {self.info.get('metrics', 'off')}\n"
+            f"  others join with:\n    {self.info['join']}",
+            flush=True,
+        )
+        if cfg.ready_file is not None:
+            Path(cfg.ready_file).write_text(json.dumps(self.info) + "\n")
+
+    def sync_metrics(self, trainer: Trainer) -> None:
+        """Move the trainer thread's running totals into the Prometheus counters."""
+        s = trainer.stats
+        steps, compute, idle = self._seen
+        self.metrics.inner_steps.inc(s.inner_steps - steps)
+        self.metrics.tokens.inc((s.inner_steps - steps) * trainer.tokens_per_step)
+        self.metrics.compute_seconds.inc(max(0.0, s.compute_s - compute))
+        self.metrics.idle_seconds.inc(max(0.0, s.idle_s - idle))
+        self._seen = (s.inner_steps, s.compute_s, s.idle_s)
+
+    async def round_done(self, peer_id: str, b: Boundary, outcome: RoundOutcome) -> None:
+        """Count the round, log its line and its ``round-event`` (what a replay of this swarm
+        needs). Hashing whole models is whole-model work: off the loop."""
+        self.metrics.exchanges.labels(result=outcome.result).inc()
+        self.metrics.exchange_seconds.labels(result=outcome.result).observe(outcome.seconds)
+        self.metrics.outer_step.set(outcome.round + 1)
+        self.metrics.loss.set(b.loss)
+        theta, phi = await asyncio.to_thread(
+            lambda: (weights_digest(b.theta), weights_digest(outcome.phi))
+        )
+        ok = outcome.result == "ok"
+        log.info(
+            "round %d: %s, train loss %.4f, %.2fs, phi %s",
+            outcome.round,
+            "exchanged" if ok else f"solo ({outcome.result})",
+            b.loss,
+            outcome.seconds,
+            phi,
+        )
+        event = {
+            "peer": peer_id,
+            "boundary": b.outer_step,
+            "round": outcome.round,
+            "outcome": "exchanged" if ok else outcome.result,
+            "partners": list(outcome.partners),
+            "partner_rounds": list(outcome.partner_rounds),
+            "applied_after": b.applied_after,
+            "theta": theta,
+            "phi": phi,
+        }
+        log.info("round-event %s", json.dumps(event))
+
+    async def progress(
+        self,
+        trainer: Trainer,
+        bytes_moved: dict[str, int],
+        peers: Callable[[], int],
+        round_now: Callable[[], int],
+    ) -> None:
+        """The console progress line every ``log_every_s``."""
+        last_steps, last_compute, last_idle = 0, 0.0, 0.0
+        last_time = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.log_every_s)
+            self.sync_metrics(trainer)
+            s = trainer.stats
+            now = time.monotonic()
+            steps = s.inner_steps - last_steps
+            compute, idle = s.compute_s - last_compute, s.idle_s - last_idle
+            busy = compute + idle
+            print(
+                f"step {trainer.step}  round {round_now()}  "
+                f"loss {s.last_loss:.4f}  "
+                f"{steps * trainer.tokens_per_step / max(now - last_time, 1e-9):,.0f} tok/s  "
+                f"peers {peers()}  "
+                f"up {bytes_moved['sent'] / 1e6:.1f} MB  "
+                f"down {bytes_moved['received'] / 1e6:.1f} MB  "
+                f"idle {100 * idle / busy if busy else 0:.1f}%",
+                flush=True,
+            )
+            last_steps, last_compute, last_idle = s.inner_steps, s.compute_s, s.idle_s
+            last_time = now
+
+    async def watch_loop_lag(self) -> None:
+        """How late the loop wakes a timer: whole-model work left on the loop shows here."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LAG_TICK_S)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - start - LAG_TICK_S))
