@@ -77,8 +77,11 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
     core = {
         "ddp": cfg("ddp"),
         "solo": cfg("solo"),
-        "diloco_allreduce": cfg(
-            "diloco", group_size=0, overlap=False, sync=replace(diloco, bits=32, momentum_bits=32)
+        "diloco_allreduce": cfg(  # DiLoCo's own settings: lr 0.7, Nesterov momentum 0.9
+            "diloco",
+            group_size=0,
+            overlap=False,
+            sync=replace(diloco, bits=32, momentum_bits=32, momentum=0.9),
         ),
         "noloco": cfg("noloco"),
         "noloco_blocking": cfg("noloco", overlap=False),
@@ -117,6 +120,37 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
         "ef_4bit_blocking_cal": cfg("ef", sync=ef4, overlap=False),
         "ef_2bit_rotate2": cfg("ef", sync=replace(ef4, bits=2, rotate=2)),
         "ef_4bit_hypercube": cfg("ef", sync=ef4, pairing="hypercube"),
+        # Outer step settings for pairs (the all-reduce reference keeps DiLoCo's 0.7 / 0.9).
+        **{
+            f"diloco_lr{lr}_m{m}": cfg("diloco", sync=replace(diloco, lr=lr, momentum=m))
+            for lr, m in (
+                (0.5, 0.9),
+                (1.0, 0.9),
+                (0.7, 0.8),
+                (1.0, 0.8),
+                (0.7, 0.95),
+                (0.7, 0.7),
+                (0.8, 0.8),
+            )
+        },
+        "diloco_allreduce_m0.8": cfg(  # the reference at the pairs' momentum
+            "diloco",
+            group_size=0,
+            overlap=False,
+            sync=replace(diloco, bits=32, momentum_bits=32, momentum=0.8),
+        ),
+        # The defaults before momentum 0.8 was measured best for pairs.
+        "diloco_m0.9": cfg("diloco", sync=replace(diloco, momentum=0.9)),
+        "ef_4bit_m0.9": cfg("ef", sync=replace(ef4, momentum=0.9)),
+        "ef_lowbit_m0.9": cfg("ef", sync=replace(low, momentum=0.9)),
+        "diloco_allreduce": core["diloco_allreduce"],
+        "diloco": core["diloco"],
+        # The siq lattice's reach (margin x the disagreement bound): wider wraps less, rounds
+        # coarser (error feedback carries the rounding).
+        "ef_4bit": core["ef_4bit"],
+        **{f"ef_4bit_margin{m}": cfg("ef", sync=replace(ef4, margin=float(m))) for m in (3, 4)},
+        "ef_lowbit": core["ef_lowbit"],
+        "ef_lowbit_margin3": cfg("ef", sync=replace(low, margin=3.0)),
     }
     if suite == "core":
         return core

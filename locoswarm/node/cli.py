@@ -75,7 +75,7 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "--outer-momentum",
         type=float,
         default=None,
-        help="Nesterov momentum of diloco and ef (0.9) / noloco alpha (0.5)",
+        help="Nesterov momentum of diloco and ef (0.8) / noloco alpha (0.5)",
     )
     p.add_argument(
         "--gamma",

@@ -40,7 +40,7 @@ class SyncConfig:
     outer_lr: float | None = None
     """noloco beta (0.7), diloco and ef outer lr (0.7) when None."""
     outer_momentum: float | None = None
-    """noloco alpha (0.5), diloco and ef Nesterov momentum (0.9) when None."""
+    """noloco alpha (0.5), diloco and ef Nesterov momentum (0.8) when None."""
     bits: int | None = None
     """Proposal wire width: 32 (fp32) or 1/2/4/8/16 (side-information quantization); None: the
     mode's default (diloco 16, ef 4)."""

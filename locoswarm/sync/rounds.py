@@ -479,10 +479,10 @@ def default_round_config(mode: Mode) -> RoundConfig:
         return RoundConfig(
             mode="diloco",
             lr=0.7,
-            momentum=0.9,
+            momentum=0.8,
             share_momentum=True,
             bits=16,
             momentum_bits=8,
             block_size=256,
         )
-    return RoundConfig(mode="ef", lr=0.7, momentum=0.9, bits=4, block_size=64)
+    return RoundConfig(mode="ef", lr=0.7, momentum=0.8, bits=4, block_size=64)
