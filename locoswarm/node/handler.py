@@ -10,6 +10,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import assert_never
 
 from torch import Tensor
 
@@ -22,6 +24,32 @@ from locoswarm.protocol import Header, LocalView, Outgoing, Received, StatusInfo
 from locoswarm.sync.rounds import compatible_rounds
 
 log = logging.getLogger(__name__)
+
+
+class Kind(StrEnum):
+    """What an exchange is for (``Header.kind`` on the wire)."""
+
+    OUTER = "outer"
+    """A pair's round messages."""
+    JOIN = "join"
+    """A group proposal (no tensors)."""
+    ROSTER = "roster"
+    """A group leader's roster."""
+    RS = "rs"
+    """A group's reduce-scatter shard."""
+    AG = "ag"
+    """A group's all-gather shard."""
+    STATE = "state"
+    """Outer state for a late joiner (FetchState only, never an Exchange)."""
+
+
+def _kind(peer: str, header: Header) -> Kind:
+    try:
+        return Kind(header.kind)
+    except ValueError:
+        raise ProtocolViolation(
+            peer, f"unknown exchange kind {header.kind[:32]!r}", reason="malformed"
+        ) from None
 
 
 @dataclass
@@ -98,22 +126,38 @@ class NodeHandler:
                 f"sync mode {header.strategy!r}, ours {self.outer.mode!r}",
                 reason="fingerprint",
             )
-        grouped = self.group_size > 2
-        kind = header.kind
-        if kind == ("join" if grouped else "outer"):
-            return await self._admit_proposal(peer, header)
+        kind = _kind(peer, header)
+        proposal = Kind.JOIN if self.group_size > 2 else Kind.OUTER
+        match kind:
+            case Kind.OUTER | Kind.JOIN:
+                if kind is not proposal:
+                    raise _unexpected(peer, kind)
+                return await self._admit_proposal(peer, header)
+            case Kind.ROSTER:
+                return self._admit_roster(peer, header)
+            case Kind.RS | Kind.AG:
+                return await self._admit_shard(peer, header, kind)
+            case Kind.STATE:
+                raise _unexpected(peer, kind)
+            case _:
+                assert_never(kind)
+
+    def _group_round(self, peer: str, kind: Kind) -> tuple[Round, GroupRound]:
         current = self.round
-        group = current.group if current is not None else None
-        if current is None or group is None or kind not in ("roster", "rs", "ag"):
+        if current is None or current.group is None:
+            raise _unexpected(peer, kind)
+        return current, current.group
+
+    def _admit_roster(self, peer: str, header: Header) -> Outgoing:
+        current, _group = self._group_round(peer, Kind.ROSTER)
+        if peer != current.responder_peer:
             raise ProtocolViolation(
-                peer, f"unexpected exchange of kind {kind!r}", reason="malformed"
+                peer, "a roster from a peer that did not lead us", reason="malformed"
             )
-        if kind == "roster":
-            if peer != current.responder_peer:
-                raise ProtocolViolation(
-                    peer, "a roster from a peer that did not lead us", reason="malformed"
-                )
-            return self.outer.control(header.outer_step, "roster")
+        return self.outer.control(header.outer_step, Kind.ROSTER)
+
+    async def _admit_shard(self, peer: str, header: Header, kind: Kind) -> Outgoing:
+        _current, group = self._group_round(peer, kind)
         # A member may call before our roster arrived: wait for it, boundedly.
         vector = await _group_ready(group.vector, self.match_wait_s)
         if vector is None:
@@ -122,7 +166,7 @@ class NodeHandler:
             raise ProtocolViolation(peer, "a different roster than ours", reason="malformed")
         members = group.members()
         bounds = shard_bounds(vector.numel(), len(members))
-        if kind == "rs":
+        if kind is Kind.RS:
             lo, hi = bounds[group.index(peer)]
             shard = vector[lo:hi]
         else:
@@ -143,20 +187,29 @@ class NodeHandler:
         if not accepted or current is None:
             raise PeerUnavailable(peer, why, reason="busy")
         current.responder_peer = peer
-        if header.kind == "join":
-            return self.outer.control(current.prepared.outer_step, "join")
+        if header.kind == Kind.JOIN:
+            return self.outer.control(current.prepared.outer_step, Kind.JOIN)
         return current.prepared.outgoing
 
     async def on_exchange(self, peer: str, received: Received) -> None:
         current = self.round
-        kind = received.header.kind
+        kind = _kind(peer, received.header)
         if current is None:
             raise PeerUnavailable(peer, "the round closed meanwhile", reason="busy")
-        if kind == "join":
-            return
-        if kind in ("roster", "rs", "ag"):
-            await self._on_group(peer, received, current)
-            return
+        match kind:
+            case Kind.JOIN:
+                return
+            case Kind.ROSTER | Kind.RS | Kind.AG:
+                await self._on_group(peer, received, current, kind)
+            case Kind.OUTER:
+                await self._on_message(peer, received, current)
+            case Kind.STATE:
+                raise _unexpected(peer, kind)
+            case _:
+                assert_never(kind)
+
+    async def _on_message(self, peer: str, received: Received, current: Round) -> None:
+        """A pair partner's message for our round, decoded and handed to the round."""
         if current.responder_peer != peer:
             raise PeerUnavailable(peer, "the round closed meanwhile", reason="busy")
         try:
@@ -172,11 +225,11 @@ class NodeHandler:
             current.partner.set_result(tensors)
         self.health.succeeded(peer)
 
-    async def _on_group(self, peer: str, received: Received, current: Round) -> None:
+    async def _on_group(self, peer: str, received: Received, current: Round, kind: Kind) -> None:
         group = current.group
-        assert group is not None  # admit() let only group kinds of a group round through
-        kind = received.header.kind
-        if kind == "roster":
+        if group is None:
+            raise _unexpected(peer, kind)
+        if kind is Kind.ROSTER:
             members = parse_roster(received.header.members, peer)
             if self.outer.peer_id not in [p for p, _ in members]:
                 raise ProtocolViolation(peer, "a roster without us", reason="malformed")
@@ -185,7 +238,7 @@ class NodeHandler:
             return
         vector = group.vector.result()
         lo, hi = shard_bounds(vector.numel(), len(group.members()))[group.index(self.outer.peer_id)]
-        if kind == "ag":
+        if kind is Kind.AG:
             index = group.index(peer)
             lo, hi = shard_bounds(vector.numel(), len(group.members()))[index]
         shard = await asyncio.to_thread(self.outer.decode_shard, received, hi - lo)
@@ -197,7 +250,7 @@ class NodeHandler:
         current = self.round
         if current is None:
             return
-        if current.group is not None and header.kind in ("rs", "ag"):
+        if current.group is not None and header.kind in (Kind.RS, Kind.AG):
             future = current.group.received(header.kind, peer)
             if not future.done():
                 future.set_exception(PeerUnavailable(peer, f"group {header.kind} failed: {reason}"))
@@ -245,3 +298,8 @@ async def _group_ready(future: asyncio.Future[Tensor], timeout_s: float) -> Tens
         if future.cancelled() and (task is None or not task.cancelling()):
             return None  # the group closed under us
         raise
+
+
+def _unexpected(peer: str, kind: Kind) -> ProtocolViolation:
+    why = f"unexpected exchange of kind {kind.value!r}"
+    return ProtocolViolation(peer, why, reason="malformed")

@@ -4,11 +4,12 @@ a group that closes under them, and a cancelled call."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
 
-from locoswarm.errors import PeerUnavailable
+from locoswarm.errors import PeerUnavailable, ProtocolViolation
 from locoswarm.node.config import load_config
 from locoswarm.node.handler import NodeHandler
 from locoswarm.node.metrics import NodeMetrics
@@ -75,4 +76,17 @@ async def test_a_cancelled_group_call_stays_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await call
     assert call.cancelled()
+    handler.close_round()
+
+
+@pytest.mark.parametrize("kind", ["nonsense", "state", "outer"])
+async def test_kinds_that_do_not_belong_in_a_group_exchange_are_malformed(kind: str) -> None:
+    # A group swarm proposes with "join": a pair's "outer", a "state" (FetchState only) or an
+    # unknown kind is refused as malformed, naming the kind.
+    handler = _handler()
+    header = dataclasses.replace(_rs_header(handler), kind=kind)
+    with pytest.raises(ProtocolViolation) as info:
+        await handler.admit("b", header)
+    assert info.value.reason == "malformed"
+    assert kind in str(info.value)
     handler.close_round()
