@@ -112,7 +112,6 @@ TINY_CONFIGS = (
 SMALL_CONFIG = "memory_small"
 BASELINE_VARIANTS = ("plain", "plain_with_daemon_imports")
 
-ROUND_RE = re.compile(r"round (\d+): (exchanged|solo)(?: \((\w+)\))?, train loss (\S+), ([\d.]+)s")
 PROGRESS_RE = re.compile(r"^step (\d+)\s+round (\d+)\s+loss (\S+)\s.*idle ([\d.]+)%", re.M)
 LATE_JOIN_RE = re.compile(r"late join: fetched the outer weights of round (\d+)")
 CATCH_UP_RE = re.compile(r"round (\d+): the swarm is at round (\d+); catching up")
@@ -546,15 +545,17 @@ def _poll(nodes: list[NodeRun]) -> None:
 
 
 def _log_summary(text: str) -> dict[str, Any]:
-    rounds = [
+    from locoswarm.sim.replay import round_events  # the daemon's own round records
+
+    rounds: list[dict[str, Any]] = [
         {
-            "round": int(r),
-            "how": how,
-            "why": why or ("ok" if how == "exchanged" else None),
-            "loss": float(loss),
-            "seconds": float(secs),
+            "round": int(e["round"]),
+            "how": "exchanged" if e["outcome"] == "exchanged" else "solo",
+            "why": "ok" if e["outcome"] == "exchanged" else e["outcome"],
+            "loss": float(e["loss"]),
+            "seconds": float(e["seconds"]),
         }
-        for r, how, why, loss, secs in ROUND_RE.findall(text)
+        for e in round_events(text)
     ]
     progress = [float(m.group(4)) / 100 for m in PROGRESS_RE.finditer(text)]
     late = LATE_JOIN_RE.search(text)

@@ -17,6 +17,7 @@ from locoswarm.node.metrics import NodeMetrics
 from locoswarm.node.round import RoundOutcome
 from locoswarm.node.trainer import Boundary, Trainer
 from locoswarm.peers.membership import Membership
+from locoswarm.sim.replay import EVENT_PREFIX
 from locoswarm.tasks.inner import weights_digest
 
 log = logging.getLogger("locoswarm.node")
@@ -88,10 +89,12 @@ class Reporter:
             "partners": list(outcome.partners),
             "partner_rounds": list(outcome.partner_rounds),
             "applied_after": b.applied_after,
+            "loss": b.loss,
+            "seconds": round(outcome.seconds, 4),
             "theta": theta,
             "phi": phi,
         }
-        log.info("round-event %s", json.dumps(event))
+        log.info("%s%s", EVENT_PREFIX, json.dumps(event))
 
     async def progress(
         self,

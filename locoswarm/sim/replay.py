@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,9 +27,10 @@ from locoswarm.sync.rounds import Message, OuterState, RoundConfig
 from locoswarm.tasks.inner import InnerConfig, set_flat, weights_digest
 from locoswarm.tasks.task import TaskConfig, TaskFactory, node_data_seed
 
-__all__ = ["NodeLog", "ReplayRow", "parse_log", "replay"]
+__all__ = ["EVENT_PREFIX", "NodeLog", "ReplayRow", "parse_log", "replay", "round_events"]
 
-_EVENT = re.compile(r"round-event (\{.*\})")
+EVENT_PREFIX = "round-event "
+"""A daemon logs one line per round: this, then the round's JSON record."""
 _JOIN = re.compile(r"late join: fetched the outer weights of round (\d+) from (\S+) \(phi (\w+)\)")
 
 
@@ -42,8 +44,23 @@ class NodeLog:
     """A late joiner's (round, source peer, phi digest)."""
 
 
+def round_events(text: str) -> list[dict[str, Any]]:
+    """The ``round-event`` records of a node's log, in order (what the replay, the tests and the
+    benchmarks read instead of the human lines)."""
+    events = []
+    for line in text.splitlines():
+        at = line.find(EVENT_PREFIX)
+        if at < 0:
+            continue
+        try:
+            events.append(json.loads(line[at + len(EVENT_PREFIX) :]))
+        except ValueError:
+            continue  # a line cut off by a kill
+    return events
+
+
 def parse_log(text: str) -> NodeLog:
-    events = [json.loads(m.group(1)) for m in _EVENT.finditer(text)]
+    events = round_events(text)
     if not events:
         raise ValueError("the log holds no round-event lines")
     join = _JOIN.search(text)

@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import FAST_NODE_FLAGS
 from locoswarm.protocol import LocalView, Outgoing, PeerClient, ProtocolConfig
@@ -49,11 +50,17 @@ def plan(tmp_path: Path, name: str, *faults: dict[str, Any]) -> list[str]:
 
 
 def metric(node: Node, name: str, labels: str = "") -> float:
+    """A sample of the node's /metrics (``labels`` as 'key="value"'), 0 when absent; read with
+    prometheus_client's parser."""
     with urllib.request.urlopen(str(node.info()["metrics"]), timeout=10) as reply:
         text = reply.read().decode()
-    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" ([\d.e+-]+)"
-    found = re.search(pattern, text)
-    return float(found.group(1)) if found else 0.0
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in want.items())
+    )
 
 
 def rounds_after(node: Node, count: int, timeout_s: float = 90) -> list[tuple[int, str, float]]:

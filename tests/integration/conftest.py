@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from locoswarm.sim.replay import round_events
 from tests import procs
 
 QUICK = [
@@ -59,9 +60,12 @@ class Node:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def rounds(self) -> list[tuple[int, str, float]]:
-        """(round, "exchanged" or "solo", train loss) per finished round."""
-        found = re.findall(r"round (\d+): (exchanged|solo)[^,]*, train loss ([\d.]+)", self.text())
-        return [(int(r), how, float(loss)) for r, how, loss in found]
+        """(round, "exchanged" or "solo", train loss) per finished round, from the node's
+        machine-readable round events."""
+        return [
+            (int(e["round"]), "exchanged" if e["outcome"] == "exchanged" else "solo", e["loss"])
+            for e in round_events(self.text())
+        ]
 
     def wait_for(self, pattern: str, timeout_s: float = 90) -> re.Match[str]:
         deadline = time.monotonic() + timeout_s
