@@ -13,7 +13,7 @@ import pytest
 from locoswarm.errors import ConfigError
 from locoswarm.node.cli import build_parser, sim_config_from_args
 from locoswarm.sim.config import SimConfig
-from locoswarm.sync.rounds import default_round_config
+from locoswarm.sync.round_config import default_round_config
 
 SMALL = [
     "--replicas",

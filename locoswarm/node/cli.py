@@ -22,7 +22,7 @@ from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import CheckpointError, ConfigError, PeerError
 from locoswarm.sim.config import STRATEGIES, NetworkModel, SimConfig
 from locoswarm.sim.swarm import EvalPoint, run_sim
-from locoswarm.sync.rounds import RoundConfig, default_round_config
+from locoswarm.sync.round_config import RoundConfig, default_round_config
 from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
 
@@ -87,7 +87,8 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         "--group-size",
         type=int,
         default=None,
-        help="members per group (default 2); 0 = all replicas, the all-reduce reference",
+        help="members per group (default 2); 0 = all replicas, the all-reduce reference "
+        "(fp32, DiLoCo's momentum 0.9 unless --outer-momentum)",
     )
     p.add_argument(
         "--pairing",
@@ -245,6 +246,8 @@ def round_config_from_args(a: argparse.Namespace) -> RoundConfig | None:
     if mode == "diloco" and a.group_size not in (None, 2):
         # Groups other than pairs average fp32 proposals (the all-reduce reference).
         over["bits"] = over["momentum_bits"] = 32
+    if mode == "diloco" and a.group_size == 0 and "momentum" not in over:
+        over["momentum"] = 0.9  # the all-reduce reference keeps DiLoCo's own momentum
     for dest, field_name in (
         ("bits", "bits"),
         ("momentum_bits", "momentum_bits"),

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from locoswarm.errors import ConfigError
 from locoswarm.peers.config import PeersConfig
 from locoswarm.protocol.config import ProtocolConfig
-from locoswarm.sync.rounds import RoundConfig, default_round_config
+from locoswarm.sync.round_config import RoundConfig, default_round_config
 from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
 

@@ -22,7 +22,8 @@ from locoswarm.errors import ProtocolViolation
 from locoswarm.node.config import NodeConfig
 from locoswarm.protocol import Header, Outgoing, Received, TensorSpec
 from locoswarm.sync import rounds
-from locoswarm.sync.rounds import Message, OuterState, RoundConfig
+from locoswarm.sync.round_config import RoundConfig
+from locoswarm.sync.rounds import Message, OuterState
 
 STATE_NAMES = ("phi", "momentum")
 

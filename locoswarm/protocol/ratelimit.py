@@ -1,9 +1,13 @@
-"""A token bucket that caps what a node sends, in bytes per second, over all its calls."""
+"""A token bucket that caps what a node sends, in bytes per second, over all its calls; and a
+limiter for log lines that a peer can trigger."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
+from collections.abc import Callable
 
 
 class TokenBucket:
@@ -37,3 +41,31 @@ class TokenBucket:
             except asyncio.CancelledError:
                 self._tokens += num_bytes  # nothing was sent: give the reservation back
                 raise
+
+
+class LogLimiter:
+    """At most one log line per key per ``interval_s``; the next one counts what was skipped.
+    A hostile peer's garbage must not flood the log."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def __call__(self, key: str, msg: str, *args: object) -> None:
+        now = self.clock()
+        if now - self._last.get(key, -math.inf) < self.interval_s:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return
+        self._last[key] = now
+        skipped = self._skipped.pop(key, 0)
+        if skipped:
+            msg += f" ({skipped} more like it in the last {self.interval_s:.0f}s)"
+        self.logger.info(msg, *args)

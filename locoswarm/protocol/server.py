@@ -11,14 +11,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,7 +26,7 @@ from locoswarm.protocol.auth import PEER_KEY, AuthInterceptor
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
 from locoswarm.protocol.frames import Header, PayloadReader, serialize, truncated
 from locoswarm.protocol.handler import ExchangeHandler, Outgoing
-from locoswarm.protocol.ratelimit import TokenBucket
+from locoswarm.protocol.ratelimit import LogLimiter, TokenBucket
 from locoswarm.protocol.reasons import (
     REASON_METADATA_KEY,
     error_for,
@@ -38,6 +35,7 @@ from locoswarm.protocol.reasons import (
     status_of,
 )
 from locoswarm.protocol.streams import (
+    TrackedFrames,
     check_first,
     next_frame,
     outgoing_frames,
@@ -66,61 +64,6 @@ def peer_of(context: Context, max_chars: int) -> str:
     return text
 
 
-class _Tracked:
-    """An async iterator of frames that remembers whether the sender half-closed, and turns a
-    frame that does not parse into a refusal (the sender's fault, not ours)."""
-
-    def __init__(self, frames: AsyncIterator[bytes]) -> None:
-        self.frames = frames
-        self.ended = False
-        self.peer = "?"
-
-    def __aiter__(self) -> _Tracked:
-        return self
-
-    async def next_raw(self) -> bytes | None:
-        """The next frame's bytes, unparsed; None at the end of the stream."""
-        try:
-            return await anext(self.frames)
-        except StopAsyncIteration:
-            self.ended = True
-            return None
-
-    async def __anext__(self) -> pb.Frame:
-        try:
-            raw = await anext(self.frames)
-        except StopAsyncIteration:
-            self.ended = True
-            raise
-        try:  # parsed here, not by grpc: a bad frame is a refusal with our status
-            frame: pb.Frame = pb.Frame.FromString(raw)
-        except DecodeError:
-            raise error_for("malformed", self.peer, "a frame that is not a Frame") from None
-        return frame
-
-
-class _RateLimitedLog:
-    """At most one log line per key per ``interval_s``; the next one counts what was skipped.
-    A hostile peer's garbage must not flood the log."""
-
-    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
-        self.interval_s = interval_s
-        self.clock = clock
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def __call__(self, key: str, msg: str, *args: object) -> None:
-        now = self.clock()
-        if now - self._last.get(key, -math.inf) < self.interval_s:
-            self._skipped[key] = self._skipped.get(key, 0) + 1
-            return
-        self._last[key] = now
-        skipped = self._skipped.pop(key, 0)
-        if skipped:
-            msg += f" ({skipped} more like it in the last {self.interval_s:.0f}s)"
-        log.info(msg, *args)
-
-
 class _Servicer:
     def __init__(
         self,
@@ -135,7 +78,7 @@ class _Servicer:
         self.bucket = bucket
         self.faults = faults
         self.busy = 0
-        self._log = _RateLimitedLog()
+        self._log = LogLimiter(log)
         self.inflight_bytes = 0
         self.stopping = False
 
@@ -177,7 +120,7 @@ class _Servicer:
         ):
             await self._write(context, frame, peer)
 
-    async def _drain(self, frames: _Tracked, peer: str) -> None:
+    async def _drain(self, frames: TrackedFrames, peer: str) -> None:
         """After refusing mid-stream, read and drop what the sender still has in flight.
 
         Ending the call while the sender is still writing makes grpc.aio clients report INTERNAL
@@ -216,7 +159,7 @@ class _Servicer:
         self.inflight_bytes += num_bytes
         reserved[0] += num_bytes
 
-    async def _exchange(self, frames: _Tracked, context: Context, peer: str) -> None:
+    async def _exchange(self, frames: TrackedFrames, context: Context, peer: str) -> None:
         with self._slot(peer) as reserved:
             first = await next_frame(frames, peer, self.config.frame_timeout_s)
             if first is None:
@@ -240,7 +183,7 @@ class _Servicer:
 
     async def _swap(
         self,
-        frames: _Tracked,
+        frames: TrackedFrames,
         context: Context,
         peer: str,
         reserved: list[int],
@@ -277,7 +220,7 @@ class _Servicer:
         await self.handler.on_exchange(peer, received)
 
     async def Exchange(self, request_iterator: AsyncIterator[bytes], context: Context) -> None:
-        frames = _Tracked(aiter(request_iterator))
+        frames = TrackedFrames(aiter(request_iterator))
         peer = "?"
         try:
             peer = frames.peer = peer_of(context, self.limits.max_name_chars)
@@ -339,7 +282,7 @@ def _method_handlers(servicer: _Servicer) -> grpc.GenericRpcHandler:
         {
             "Exchange": grpc.stream_stream_rpc_method_handler(
                 servicer.Exchange,
-                request_deserializer=None,  # raw bytes: _Tracked parses each frame
+                request_deserializer=None,  # raw bytes: TrackedFrames parses each frame
                 response_serializer=serialize,
             ),
             "FetchState": grpc.unary_stream_rpc_method_handler(

@@ -11,6 +11,8 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from google.protobuf.message import DecodeError
+
 from locoswarm.errors import PeerUnavailable
 from locoswarm.faultplan import NO_FAULTS, Fault, FaultPlan
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
@@ -137,3 +139,36 @@ async def read_chunks(
             on_transfer("received", reader.offset - before)
         if received is not None:
             return received
+
+
+class TrackedFrames:
+    """An async iterator of frames that remembers whether the sender half-closed, and turns a
+    frame that does not parse into a refusal (the sender's fault, not ours)."""
+
+    def __init__(self, frames: AsyncIterator[bytes]) -> None:
+        self.frames = frames
+        self.ended = False
+        self.peer = "?"
+
+    def __aiter__(self) -> TrackedFrames:
+        return self
+
+    async def next_raw(self) -> bytes | None:
+        """The next frame's bytes, unparsed; None at the end of the stream."""
+        try:
+            return await anext(self.frames)
+        except StopAsyncIteration:
+            self.ended = True
+            return None
+
+    async def __anext__(self) -> pb.Frame:
+        try:
+            raw = await anext(self.frames)
+        except StopAsyncIteration:
+            self.ended = True
+            raise
+        try:  # parsed here, not by grpc: a bad frame is a refusal with our status
+            frame: pb.Frame = pb.Frame.FromString(raw)
+        except DecodeError:
+            raise error_for("malformed", self.peer, "a frame that is not a Frame") from None
+        return frame

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from locoswarm.errors import ConfigError
-from locoswarm.sync.rounds import RoundConfig, default_round_config
+from locoswarm.sync.round_config import RoundConfig, default_round_config
 from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
 

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from locoswarm.sim.swarm import Replica
 from locoswarm.sync import rounds
-from locoswarm.sync.rounds import Message, OuterState, RoundConfig
+from locoswarm.sync.round_config import RoundConfig
+from locoswarm.sync.rounds import Message, OuterState
 from locoswarm.tasks.inner import InnerConfig, set_flat, weights_digest
 from locoswarm.tasks.task import TaskConfig, TaskFactory, node_data_seed
 

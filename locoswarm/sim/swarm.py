@@ -28,7 +28,8 @@ from locoswarm.peers.pairing import round_groups
 from locoswarm.sim.clock import SimClock
 from locoswarm.sim.config import SimConfig
 from locoswarm.sync import rounds
-from locoswarm.sync.rounds import Message, OuterState, RoundConfig
+from locoswarm.sync.round_config import RoundConfig
+from locoswarm.sync.rounds import Message, OuterState
 from locoswarm.tasks.inner import InnerConfig, InnerLoop, add_difference, flat_params, set_flat
 from locoswarm.tasks.task import ReplicaTask, TaskFactory
 

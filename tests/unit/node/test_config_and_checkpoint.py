@@ -14,7 +14,7 @@ from locoswarm.node import checkpoint
 from locoswarm.node.cli import build_parser
 from locoswarm.node.config import SyncMode, load_config, to_dict
 from locoswarm.node.run import overrides_from_args
-from locoswarm.sync.rounds import default_round_config
+from locoswarm.sync.round_config import default_round_config
 
 
 def test_precedence_is_file_then_environment_then_flags(tmp_path: Path) -> None:

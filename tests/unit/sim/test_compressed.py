@@ -14,7 +14,8 @@ from locoswarm.errors import ConfigError
 from locoswarm.peers.pairing import round_groups
 from locoswarm.sim.config import SimConfig
 from locoswarm.sim.swarm import EvalPoint, Swarm
-from locoswarm.sync.rounds import OuterState, default_round_config
+from locoswarm.sync.round_config import default_round_config
+from locoswarm.sync.rounds import OuterState
 from locoswarm.tasks.inner import set_flat
 from locoswarm.tasks.task import TaskConfig
 

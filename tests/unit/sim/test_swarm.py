@@ -14,7 +14,7 @@ from locoswarm.errors import ConfigError
 from locoswarm.peers.pairing import round_groups
 from locoswarm.sim.config import NetworkModel, SimConfig
 from locoswarm.sim.swarm import EvalPoint, Swarm, run_sim
-from locoswarm.sync.rounds import RoundConfig, default_round_config
+from locoswarm.sync.round_config import RoundConfig, default_round_config
 from locoswarm.tasks.task import TaskConfig
 
 TASK = TaskConfig(name="tiny", batch_size=2, seq_len=16, val_batches=1, max_bytes=50_000)

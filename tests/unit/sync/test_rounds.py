@@ -13,7 +13,8 @@ from torch import Tensor
 from locoswarm.compression.encoded import CorruptPayload
 from locoswarm.sync import rounds
 from locoswarm.sync.noloco import noloco_outer_step
-from locoswarm.sync.rounds import Message, OuterState, RoundConfig, default_round_config
+from locoswarm.sync.round_config import RoundConfig, default_round_config
+from locoswarm.sync.rounds import Message, OuterState
 
 N = 1000  # not a multiple of the siq blocks
 
