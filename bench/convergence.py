@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from locoswarm.sim.config import SimConfig, Strategy
-from locoswarm.sync.rounds import default_round_config
+from locoswarm.sync.round_config import default_round_config
 from locoswarm.tasks.task import TaskConfig
 
 
