@@ -79,8 +79,10 @@ def test_short_soak_kills_restarts_and_reports(tmp_path: Path) -> None:
         if kill["determined"]:
             assert kill["within_target"] == (rounds is not None and rounds <= 2)
         restarted = data["nodes"][kill["slot"]]["incarnations"][kill["restarted_incarnation"]]
-        # from its checkpoint, or (none written yet) from a live peer: never both
-        assert restarted["resumed_round"] is None or restarted["late_join_round"] is None
+        # From its checkpoint, or (none written yet) from a live peer; both only when the swarm
+        # moved more than the lag window (2) past its checkpoint while it was down.
+        resumed, joined = restarted["resumed_round"], restarted["late_join_round"]
+        assert resumed is None or joined is None or joined > resumed + 2
 
     checks = data["checks"]
     assert len(checks) == 4
