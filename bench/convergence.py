@@ -120,6 +120,15 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
         "ef_4bit_blocking_cal": cfg("ef", sync=ef4, overlap=False),
         "ef_2bit_rotate2": cfg("ef", sync=replace(ef4, bits=2, rotate=2)),
         "ef_4bit_hypercube": cfg("ef", sync=ef4, pairing="hypercube"),
+        "ef_lowbit_hypercube": cfg("ef", sync=low, pairing="hypercube"),
+        # The lever past pairs: larger groups average more replicas' proposals (fp32, so more
+        # bytes than the pair target allows).
+        **{
+            f"diloco_group{k}": cfg(
+                "diloco", group_size=k, sync=replace(diloco, bits=32, momentum_bits=32)
+            )
+            for k in (3, 4)
+        },
         # Outer step settings for pairs (the all-reduce reference keeps DiLoCo's 0.7 / 0.9).
         **{
             f"diloco_lr{lr}_m{m}": cfg("diloco", sync=replace(diloco, lr=lr, momentum=m))
