@@ -17,9 +17,10 @@ import torch
 
 from locoswarm.errors import CheckpointError, ConfigError
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
-from locoswarm.node.config import NodeConfig, to_dict
+from locoswarm.node.config import NodeConfig
 from locoswarm.node.outer import OuterStep
 from locoswarm.node.trainer import Trainer, flat_params
+from locoswarm.settings import to_dict
 from locoswarm.tasks.inner import weights_digest
 
 log = logging.getLogger("locoswarm.node")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Literal
 from locoswarm.errors import ConfigError
 from locoswarm.peers.config import PeersConfig
 from locoswarm.protocol.config import ProtocolConfig
+from locoswarm.settings import build, merge, nest
 from locoswarm.sync.round_config import RoundConfig, default_round_config
 from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
@@ -38,24 +37,25 @@ class SyncConfig:
     inner_steps: int = 50
     """H: inner steps per round."""
     outer_lr: float | None = None
-    """noloco beta (0.7), diloco and ef outer lr (0.7) when None."""
+    """noloco's beta; diloco's and ef's outer learning rate. None: the mode's default."""
     outer_momentum: float | None = None
-    """noloco alpha (0.5), diloco and ef Nesterov momentum (0.8) when None."""
+    """noloco's alpha; diloco's and ef's Nesterov momentum. None: the mode's default."""
     bits: int | None = None
-    """Proposal wire width: 32 (fp32) or 1/2/4/8/16 (side-information quantization); None: the
-    mode's default (diloco 16, ef 4)."""
+    """Proposal wire width: 32 (fp32) or 1, 2, 4, 8, 16 (side-information quantization). None:
+    the mode's default."""
     momentum_bits: int | None = None
-    """diloco: width of the shared momentum (16 by default)."""
+    """diloco: width of the shared momentum. None: the mode's default."""
     share_momentum: bool | None = None
-    """diloco: average momenta within the group too (default True)."""
+    """diloco: average momenta within the group too. None: the mode's default."""
     block_size: int | None = None
-    """Elements per side-information block (diloco 256, ef 64 by default)."""
+    """Elements per side-information block. None: the mode's default."""
     error_feedback: bool = True
     """ef: carry the rounding error into the next proposal."""
     design: str = "siq"
     """ef: siq (quantized proposals every round) or pull (a codec on the step, the proposal at
     16 bits every ``pull_every`` rounds)."""
     pull_every: int = 8
+    """ef pull: rounds from one 16-bit proposal to the next."""
     rotate: int = 1
     """ef siq: each round covers one in ``rotate`` blocks (a ``rotate`` times smaller message)."""
     codec: str = "int4"
@@ -209,112 +209,6 @@ class NodeConfig:
 # -- loading ----------------------------------------------------------------------------------
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Turn a TOML, environment or flag value into the field's type, or name the key."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", ""))
-        if is_none and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: cannot use {value!r} as {hint}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
-        return value
-    if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        inner = args[0] if args else str
-        return tuple(
-            _coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in items if v != ""
-        )
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a table of settings, got {value!r}")
-        return build(hint, value, key)  # type: ignore[arg-type]
-    try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if hint is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if hint is str:
-            if not isinstance(value, str | int | float):
-                raise ValueError
-            return str(value)
-        if hint is Path:
-            return Path(str(value))
-        if hint is bytes:
-            return value.encode() if isinstance(value, str) else bytes(value)
-        if hint is frozenset or typing.get_origin(hint) is frozenset:
-            items = value.split(",") if isinstance(value, str) else value
-            return frozenset(str(v).strip() for v in items)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{key}: cannot use {value!r} as {getattr(hint, '__name__', hint)}"
-        ) from None
-    return value
-
-
-def build(cls: type[Any], data: Mapping[str, Any], prefix: str = "") -> Any:
-    """Construct dataclass ``cls`` from nested ``data``; unknown keys are a ``ConfigError``."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
-
-
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"config key {key!r} conflicts with a value set for {part!r}")
-        node[parts[-1]] = value
-    return out
-
-
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """``LOCOSWARM_SYNC__MODE=diloco`` -> ``{"sync": {"mode": "diloco"}}``."""
     dotted = {
@@ -322,7 +216,7 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         for name, value in environ.items()
         if name.startswith(ENV_PREFIX)
     }
-    return _nest(dotted)
+    return nest(dotted)
 
 
 def load_config(
@@ -339,21 +233,6 @@ def load_config(
             raise ConfigError(f"config file {file}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {file}: {exc}") from None
-    data = _merge(data, from_env(os.environ if environ is None else environ))
-    data = _merge(data, _nest(overrides or {}))
+    data = merge(data, from_env(os.environ if environ is None else environ))
+    data = merge(data, nest(overrides or {}))
     return build(NodeConfig, data)  # type: ignore[no-any-return]
-
-
-def to_dict(config: Any) -> Any:
-    """A JSON-friendly view of a config (for logs and checkpoint metadata)."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    if isinstance(config, frozenset):
-        return sorted(to_dict(v) for v in config)
-    if isinstance(config, tuple | list):
-        return [to_dict(v) for v in config]
-    if isinstance(config, Path):
-        return str(config)
-    if isinstance(config, bytes):
-        return "<secret>"
-    return config

@@ -19,114 +19,82 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import ConfigError, PeerError
+from locoswarm.node.config import NodeConfig, SyncMode
+from locoswarm.settings import Flag, add_flags, flag_values
+from locoswarm.sync.round_config import WIDTHS, default_round_config
 
-# flag -> dotted config key
-_RUN_FLAGS: dict[str, str] = {
-    "run_id": "run_id",
-    "sync": "sync.mode",
-    "inner_steps": "sync.inner_steps",
-    "rounds": "sync.rounds",
-    "outer_lr": "sync.outer_lr",
-    "outer_momentum": "sync.outer_momentum",
-    "match_deadline": "sync.match_deadline_s",
-    "group_size": "sync.group_size",
-    "codec": "sync.codec",
-    "bits": "sync.bits",
-    "pairing": "peers.pairing",
-    "task": "task.name",
-    "batch_size": "task.batch_size",
-    "seq_len": "task.seq_len",
-    "max_bytes": "task.max_bytes",
-    "device": "trainer.device",
-    "seed": "trainer.seed",
-    "lr": "trainer.inner.lr",
-    "warmup_steps": "trainer.inner.warmup_steps",
-    "threads": "trainer.threads",
-    "host": "protocol.host",
-    "port": "protocol.port",
-    "announce": "announce",
-    "secret_file": "secret_file",
-    "tls_cert": "protocol.tls.cert_file",
-    "tls_key": "protocol.tls.key_file",
-    "tls_ca": "protocol.tls.ca_file",
-    "checkpoint_dir": "checkpoint.dir",
-    "checkpoint_every": "checkpoint.every_rounds",
-    "metrics_port": "metrics_port",
-    "ready_file": "ready_file",
-    "log_every": "log_every_s",
-}
+
+def _per_mode(name: str, modes: tuple[SyncMode, ...] = ("noloco", "diloco", "ef")) -> Any:
+    """The daemon's default of a round setting in each mode where it applies (help text)."""
+
+    def say() -> str:
+        return ", ".join(f"{m} {getattr(default_round_config(m), name)}" for m in modes)
+
+    return say
+
+
+# Every ``run`` flag that sets one NodeConfig field; name, type, default and help come from it.
+RUN_FLAGS: tuple[Flag, ...] = (
+    Flag("run_id"),
+    Flag("sync.mode", "--sync"),
+    Flag("sync.inner_steps"),
+    Flag("sync.rounds"),
+    Flag("sync.outer_lr", default=_per_mode("lr")),
+    Flag("sync.outer_momentum", default=_per_mode("momentum")),
+    Flag("sync.match_deadline_s", "--match-deadline"),
+    Flag("sync.group_size"),
+    Flag("sync.bits", default=_per_mode("bits", ("diloco", "ef")), choices=WIDTHS),
+    Flag("sync.codec", choices=CODEC_CHOICES),
+    Flag("peers.pairing"),
+    Flag("task.name", "--task"),
+    Flag("task.data", repeat=True, metavar="PATH"),
+    Flag("task.batch_size"),
+    Flag("task.seq_len"),
+    Flag("task.max_bytes"),
+    Flag("trainer.device"),
+    Flag("trainer.seed"),
+    Flag("trainer.inner.lr", "--lr"),
+    Flag("trainer.inner.warmup_steps"),
+    Flag("trainer.threads"),
+    Flag("protocol.host", help="address the gRPC server and the DHT bind"),
+    Flag("protocol.port"),
+    Flag("announce", metavar="HOST:PORT"),
+    Flag("peers.initial_peers", "--join", repeat=True, metavar="MULTIADDR"),
+    Flag("peers.client_mode", const=True),
+    Flag("secret_file"),
+    Flag("protocol.tls.cert_file", "--tls-cert"),
+    Flag("protocol.tls.key_file", "--tls-key"),
+    Flag("protocol.tls.ca_file", "--tls-ca"),
+    Flag("protocol.tls.require_client_auth", "--tls-mutual", const=True),
+    Flag("checkpoint.dir", "--checkpoint-dir"),
+    Flag("checkpoint.every_rounds", "--checkpoint-every"),
+    Flag("metrics_port", none_word="off"),
+    Flag(
+        "protocol.max_upload_bytes_per_s",
+        "--max-upload-mbps",
+        scale=1e6 / 8,
+        help="cap on what this node sends",
+        unit="Mbit/s",
+    ),
+    Flag(
+        "sync.overlap",
+        "--blocking",
+        const=False,
+        help="wait for each outer step instead of overlapping it with training",
+    ),
+    Flag("ready_file"),
+    Flag("log_every_s", "--log-every"),
+)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="TOML file with config sections")
-    p.add_argument(
-        "--join",
-        nargs="+",
-        default=[],
-        metavar="MULTIADDR",
-        help="join the swarm of a running node (its printed multiaddr)",
-    )
-    p.add_argument("--run-id", help="swarm name (default locoswarm)")
-    p.add_argument("--sync", choices=("noloco", "diloco", "ef"), help="sync mode (default noloco)")
-    p.add_argument("--inner-steps", type=int, help="H, inner steps per round (default 50)")
-    p.add_argument("--rounds", type=int, help="stop after N rounds (default: run until stopped)")
-    p.add_argument("--outer-lr", type=float, help="noloco beta / diloco lr / ef lr")
-    p.add_argument("--outer-momentum", type=float, help="noloco alpha / diloco momentum")
-    p.add_argument("--match-deadline", type=float, help="seconds to find a partner per round")
-    p.add_argument("--group-size", type=int, help="diloco: nodes per group (default 2)")
-    p.add_argument(
-        "--bits",
-        type=int,
-        choices=(1, 2, 4, 8, 16, 32),
-        help="proposal width on the wire (diloco default 16, ef default 4)",
-    )
-    p.add_argument("--codec", choices=CODEC_CHOICES, help="ef --set sync.design=pull: step codec")
-    p.add_argument(
-        "--pairing", choices=("random", "hypercube"), help="partner schedule (default random)"
-    )
-    p.add_argument("--task", help="tiny|small|base or module:function (default tiny)")
-    p.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="text file or folder to train on (repeatable; default: Python's stdlib)",
-    )
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--max-bytes", type=int, help="cap on training bytes (quick runs)")
-    p.add_argument("--device", help="auto|cuda|cuda:N|cpu (default auto)")
-    p.add_argument("--seed", type=int, help="initial-weight seed, the same on every node")
-    p.add_argument("--lr", type=float, help="inner AdamW learning rate")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--host", help="address the gRPC server and the DHT bind (default 0.0.0.0)")
-    p.add_argument("--port", type=int, help="gRPC port (default: any free port)")
+    add_flags(p, NodeConfig, RUN_FLAGS)
     p.add_argument("--dht-port", type=int, help="DHT port (default: any free port)")
-    p.add_argument("--announce", metavar="HOST:PORT", help="gRPC address others should dial")
-    p.add_argument(
-        "--client-mode",
-        action="store_true",
-        help="no inbound connections: only dial out (behind NAT)",
-    )
-    p.add_argument("--secret-file", type=Path, help="swarm secret (>= 16 bytes) for call auth")
-    p.add_argument("--tls-cert", type=Path)
-    p.add_argument("--tls-key", type=Path)
-    p.add_argument("--tls-ca", type=Path, help="CA that signs the swarm's certificates")
-    p.add_argument("--tls-mutual", action="store_true", help="require client certificates")
-    p.add_argument("--checkpoint-dir", type=Path)
-    p.add_argument("--checkpoint-every", type=int, help="rounds between checkpoints (default 10)")
-    p.add_argument("--metrics-port", help="Prometheus port (default 9310; 0: any; off: none)")
-    p.add_argument("--max-upload-mbps", type=float, help="cap on what this node sends, Mbit/s")
-    p.add_argument(
-        "--blocking",
-        action="store_true",
-        help="wait for each outer step instead of overlapping it with training",
-    )
-    p.add_argument("--ready-file", type=Path, help="write the node's addresses as JSON here")
-    p.add_argument("--log-every", type=float, help="seconds between progress lines (default 10)")
     p.add_argument(
         "--set",
         action="append",
@@ -139,27 +107,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
     """The dotted config keys the flags set (flags left out keep file/env/default values)."""
-    out: dict[str, Any] = {}
-    for flag, key in _RUN_FLAGS.items():
-        value = getattr(a, flag, None)
-        if value is not None:
-            out[key] = value
-    if a.metrics_port is not None and str(a.metrics_port).lower() in ("off", "none"):
-        out["metrics_port"] = None
-    if a.data:
-        out["task.data"] = tuple(a.data)
-    if a.join:
-        out["peers.initial_peers"] = tuple(a.join)
-    if a.client_mode:
-        out["peers.client_mode"] = True
-    if a.tls_mutual:
-        out["protocol.tls.require_client_auth"] = True
-    if a.blocking:
-        out["sync.overlap"] = False
-    if a.max_upload_mbps is not None:
-        out["protocol.max_upload_bytes_per_s"] = a.max_upload_mbps * 1e6 / 8
-    if a.host is not None or a.dht_port is not None:  # else keep file/env/default DHT addresses
-        out["peers.host_maddrs"] = (f"/ip4/{a.host or '0.0.0.0'}/tcp/{a.dht_port or 0}",)
+    out = flag_values(a, RUN_FLAGS)
+    host = out.get("protocol.host")
+    if host is not None or a.dht_port is not None:  # else keep file/env/default DHT addresses
+        out["peers.host_maddrs"] = (f"/ip4/{host or '0.0.0.0'}/tcp/{a.dht_port or 0}",)
     for item in a.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -170,25 +121,13 @@ def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
 
 def _kill_children() -> None:
     """SIGKILL every process below us (the DHT process and its p2pd)."""
-    me = os.getpid()
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    todo, found = [me], []
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    for pid in found:
+    try:
+        below = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in below:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(child.pid, signal.SIGKILL)
 
 
 async def _serve(config: Any) -> int:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from locoswarm.errors import ConfigError
+
+Pairing = Literal["random", "hypercube"]
+"""random: a seeded shuffle of the live ids per round; hypercube: rank i meets i XOR 2^(r mod d)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -41,7 +45,7 @@ class PeersConfig:
     starts together); 0 starts at once."""
     min_peers_timeout_s: float = 120.0
     """Longest wait for ``min_peers``; then training starts with whoever is there."""
-    pairing: str = "random"
+    pairing: Pairing = "random"
     """random: a seeded shuffle per round; hypercube: partner rank i XOR 2^(r mod d), with
     random pairs for whoever has no partner in the cube (consensus.md §4)."""
     listen_share: float = 0.5

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from locoswarm.errors import ConfigError
+from locoswarm.peers.config import Pairing
 from locoswarm.sync.round_config import RoundConfig, default_round_config
 from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
 
 Strategy = Literal["ddp", "diloco", "noloco", "ef", "solo"]
-Pairing = Literal["random", "hypercube"]
 STRATEGIES: tuple[Strategy, ...] = ("ddp", "diloco", "noloco", "ef", "solo")
 
 

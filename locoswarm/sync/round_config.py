@@ -15,11 +15,13 @@ from locoswarm.compression.codecs import get_codec
 from locoswarm.compression.sideinfo import SIQ_BITS
 from locoswarm.errors import ConfigError
 
-__all__ = ["MODES", "Design", "Mode", "RoundConfig", "default_round_config"]
+__all__ = ["MODES", "WIDTHS", "Design", "Mode", "RoundConfig", "default_round_config"]
 
 Mode = Literal["noloco", "diloco", "ef"]
 MODES: tuple[Mode, ...] = ("noloco", "diloco", "ef")
 Design = Literal["siq", "pull"]
+WIDTHS: tuple[int, ...] = (*SIQ_BITS, 32)
+"""Wire widths of a proposal or a shared momentum: side-information quantization, or fp32."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,6 +52,7 @@ class RoundConfig:
     """ef: ``siq`` every round, or ``pull`` (a codec on the step, a 16-bit proposal every
     ``pull_every`` rounds)."""
     pull_every: int = 8
+    """ef ``pull``: rounds from one 16-bit proposal to the next."""
     rotate: int = 1
     """ef siq: each round covers one in ``rotate`` blocks (block b when (b + round) % rotate
     == 0), so a message is ``rotate`` times smaller; the other blocks take our own step and

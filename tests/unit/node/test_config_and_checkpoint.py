@@ -12,8 +12,9 @@ import torch
 from locoswarm.errors import CheckpointError, ConfigError
 from locoswarm.node import checkpoint
 from locoswarm.node.cli import build_parser
-from locoswarm.node.config import SyncMode, load_config, to_dict
+from locoswarm.node.config import SyncMode, load_config
 from locoswarm.node.run import overrides_from_args
+from locoswarm.settings import to_dict
 from locoswarm.sync.round_config import default_round_config
 
 
@@ -50,7 +51,7 @@ def test_precedence_is_file_then_environment_then_flags(tmp_path: Path) -> None:
         # Removed: the compression section (the round's codec is sync.codec) and the fixed delay.
         ({"compression.codec": "int8"}, "unknown config key 'compression'"),
         ({"sync.apply_delay_steps": 5}, "unknown config key 'sync.apply_delay_steps'"),
-        ({"peers.pairing": "ring"}, "peers.pairing must be random or hypercube"),
+        ({"peers.pairing": "ring"}, "peers.pairing must be one of random, hypercube"),
         (
             {"protocol.tls.cert_file": "/no/such.pem", "protocol.tls.key_file": "/no/k"},
             "no such file",
