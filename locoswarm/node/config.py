@@ -223,12 +223,14 @@ def load_config(
     file: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> NodeConfig:
-    """Defaults < TOML ``file`` < environment < ``overrides`` (dotted keys, from flags)."""
-    data: dict[str, Any] = {}
+    """Defaults < ``base`` (dotted keys, a preset) < TOML ``file`` < environment < ``overrides``
+    (dotted keys, from flags)."""
+    data: dict[str, Any] = nest(base or {})
     if file is not None:
         try:
-            data = tomllib.loads(Path(file).read_text())
+            data = merge(data, tomllib.loads(Path(file).read_text()))
         except OSError as exc:
             raise ConfigError(f"config file {file}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:

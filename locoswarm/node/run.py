@@ -23,7 +23,8 @@ import psutil
 
 from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import ConfigError, PeerError
-from locoswarm.node.config import NodeConfig, SyncMode
+from locoswarm.node.config import NodeConfig, SyncMode, load_config
+from locoswarm.node.presets import PRESETS, preset
 from locoswarm.settings import Flag, add_flags, flag_values
 from locoswarm.sync.round_config import WIDTHS, default_round_config
 
@@ -93,6 +94,12 @@ RUN_FLAGS: tuple[Flag, ...] = (
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="TOML file with config sections")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="start from a named preset (below the file, the environment and the flags)",
+    )
     add_flags(p, NodeConfig, RUN_FLAGS)
     p.add_argument("--dht-port", type=int, help="DHT port (default: any free port)")
     p.add_argument(
@@ -159,13 +166,16 @@ async def _serve(config: Any) -> int:
     return 0
 
 
+def config_from_args(a: argparse.Namespace, environ: dict[str, str] | None = None) -> NodeConfig:
+    """The node's config: defaults < ``--preset`` < ``--config`` file < environment < flags."""
+    base = preset(a.preset) if a.preset else None
+    return load_config(a.config, overrides_from_args(a), environ=environ, base=base)
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     import uvloop
 
-    from locoswarm.node.config import load_config
-
-    config = load_config(a.config, overrides_from_args(a))
-    return int(uvloop.run(_serve(config)))
+    return int(uvloop.run(_serve(config_from_args(a))))
 
 
 # -- status ------------------------------------------------------------------------------------

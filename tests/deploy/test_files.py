@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from locoswarm.node.cli import build_parser
-from locoswarm.node.config import NodeConfig, load_config
+from locoswarm.node.config import NodeConfig
 from locoswarm.node.metrics import NodeMetrics
-from locoswarm.node.run import overrides_from_args
+from locoswarm.node.run import config_from_args
 from locoswarm.peers.membership import check_join_addresses
 from tests.deploy import tools
 from tests.deploy.tools import (
@@ -52,7 +52,7 @@ def _pinned(image: str) -> bool:
 def _node_config(args: list[str], environ: dict[str, str]) -> NodeConfig:
     """The config ``locoswarm run ARGS`` builds with ``environ`` (as in the container)."""
     a = build_parser().parse_args(["run", *args])
-    return load_config(a.config, overrides_from_args(a), environ=environ)
+    return config_from_args(a, environ)
 
 
 def _exposed_ports(instructions: list[Instruction]) -> dict[int, tuple[str, ...]]:

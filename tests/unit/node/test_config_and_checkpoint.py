@@ -13,7 +13,8 @@ from locoswarm.errors import CheckpointError, ConfigError
 from locoswarm.node import checkpoint
 from locoswarm.node.cli import build_parser
 from locoswarm.node.config import SyncMode, load_config
-from locoswarm.node.run import overrides_from_args
+from locoswarm.node.presets import preset
+from locoswarm.node.run import config_from_args, overrides_from_args
 from locoswarm.settings import to_dict
 from locoswarm.sync.round_config import default_round_config
 
@@ -192,3 +193,28 @@ def test_checkpoints_refuse_pickled_objects(tmp_path: Path) -> None:
     found = checkpoint.load_latest(tmp_path)
     assert found is not None
     assert found[1]["outer_step"] == 4  # weights_only=True refused the pickled object
+
+
+def test_a_preset_sits_below_the_file_the_environment_and_the_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text("[protocol]\nkeepalive_s = 3.0\n")
+    a = build_parser().parse_args(
+        ["run", "--preset", "fast-failure-detection", "--config", str(toml),
+         "--set", "peers.backoff_max_s=5"]
+    )  # fmt: skip
+    config = config_from_args(a, {"LOCOSWARM_PROTOCOL__PING_TIMEOUT_S": "4"})
+    assert config.protocol.frame_timeout_s == 2.0  # the preset
+    assert config.protocol.keepalive_s == 3.0  # the file over the preset
+    assert config.protocol.ping_timeout_s == 4.0  # the environment over the preset
+    assert config.peers.backoff_max_s == 5.0  # a flag over the preset
+    assert config.sync.exchange_timeout_s == 8.0
+    plain = config_from_args(build_parser().parse_args(["run"]), {})
+    assert plain.protocol.frame_timeout_s != 2.0
+
+
+def test_an_unknown_preset_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--preset", "fastest"])
+    assert "fast-failure-detection" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="known: fast-failure-detection"):
+        preset("fastest")
