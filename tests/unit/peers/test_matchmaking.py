@@ -2,7 +2,12 @@
 
 The transport delivers a proposal to the other node's ``Matchmaker.on_proposal`` after a random
 delay, or never (a dead node). Invariants: nobody is in two exchanges in a round, every dialler's
-partners agree that they are its responders, and every node is done within the deadline.
+partners agree that they are its responders, and every node is done within its deadline.
+
+The async tests run on virtual time (the ``looptime`` plugin): sleeps, ``asyncio.timeout`` and
+``wait_for`` fast-forward the event loop's clock, and each matchmaker gets that clock, so its
+health backoffs follow the same time. Deadlines and delays are realistic (seconds), the tests
+take milliseconds, and a bound such as "done by the deadline" is exact and deterministic.
 """
 
 from __future__ import annotations
@@ -17,7 +22,24 @@ import pytest
 from locoswarm.peers import Match, Matchmaker, PeerRecord, PeersConfig, plan_round
 from locoswarm.peers.pairing import cut_groups, hypercube_groups, round_groups, shuffled
 
-DEADLINE_S = 0.3
+# Virtual time for the async tests of this module; the sync ones have no loop and ignore it.
+pytestmark = pytest.mark.looptime
+
+DEADLINE_S = 3.0
+"""Each node's matchmaking deadline (and how long a responder waits for its round)."""
+ARRIVAL_JITTER_S = 0.5
+"""Nodes reach the round boundary up to this far apart."""
+LATENCY_S = 0.2
+"""The longest one hop of the fake transport takes."""
+SILENCE_S = 3600.0
+"""A dead node's call answers nothing for this long: far past anybody's deadline."""
+SLACK_S = 1e-3
+"""Virtual time a node may take past its deadline (the loop clock's rounding, nothing else)."""
+
+
+def node(config: PeersConfig, peer_id: str) -> Matchmaker[Session]:
+    """A matchmaker on the running loop's (virtual) clock, as its deadlines are."""
+    return Matchmaker[Session](config, peer_id, clock=asyncio.get_running_loop().time)
 
 
 def record(peer: str, step: int, *, client: bool = False, fp: str = "fp") -> PeerRecord:
@@ -52,9 +74,11 @@ class Swarm:
         self.clients = {self.ids[i] for i in clients}
         self.dead = {self.ids[i] for i in dead}
         config = PeersConfig(
-            run_id="sim", group_size=group_size, backoff_base_s=0.01, backoff_max_s=0.02
+            run_id="sim", group_size=group_size, backoff_base_s=0.1, backoff_max_s=0.2
         )
-        self.nodes = {p: Matchmaker[Session](config, p) for p in self.ids}
+        self.nodes = {p: node(config, p) for p in self.ids}
+        self.took: dict[str, float] = {}
+        """Virtual seconds each node's ``match`` took in the last round."""
 
     def view_of(self, me: str, step: int) -> list[PeerRecord]:
         # Each node misses a random ~25% of the others: views disagree.
@@ -66,30 +90,40 @@ class Swarm:
 
     def transport(self, me: str):
         async def propose(peer: str, step: int) -> Session | None:
-            await asyncio.sleep(self.rng.uniform(0, 0.02))
+            await asyncio.sleep(self.rng.uniform(0, LATENCY_S))
             if peer in self.dead:
-                await asyncio.sleep(10)  # never answers; the dialler's deadline cuts it off
+                await asyncio.sleep(SILENCE_S)  # never answers; the dialler's deadline cuts it off
                 return None
             accepted, _ = await self.nodes[peer].on_proposal(me, step, wait_s=DEADLINE_S)
-            await asyncio.sleep(self.rng.uniform(0, 0.02))
+            await asyncio.sleep(self.rng.uniform(0, LATENCY_S))
             return Session(me, peer) if accepted else None
 
         return propose
 
     async def round(self, step: int) -> dict[str, Match[Session]]:
+        loop = asyncio.get_running_loop()
+
         async def one(peer: str) -> Match[Session]:
-            await asyncio.sleep(self.rng.uniform(0, 0.05))  # nodes reach the boundary apart
+            await asyncio.sleep(self.rng.uniform(0, ARRIVAL_JITTER_S))  # nodes arrive apart
             me = record(peer, step, client=peer in self.clients)
-            return await self.nodes[peer].match(
+            began = loop.time()
+            match = await self.nodes[peer].match(
                 me, self.view_of(peer, step), self.transport(peer), deadline_s=DEADLINE_S
             )
+            self.took[peer] = loop.time() - began
+            return match
 
         live = [p for p in self.ids if p not in self.dead]
-        loop = asyncio.get_running_loop()
+        self.took = {}
         start = loop.time()
-        results = await asyncio.gather(*(one(p) for p in live))
-        assert loop.time() - start < DEADLINE_S + 0.5  # bounded: nobody waits past its deadline
-        return dict(zip(live, results, strict=True))
+        # A task group: should a node fail, the others are cancelled here, not left to teardown.
+        async with asyncio.TaskGroup() as group:
+            tasks = {p: group.create_task(one(p)) for p in live}
+        results = {p: task.result() for p, task in tasks.items()}
+        late = {p: (t, results[p]) for p, t in self.took.items() if t > DEADLINE_S + SLACK_S}
+        assert not late, late  # nobody waits past its deadline
+        assert loop.time() - start <= ARRIVAL_JITTER_S + DEADLINE_S + SLACK_S
+        return results
 
 
 def check_round(results: dict[str, Match[Session]], clients: set[str], group_size: int = 2) -> None:
@@ -162,51 +196,59 @@ async def test_a_lone_node_goes_solo_at_once() -> None:
     swarm = Swarm(1, seed=5)
     (match,) = (await swarm.round(0)).values()
     assert (match.role, match.reason) == ("solo", "no live compatible peer")
+    assert swarm.took == {"n00": 0.0}  # at once: it waits for no timer at all
 
 
 async def test_a_proposal_waits_for_our_round_then_is_accepted() -> None:
-    node = Matchmaker[Session](PeersConfig(run_id="x"), "n01")
-    pending = asyncio.create_task(node.on_proposal("n00", 3, wait_s=1.0))
-    await asyncio.sleep(0.05)
-    assert not pending.done()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    n01 = node(PeersConfig(run_id="x"), "n01")
+    pending = asyncio.create_task(n01.on_proposal("n00", 3, wait_s=DEADLINE_S))
+    await asyncio.sleep(1.0)
+    assert not pending.done()  # still waiting for our boundary, within its wait
 
     async def never(peer: str, step: int) -> Session | None:
         return None
 
     me, other = record("n01", 3), record("n00", 3)
-    match = await node.match(me, [me, other], never, deadline_s=1.0)
+    match = await n01.match(me, [me, other], never, deadline_s=DEADLINE_S)
     assert await pending == (True, "ok")
     assert (match.role, match.partners) == ("responder", ("n00",))
+    assert loop.time() - t0 == pytest.approx(1.0)  # accepted as our round opened, not later
     # Between rounds, a proposal waits for the next boundary (here: none comes in time).
-    assert await node.on_proposal("n02", 3, wait_s=0.1) == (False, "not at a round boundary yet")
+    start = loop.time()
+    assert await n01.on_proposal("n02", 3, wait_s=1.5) == (False, "not at a round boundary yet")
+    assert loop.time() - start == pytest.approx(1.5)  # it waited exactly its wait_s
 
 
 async def test_proposals_are_decided_against_the_lag_window() -> None:
     config = PeersConfig(run_id="x", lag_window=2)
-    node = Matchmaker[Session](config, "n01")
-    late = asyncio.create_task(node.on_proposal("n00", 1, wait_s=1.0))
-    close = asyncio.create_task(node.on_proposal("n02", 4, wait_s=1.0))
-    await asyncio.sleep(0.05)
+    n01 = node(config, "n01")
+    late = asyncio.create_task(n01.on_proposal("n00", 1, wait_s=DEADLINE_S))
+    close = asyncio.create_task(n01.on_proposal("n02", 4, wait_s=DEADLINE_S))
+    await asyncio.sleep(0.5)
 
     async def never(peer: str, step: int) -> Session | None:
         return None
 
     me = record("n01", 5)
-    match = await node.match(me, [me], never, deadline_s=0.5)
+    match = await n01.match(me, [me], never, deadline_s=DEADLINE_S)
     assert (await late)[0] is False  # 4 rounds behind: outside the window
     assert await close == (True, "ok")  # 1 round behind: partners meet at their own boundaries
     assert (match.role, match.partners) == ("responder", ("n02",))
 
 
 async def test_two_nodes_dialling_each_other_at_once_still_pair() -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
     config = PeersConfig(run_id="x", listen_share=0.25)
-    a = Matchmaker[Session](config, "n00")
-    b = Matchmaker[Session](config, "n01")
+    a = node(config, "n00")
+    b = node(config, "n01")
     nodes = {"n00": a, "n01": b}
 
     def transport(me: str):
         async def propose(peer: str, step: int) -> Session | None:
-            accepted, _ = await nodes[peer].on_proposal(me, step, wait_s=1.0)
+            accepted, _ = await nodes[peer].on_proposal(me, step, wait_s=10.0)
             return Session(me, peer) if accepted else None
 
         return propose
@@ -214,15 +256,16 @@ async def test_two_nodes_dialling_each_other_at_once_still_pair() -> None:
     view = [record("n00", 0), record("n01", 0)]
 
     async def late_a() -> Match[Session]:
-        await asyncio.sleep(0.2)  # b listens 0.1 s, then dials a, which is still training
-        return await a.match(view[0], view, transport("n00"), deadline_s=1.0)
+        await asyncio.sleep(2.0)  # b listens 1 s, then dials a, which is still training
+        return await a.match(view[0], view, transport("n00"), deadline_s=10.0)
 
     match_a, match_b = await asyncio.gather(
-        late_a(), b.match(view[1], view, transport("n01"), deadline_s=0.4)
+        late_a(), b.match(view[1], view, transport("n01"), deadline_s=4.0)
     )
     # a dialled b while b's own proposal to a waited: the lower id's proposal wins
     assert (match_a.role, match_a.partners) == ("dialler", ("n01",))
     assert (match_b.role, match_b.partners) == ("responder", ("n00",))
+    assert loop.time() - t0 == pytest.approx(2.0)  # paired the moment a arrived
 
 
 # -- the round's groups as pure functions (peers/pairing.py) -----------------------------------
@@ -342,9 +385,11 @@ def test_plan_round_follows_the_hypercube_and_every_node_agrees() -> None:
 
 
 async def test_matchmaker_with_hypercube_pairing_forms_the_cube_pairs() -> None:
-    config = PeersConfig(run_id="cube", pairing="hypercube", backoff_base_s=0.01)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    config = PeersConfig(run_id="cube", pairing="hypercube", backoff_base_s=0.1)
     ids = _ids(4)
-    nodes = {p: Matchmaker[Session](config, p) for p in ids}
+    nodes = {p: node(config, p) for p in ids}
     step = 1  # bit 2: n00-n02, n01-n03
     view = [record(p, step) for p in ids]
 
@@ -358,6 +403,7 @@ async def test_matchmaker_with_hypercube_pairing_forms_the_cube_pairs() -> None:
     matches = await asyncio.gather(
         *(nodes[p].match(record(p, step), view, transport(p), deadline_s=DEADLINE_S) for p in ids)
     )
+    assert loop.time() == t0  # views agree: the pairs form without waiting for any timeout
     got = {p: (m.role, m.partners) for p, m in zip(ids, matches, strict=True)}
     assert got == {
         "n00": ("dialler", ("n02",)),
