@@ -94,9 +94,13 @@ class Matchmaker(Generic[S]):
                 return False, reason
             self._waiting += 1
             try:
+                # asyncio.timeout cancels this task itself; wait_for would run the wait in a
+                # second task, and on Python 3.11 cancelling that twice can release the
+                # condition's lock before it is re-taken ("Lock is not acquired").
                 async with self._round_started:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._round_started.wait(), remaining)
+                        async with asyncio.timeout(remaining):
+                            await self._round_started.wait()
             finally:
                 self._waiting -= 1
         if accept:
