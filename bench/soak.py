@@ -26,7 +26,7 @@ JSON per incarnation, ``rounds``, but not counted):
 * loss: per node and round from the log lines (their timestamps place them in the run); mean
   loss over all nodes per quarter of the run, and per node;
 * resident memory (``VmRSS`` of the node process, and of its whole process group) and open file
-  descriptors (``/proc/<pid>/fd``) every ``--sample-every-s``; growth per incarnation after the
+  descriptors (psutil ``num_fds``) every ``--sample-every-s``; growth per incarnation after the
   warm-up: (last - value at warm-up) / value at warm-up, for incarnations that lived at least
   ``--warmup-s`` plus ``--min-span-s`` (defaults: 120 s and 60 s, both at most a quarter of the
   run);
@@ -67,6 +67,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.common import FAST_NODE_FLAGS
 from bench.common import finite as _finite
@@ -125,48 +127,46 @@ GAUGE_RE = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# /proc helpers
+# Process helpers (psutil)
 
 
-def _identity(pid: int) -> tuple[int, int, str] | None:
-    """(pid, start time in clock ticks, command name) of a live process; None if gone/zombie."""
+def _identity(pid: int) -> tuple[psutil.Process, str] | None:
+    """(the process, its command name) of a live process; None if gone or a zombie.
+
+    ``psutil.Process`` compares equal by pid and start time, so a reused pid is another process.
+    """
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc, proc.name()
+    except psutil.Error:
         return None
-    name = raw[raw.index("(") + 1 : raw.rindex(")")]
-    fields = raw[raw.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return pid, int(fields[19]), name
 
 
 def _rss(pid: int) -> int | None:
-    """VmRSS of a live process, in bytes."""
+    """Resident memory (VmRSS) of a live process, in bytes."""
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
         return None
-    for line in text.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return None
 
 
 def _fds(pid: int) -> int | None:
+    """Open file descriptors of a live process."""
     try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
+        return psutil.Process(pid).num_fds()
+    except psutil.Error:
         return None
 
 
-def _still_alive(ids: set[tuple[int, int, str]], timeout_s: float) -> list[dict[str, Any]]:
+def _still_alive(ids: set[tuple[psutil.Process, str]], timeout_s: float) -> list[dict[str, Any]]:
     """Those of ``ids`` still alive (the same process: pid and start time) after ``timeout_s``."""
-    left = procs.wait_gone({pid for pid, _, _ in ids}, timeout_s)
+    left = procs.wait_gone({proc.pid for proc, _ in ids}, timeout_s)
     return [
-        {"pid": pid, "name": name}
-        for pid, start, name in sorted(ids)
-        if pid in left and _identity(pid) == (pid, start, name)
+        {"pid": proc.pid, "name": name}
+        for proc, name in sorted(ids, key=lambda ident: (ident[0].pid, ident[1]))
+        if proc.pid in left and _identity(proc.pid) == (proc, name)
     ]
 
 
@@ -203,7 +203,7 @@ class Incarnation:
     exit_code: int | None = None
     samples: list[tuple[float, int | None, int | None, int, int]] = field(default_factory=list)
     """(t, node VmRSS, node fds, process-group VmRSS, process-group fds)."""
-    seen: set[tuple[int, int, str]] = field(default_factory=set)
+    seen: set[tuple[psutil.Process, str]] = field(default_factory=set)
     metrics: dict[str, Any] = field(default_factory=dict)
     scrapes: int = 0
 
@@ -468,7 +468,7 @@ class Swarm:
             "after_graceful_stop": after_graceful,
         }
 
-    def seen(self) -> set[tuple[int, int, str]]:
+    def seen(self) -> set[tuple[psutil.Process, str]]:
         return set().union(*(inc.seen for inc in self.all_incarnations()))
 
     def cleanup(self) -> None:
@@ -823,7 +823,7 @@ def soak(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     groups = {inc.pid for inc in sw.all_incarnations()}
     groups_left = sorted(set().union(set(), *(procs.in_group(g) for g in groups)))
     leftover += [{"pid": p, "name": "in a node's process group"} for p in groups_left]
-    ours = {pid for pid, _, name in seen if name == "p2pd"}
+    ours = {proc.pid for proc, name in seen if name == "p2pd"}
     new_p2pd = procs.named("p2pd") - p2pd_before
     mine = {p for p in new_p2pd if p in ours or _pgid(p) in groups}
     stop = {
@@ -831,7 +831,7 @@ def soak(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         "leftover_after_cleanup": leftover,
         "p2pd_seen": len(ours),
         "processes_seen_by_name": {
-            n: sum(1 for i in seen if i[2] == n) for n in {i[2] for i in seen}
+            n: sum(1 for i in seen if i[1] == n) for n in {i[1] for i in seen}
         },
         "p2pd_new_still_running_ours": sorted(mine),
         "p2pd_new_still_running_not_ours": sorted(new_p2pd - mine),

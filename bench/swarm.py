@@ -21,7 +21,8 @@ N --rounds R --inner-steps H --max-upload-mbps CAP --match-deadline D`` and stop
 
 While a node runs, the benchmark polls (every ``POLL_S``) its Prometheus ``/metrics`` (URL from
 the ready file), and ``VmHWM`` / ``VmRSS`` of the node and of every process below it (the
-hivemind DHT process and its ``p2pd``) from ``/proc/<pid>/status``. A node closes ``/metrics``
+hivemind DHT process and its ``p2pd``; found and read with psutil, except ``VmHWM``, which psutil
+lacks: from ``/proc/<pid>/status``). A node closes ``/metrics``
 when it stops itself, so the figures are those of the last scrape before it exited
 (``metrics_age_s`` says how old). ``VmHWM`` is a high-water mark, so the last read is the peak.
 
@@ -67,6 +68,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.common import finite as _finite
 from bench.common import print_checks
@@ -127,64 +130,64 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _proc_status(pid: int) -> dict[str, Any] | None:
-    """Name, VmHWM and VmRSS (bytes) of a live process; None when gone or a zombie."""
+def _vmhwm(pid: int) -> int | None:
+    """VmHWM (peak resident memory, bytes) of a process; None when gone or without one.
+
+    The one value psutil does not give on Linux (``memory_info`` has the current RSS only), and
+    ``resource.getrusage`` gives a peak for this process alone, counting the memory it had before
+    ``exec``; so this, and only this, is read from ``/proc/<pid>/status``.
+    """
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    out: dict[str, Any] = {}
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key == "Name":
-            out["name"] = value.strip()
-        elif key == "State" and value.strip().startswith("Z"):
-            return None
-        elif key in ("VmHWM", "VmRSS"):
-            out[key] = int(value.split()[0]) * 1024
-    return out if "VmHWM" in out else None
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
-def _children_map() -> dict[int, list[int]]:
-    """ppid -> live child pids, from one pass over /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    return children
+def _proc_status(pid: int) -> dict[str, Any] | None:
+    """Name, VmHWM and VmRSS (bytes) of a live process; None when gone or a zombie."""
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            out: dict[str, Any] = {"name": proc.name(), "VmRSS": proc.memory_info().rss}
+    except psutil.Error:
+        return None
+    hwm = _vmhwm(pid)
+    if hwm is None:
+        return None
+    out["VmHWM"] = hwm
+    return out
 
 
-def _below(pid: int, children: dict[int, list[int]]) -> list[int]:
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.append(child)
-                todo.append(child)
-    return found
+def _below(pid: int) -> list[int]:
+    """Live processes below ``pid`` (children first, then theirs)."""
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    return [child.pid for child in below]
 
 
 def _in_group(pgid: int) -> set[int]:
     """Live processes of process group ``pgid``."""
     found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for proc in psutil.process_iter():
+        try:
+            group = os.getpgid(proc.pid)
+        except ProcessLookupError:
+            continue
+        if group != pgid:
             continue
         try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                found.add(proc.pid)
+        except psutil.Error:
             continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            found.add(int(entry))
     return found
 
 
@@ -444,8 +447,8 @@ class NodeRun:
             self.outer_step = float(found.group(1))
         self.scrapes += 1
 
-    def read_memory(self, children: dict[int, list[int]]) -> None:
-        for pid in [self.pid, *_below(self.pid, children)]:
+    def read_memory(self) -> None:
+        for pid in [self.pid, *_below(self.pid)]:
             status = _proc_status(pid)
             if status is None:
                 continue
@@ -533,14 +536,13 @@ def _wait_ready(first: NodeRun, nodes: list[NodeRun]) -> None:
 
 
 def _poll(nodes: list[NodeRun]) -> None:
-    children = _children_map()
     for node in nodes:
         if node.proc.poll() is not None:
             if node.exited_at is None:
                 node.exited_at = time.monotonic()
             continue
         node.load_info()
-        node.read_memory(children)
+        node.read_memory()
         node.scrape()
 
 

@@ -1,4 +1,7 @@
-"""Process bookkeeping for tests that start DHTs, p2pd daemons or nodes: find and kill them."""
+"""Process bookkeeping for tests that start DHTs, p2pd daemons or nodes: find and kill them.
+
+Read with psutil. A zombie counts as gone: it is dead, its parent just has not reaped it yet.
+"""
 
 from __future__ import annotations
 
@@ -6,51 +9,63 @@ import contextlib
 import os
 import signal
 import time
-from pathlib import Path
+
+import psutil
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(command name, parent pid, process group) of a live process, or None."""
+def _live(proc: psutil.Process) -> bool:
+    """Whether ``proc`` still runs (not gone, not a zombie)."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    name = raw[raw.index("(") + 1 : raw.rindex(")")]
-    fields = raw[raw.rindex(")") + 2 :].split()
-    if fields[0] == "Z":  # a zombie is dead; its parent just has not reaped it yet
-        return None
-    return name, int(fields[1]), int(fields[2])
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (a zombie does not)."""
+    try:
+        return _live(psutil.Process(pid))
+    except psutil.Error:
+        return False
 
 
 def all_pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return psutil.pids()
 
 
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid``."""
-    parents: dict[int, list[int]] = {}
-    for child in all_pids():
-        info = _stat(child)
-        if info is not None:
-            parents.setdefault(info[1], []).append(child)
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return set()
+    return {child.pid for child in below if _live(child)}
 
 
 def in_group(pgid: int) -> set[int]:
     """Live processes of process group ``pgid``."""
-    return {p for p in all_pids() if (info := _stat(p)) is not None and info[2] == pgid}
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            group = os.getpgid(proc.pid)
+        except ProcessLookupError:
+            continue
+        if group == pgid and _live(proc):
+            found.add(proc.pid)
+    return found
 
 
 def named(name: str) -> set[int]:
     """Live processes whose command name is ``name`` (e.g. ``p2pd``)."""
-    return {p for p in all_pids() if (info := _stat(p)) is not None and info[0] == name}
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            matches = proc.name() == name
+        except psutil.Error:
+            continue
+        if matches and _live(proc):
+            found.add(proc.pid)
+    return found
 
 
 def kill_tree(pid: int) -> None:
@@ -63,8 +78,8 @@ def kill_tree(pid: int) -> None:
 def wait_gone(pids: set[int], timeout_s: float = 10.0) -> set[int]:
     """Wait until none of ``pids`` is alive; return those still alive at the timeout."""
     deadline = time.monotonic() + timeout_s
-    alive = {p for p in pids if _stat(p) is not None}
-    while alive and time.monotonic() < deadline:
+    alive_now = {p for p in pids if alive(p)}
+    while alive_now and time.monotonic() < deadline:
         time.sleep(0.05)
-        alive = {p for p in alive if _stat(p) is not None}
-    return alive
+        alive_now = {p for p in alive_now if alive(p)}
+    return alive_now

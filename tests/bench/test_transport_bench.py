@@ -7,28 +7,31 @@ import json
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench.transport import METHODS, main
 
 
-def _stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, pgrp, session) of a live process, from /proc/<pid>/stat; None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name is in parentheses and may hold spaces: split after the last ")".
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[1]), int(fields[2]), int(fields[3])
-
-
 def _processes() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, process group, session) of every process, zombies included."""
     procs = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _stat(int(entry))) is not None:
-            procs[int(entry)] = st
+    for proc in psutil.process_iter():
+        try:
+            procs[proc.pid] = (proc.ppid(), os.getpgid(proc.pid), os.getsid(proc.pid))
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
     return procs
+
+
+def _command(pid: int) -> str | None:
+    """The command line of ``pid`` (``<zombie>`` for one); None if it is gone."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.ZombieProcess:
+        return "<zombie>"
+    except psutil.Error:
+        return None
 
 
 def _leftovers(root: int, groups: set[int]) -> list[str]:
@@ -45,9 +48,8 @@ def _leftovers(root: int, groups: set[int]) -> list[str]:
             if chain == root:
                 break
         if chain == root or pgrp in groups or sid in groups:
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
+            cmd = _command(pid)
+            if cmd is None:
                 continue
             found.append(f"{pid}: {cmd.strip()[:120]}")
     return found

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -538,10 +539,7 @@ def test_latency_blackhole_and_resets_through_a_proxy(nodes: Nodes) -> None:
 
 
 def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    return psutil.Process(pid).memory_info().rss
 
 
 async def _declare(address: str, fingerprint: str, outer_step: int, total: int) -> str:
