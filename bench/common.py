@@ -33,18 +33,6 @@ def finite(obj: Any) -> Any:
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAST_NODE_FLAGS = [
-    "--set", "protocol.frame_timeout_s=2",
-    "--set", "protocol.keepalive_s=1",
-    "--set", "protocol.ping_timeout_s=2",
-    "--set", "sync.exchange_timeout_s=8",
-    "--set", "protocol.max_reconnect_backoff_s=1",
-    "--set", "peers.backoff_base_s=0.5",
-    "--set", "peers.backoff_max_s=2",
-]  # fmt: skip
-"""``locoswarm run`` flags that make a node notice dead or hung peers within seconds (the fault
-suite and the soak use them; the defaults suit the internet)."""
-
 
 def source(subdir: str, label: str) -> dict[str, Any]:
     """Where the benchmarked code comes from: the tree, its git commit, and local changes under

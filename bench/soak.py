@@ -70,10 +70,9 @@ from typing import Any
 
 import psutil
 
-from bench.common import FAST_NODE_FLAGS
 from bench.common import finite as _finite
 from bench.common import version as _version
-from tests import procs
+from locoswarm.node import processes as procs
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +97,7 @@ NODE_ARGS = [
     "--checkpoint-every",
     "5",
 ]
-FAST = FAST_NODE_FLAGS
+FAST = ["--preset", "fast-failure-detection"]  # the fault suite's quick failure detection
 
 POLL_S = 0.5
 READY_TIMEOUT_S = 180.0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -19,10 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import ConfigError, PeerError
+from locoswarm.node import processes
 from locoswarm.node.config import NodeConfig, SyncMode, load_config
 from locoswarm.node.presets import PRESETS, preset
 from locoswarm.settings import Flag, add_flags, flag_values
@@ -126,17 +124,6 @@ def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _kill_children() -> None:
-    """SIGKILL every process below us (the DHT process and its p2pd)."""
-    try:
-        below = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
-    for child in below:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
-
-
 async def _serve(config: Any) -> int:
     from locoswarm.node.daemon import Daemon
 
@@ -157,7 +144,7 @@ async def _serve(config: Any) -> int:
             daemon.request_stop()
         else:
             print("forced exit", file=sys.stderr, flush=True)
-            _kill_children()
+            processes.kill_tree(os.getpid(), include_self=False)  # the DHT process, p2pd
             os._exit(130)
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.peers import main
-from tests import procs
+from locoswarm.node import processes as procs
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.soak import main
-from tests import procs
+from locoswarm.node import processes as procs
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.swarm import BASELINE_VARIANTS, TINY_CONFIGS, histogram_quantile, main, parse_metrics
-from tests import procs
+from locoswarm.node import processes as procs
 
 
 @pytest.mark.slow

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from locoswarm.errors import ConfigError, PeerUnavailable
+from locoswarm.node import processes as procs
 from locoswarm.peers import PeerRecord, PeersConfig
 from locoswarm.peers.membership import Membership, check_join_addresses
-from tests import procs
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests import procs
+from locoswarm.node import processes as procs
 from tests.deploy import tools
 from tests.deploy.tools import PROMETHEUS_DIR, PrometheusServer, PrometheusTools, promtool
 from tests.integration.conftest import Node, Nodes

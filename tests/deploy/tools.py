@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests import procs
+from locoswarm.node import processes as procs
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

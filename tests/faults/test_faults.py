@@ -25,7 +25,6 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import FAST_NODE_FLAGS
 from locoswarm.protocol import LocalView, Outgoing, PeerClient, ProtocolConfig
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.frames import Header, TensorSpec, frame_messages
@@ -34,7 +33,7 @@ from tests.integration.conftest import Node, Nodes
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(240)]
 
-FAST = FAST_NODE_FLAGS
+FAST = ["--preset", "fast-failure-detection"]  # notice dead or hung peers within seconds
 
 
 def record(fault: str, injected: str, observed: str) -> None:

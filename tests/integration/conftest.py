@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from locoswarm.node import processes as procs
 from locoswarm.sim.replay import round_events
-from tests import procs
 
 QUICK = [
     "--host",

@@ -6,11 +6,12 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests import procs
+from locoswarm.node import processes as procs
 from tests.integration.conftest import QUICK, Nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -57,6 +58,23 @@ def test_sigterm_then_restart_resumes_with_identical_weights(nodes: Nodes, tmp_p
     assert _digest(again.text(), "resumed") == saved
     again.wait_for(rf"round {saved[0]}: ")  # it goes on from the saved round
     assert again.stop() == 0
+
+
+def test_a_second_signal_forces_the_exit_and_kills_the_dht_and_p2pd(nodes: Nodes) -> None:
+    node = nodes.start()
+    node.wait_for(r"round 1: ")
+    below = procs.descendants(node.proc.pid)
+    assert below, "a running node has its DHT process and p2pd below it"
+    node.proc.send_signal(signal.SIGINT)
+    # Signals of one kind do not queue: send the second once the first was handled (soon: the
+    # graceful stop it started closes the DHT, which takes longer than this poll).
+    deadline = time.monotonic() + 30
+    while "signal again to force" not in node.text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    node.proc.send_signal(signal.SIGINT)
+    assert node.proc.wait(timeout=30) == 130
+    assert "forced exit" in node.text()
+    assert procs.wait_gone(below) == set()
 
 
 def test_a_node_restarted_far_behind_the_swarm_fetches_its_state(

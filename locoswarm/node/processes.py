@@ -1,6 +1,8 @@
-"""Process bookkeeping for tests that start DHTs, p2pd daemons or nodes: find and kill them.
+"""Process trees of a node: its DHT process and p2pd, the nodes of ``locoswarm demo``.
 
-Read with psutil. A zombie counts as gone: it is dead, its parent just has not reaped it yet.
+The daemon kills what is below it on a forced exit; tests and benchmarks that start nodes find
+and kill everything those started (by tree, process group or name). Read with psutil. A zombie
+counts as gone: it is dead, its parent just has not reaped it yet.
 """
 
 from __future__ import annotations
@@ -68,9 +70,9 @@ def named(name: str) -> set[int]:
     return found
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and everything below it."""
-    for victim in [*descendants(pid), pid]:
+def kill_tree(pid: int, *, include_self: bool = True) -> None:
+    """SIGKILL everything below ``pid``, and ``pid`` itself unless ``include_self`` is False."""
+    for victim in [*descendants(pid), *([pid] if include_self else [])]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
 
