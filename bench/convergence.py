@@ -121,6 +121,10 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
         "ef_2bit_rotate2": cfg("ef", sync=replace(ef4, bits=2, rotate=2)),
         "ef_4bit_hypercube": cfg("ef", sync=ef4, pairing="hypercube"),
         "ef_lowbit_hypercube": cfg("ef", sync=low, pairing="hypercube"),
+        "diloco_hypercube_blocking": cfg("diloco", pairing="hypercube", overlap=False),
+        "diloco_hypercube_m0.7": cfg(
+            "diloco", pairing="hypercube", sync=replace(diloco, momentum=0.7)
+        ),
         # The lever past pairs: larger groups average more replicas' proposals (fp32, so more
         # bytes than the pair target allows).
         **{

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from locoswarm.errors import ProtocolViolation
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
@@ -63,12 +63,34 @@ class LocalView:
     """Our outer step, or None to skip the staleness check (state transfer)."""
 
 
-@dataclass(slots=True)
 class Received:
-    """A complete payload that passed every check."""
+    """A complete payload that passed every check.
 
-    header: Header
-    payload: bytes = field(repr=False)
+    The reader keeps the chunks as they came; ``payload`` joins them on first use. That join is
+    whole-payload work (half a gigabyte for the ``base`` task): read ``payload`` from a worker
+    thread, as the decoders do, never on the event loop.
+    """
+
+    __slots__ = ("_parts", "header")
+
+    def __init__(self, header: Header, payload: bytes | list[bytes]) -> None:
+        self.header = header
+        self._parts: bytes | list[bytes] = payload
+
+    @property
+    def payload(self) -> bytes:
+        if not isinstance(self._parts, bytes):
+            self._parts = b"".join(self._parts)
+        return self._parts
+
+    @property
+    def num_bytes(self) -> int:
+        if isinstance(self._parts, bytes):
+            return len(self._parts)
+        return sum(len(c) for c in self._parts)
+
+    def __repr__(self) -> str:
+        return f"Received(header={self.header!r}, {self.num_bytes} bytes)"
 
 
 def header_to_pb(header: Header, chunk_bytes: int) -> pb.Header:
@@ -287,7 +309,7 @@ class PayloadReader:
         self.chunk_bytes = msg.chunk_bytes
         self.num_chunks = msg.num_chunks
         self.total = msg.total_bytes
-        self.chunks: list[bytes] = []  # joined once at the trailer: one copy, no zero-fill
+        self.chunks: list[bytes] = []  # joined once by the decoder: one copy, no zero-fill
         self.offset = 0
         self.index = 0
         self.crc = 0
@@ -343,8 +365,8 @@ class PayloadReader:
             raise error_for(
                 "bad_checksum", self.peer, f"crc32 {trailer.crc32:08x}, computed {self.crc:08x}"
             )
-        payload, self.chunks = b"".join(self.chunks), []
-        return Received(header=self.header, payload=payload)
+        chunks, self.chunks = self.chunks, []
+        return Received(self.header, chunks)  # joined by whoever decodes it, off the loop
 
 
 def expect_header(frame: pb.Frame, *, peer: str | None) -> pb.Header:

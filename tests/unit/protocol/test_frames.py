@@ -12,6 +12,7 @@ from locoswarm.protocol import Header, Limits, LocalView, TensorSpec
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.frames import (
     PayloadReader,
+    Received,
     check_header,
     chunk_frame,
     frame_messages,
@@ -179,3 +180,13 @@ def test_hand_serialised_chunk_frames_are_protobuf_wire_format(index: int, size:
     expected = pb.Frame(chunk=pb.Chunk(index=index, data=data)).SerializeToString()
     if index and size:  # protobuf leaves out zero fields; ours writes them, which parses the same
         assert wire == expected
+
+
+def test_a_received_payload_is_joined_only_when_read() -> None:
+    # The reader hands over the chunks as they came: the whole-payload join happens where the
+    # payload is decoded (a worker thread), not on the event loop that read the frames.
+    received = Received(header(4), [b"ab", b"cd"])
+    assert received.num_bytes == 4
+    assert isinstance(received._parts, list)
+    assert received.payload == b"abcd"
+    assert received.payload is received.payload  # joined once
