@@ -164,7 +164,9 @@ class OuterStep:
             raise ProtocolViolation(
                 peer, f"expected one shard of {length} values", reason="rejected"
             )
-        return decode(_parts(received)[0], limits=self.limits)
+        shard = decode(_parts(received)[0], limits=self.limits)
+        self.heard[peer] = received.header.outer_step  # the member's own round label
+        return shard
 
     # -- one round ------------------------------------------------------------------------------
 

@@ -148,3 +148,16 @@ def test_a_reader_sees_one_rounds_state_and_its_label_together() -> None:
     assert after.momentum is not None
     assert torch.equal(momentum, after.momentum)
     assert before.phi is not after.phi  # the old value was replaced, never written into
+
+
+def test_a_group_members_shard_records_the_round_it_came_from() -> None:
+    # Group members may be a round apart (the lag window); the round event names each member's
+    # own round, so a shard must record it as a pair's message does.
+    config = load_config(None, {"sync.mode": "diloco", "sync.group_size": 3, "sync.bits": 32}, {})
+    a = OuterStep(config, _randn(0), peer_id="a", fp="f")
+    b = OuterStep(config, _randn(0), peer_id="b", fp="f")
+    a.prepare(5, a.phi)
+    out = b.shard_message(4, "reduce", _randn(1)[:10], ("a", "b", "c"))
+    shard = a.decode_shard(Received(out.header, bytes(out.payload)), 10)
+    assert shard.shape == (10,)
+    assert a.heard == {"b": 4}
