@@ -19,7 +19,8 @@ from locoswarm.node import processes as procs
 def test_quick_run_measures_idle_bytes_exchanges_and_memory(tmp_path: Path) -> None:
     out = tmp_path / "swarm.json"
     children_before = procs.descendants(os.getpid())
-    assert main(["--quick", "--json", str(out), "--log-dir", str(tmp_path / "logs")]) == 0
+    argv = ["--quick", "--rounds", "4", "--json", str(out), "--log-dir", str(tmp_path / "logs")]
+    assert main(argv) == 0
     data = json.loads(out.read_text())
 
     header = data["header"]
