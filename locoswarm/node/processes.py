@@ -57,10 +57,18 @@ def in_group(pgid: int) -> set[int]:
     return found
 
 
-def named(name: str) -> set[int]:
-    """Live processes whose command name is ``name`` (e.g. ``p2pd``)."""
+def named(name: str, *, below: int | None = None) -> set[int]:
+    """Live processes whose command name is ``name`` (e.g. ``p2pd``); with ``below``, only those
+    below that process."""
     found = set()
-    for proc in psutil.process_iter():
+    if below is not None:
+        try:
+            candidates = psutil.Process(below).children(recursive=True)
+        except psutil.Error:
+            return set()
+    else:
+        candidates = list(psutil.process_iter())
+    for proc in candidates:
         try:
             matches = proc.name() == name
         except psutil.Error:

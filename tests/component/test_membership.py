@@ -74,7 +74,7 @@ async def swarm(n: int) -> AsyncIterator[list[Membership]]:
 
 
 async def test_eight_nodes_join_through_one_address_and_see_each_other() -> None:
-    p2pd_before = procs.named("p2pd")
+    p2pd_before = procs.named("p2pd", below=os.getpid())
     start = time.monotonic()
     async with swarm(8) as members:
         joined_s = time.monotonic() - start
@@ -95,7 +95,7 @@ async def test_eight_nodes_join_through_one_address_and_see_each_other() -> None
         assert (
             members[3].join_command().startswith("locoswarm run --run-id membership-test --join ")
         )
-    assert procs.wait_gone(procs.named("p2pd") - p2pd_before) == set()
+    assert procs.wait_gone(procs.named("p2pd", below=os.getpid()) - p2pd_before) == set()
 
 
 async def test_a_killed_nodes_record_expires_and_a_restarted_node_rejoins() -> None:
@@ -154,12 +154,12 @@ async def test_bad_records_from_the_dht_are_dropped_with_a_reason() -> None:
 
 async def test_an_unreachable_bootstrap_is_a_clear_error_naming_the_address() -> None:
     dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWFkJQuGvmedvQYJeG2j5h23QAyTydWcx5txxJddkQXx97"
-    p2pd_before = procs.named("p2pd")
+    p2pd_before = procs.named("p2pd", below=os.getpid())
     with pytest.raises(PeerUnavailable, match="tcp/9/p2p") as info:
         async with Membership.start(config((dead,), bootstrap_timeout_s=2.0)):
             pass
     assert "2 attempts" in str(info.value)
-    assert procs.wait_gone(procs.named("p2pd") - p2pd_before) == set()
+    assert procs.wait_gone(procs.named("p2pd", below=os.getpid()) - p2pd_before) == set()
 
 
 def test_malformed_join_addresses_are_refused() -> None:
