@@ -19,7 +19,7 @@ from locoswarm.node import processes as procs
 def test_short_soak_kills_restarts_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     children_before = procs.descendants(os.getpid())
-    argv = ["--minutes", "0.75", "--nodes", "3", "--kill-every-s", "15", "--sample-every-s", "3"]
+    argv = ["--minutes", "0.5", "--nodes", "3", "--kill-every-s", "10", "--sample-every-s", "3"]
     assert main([*argv, "--json", str(out), "--log-dir", str(tmp_path / "logs")]) == 0
     data = json.loads(out.read_text())
 
@@ -27,7 +27,7 @@ def test_short_soak_kills_restarts_and_reports(tmp_path: Path) -> None:
     assert data["interrupted"] is False
     header = data["header"]
     assert header["nodes"] == 3
-    assert header["kill_every_s"] == 15
+    assert header["kill_every_s"] == 10
     assert header["cpu_count"] > 0
     for dist in ("python", "torch", "hivemind", "grpcio"):
         assert header["versions"][dist], dist

@@ -25,11 +25,13 @@ def _processes() -> dict[int, tuple[int, int, int]]:
 
 
 def _command(pid: int) -> str | None:
-    """The command line of ``pid`` (``<zombie>`` for one); None if it is gone."""
+    """The command line of ``pid``; None if it is gone. A zombie is gone: it is dead, and its
+    parent (the test worker, a child subreaper: tests/conftest.py) has not reaped it."""
     try:
-        return " ".join(psutil.Process(pid).cmdline())
-    except psutil.ZombieProcess:
-        return "<zombie>"
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return " ".join(proc.cmdline())
     except psutil.Error:
         return None
 
