@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,32 +23,34 @@ from locoswarm.errors import CheckpointError, ConfigError, PeerError
 from locoswarm.settings import Flag, add_flags, build, flag_values, nest
 from locoswarm.sim.config import SimConfig
 from locoswarm.sim.swarm import EvalPoint, run_sim
-from locoswarm.sync.round_config import MODES, WIDTHS, Mode, RoundConfig, default_round_config
+from locoswarm.sync.round_config import (
+    MODES,
+    WIDTHS,
+    Mode,
+    RoundConfig,
+    default_round_config,
+    say_mode_defaults,
+)
 
 log = logging.getLogger("locoswarm")
-
-
-def _per_mode(name: str, modes: tuple[Mode, ...] = MODES) -> Callable[[], str]:
-    """The daemon's default of a round setting in each mode where it applies (help text)."""
-
-    def say() -> str:
-        return ", ".join(f"{m} {getattr(default_round_config(m), name)}" for m in modes)
-
-    return say
 
 
 # The round's flags set fields of ``SimConfig.sync`` (a RoundConfig), with the modes each one
 # means something for; not given, they keep the daemon's default for the mode.
 _ROUND_FLAGS: tuple[tuple[Flag, tuple[Mode, ...]], ...] = (
-    (Flag("sync.lr", "--outer-lr", default=_per_mode("lr")), MODES),
-    (Flag("sync.momentum", "--outer-momentum", default=_per_mode("momentum")), MODES),
+    (Flag("sync.lr", "--outer-lr", default=say_mode_defaults("lr")), MODES),
+    (Flag("sync.momentum", "--outer-momentum", default=say_mode_defaults("momentum")), MODES),
     (Flag("sync.gamma"), ("noloco",)),
     (
-        Flag("sync.bits", default=_per_mode("bits", ("diloco", "ef")), choices=WIDTHS),
+        Flag("sync.bits", default=say_mode_defaults("bits", ("diloco", "ef")), choices=WIDTHS),
         ("diloco", "ef"),
     ),
     (
-        Flag("sync.momentum_bits", default=_per_mode("momentum_bits", ("diloco",)), choices=WIDTHS),
+        Flag(
+            "sync.momentum_bits",
+            default=say_mode_defaults("momentum_bits", ("diloco",)),
+            choices=WIDTHS,
+        ),
         ("diloco",),
     ),
     (Flag("sync.share_momentum", const=True, group="momentum"), ("diloco",)),
@@ -62,7 +64,10 @@ _ROUND_FLAGS: tuple[tuple[Flag, tuple[Mode, ...]], ...] = (
         ),
         ("diloco",),
     ),
-    (Flag("sync.block_size", default=_per_mode("block_size", ("diloco", "ef"))), ("diloco", "ef")),
+    (
+        Flag("sync.block_size", default=say_mode_defaults("block_size", ("diloco", "ef"))),
+        ("diloco", "ef"),
+    ),
     (
         Flag(
             "sync.error_feedback",

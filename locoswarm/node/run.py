@@ -21,20 +21,10 @@ from typing import Any
 from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import ConfigError, PeerError
 from locoswarm.node import processes
-from locoswarm.node.config import NodeConfig, SyncMode, load_config
+from locoswarm.node.config import NodeConfig, load_config
 from locoswarm.node.presets import PRESETS, preset
 from locoswarm.settings import Flag, add_flags, flag_values
-from locoswarm.sync.round_config import WIDTHS, default_round_config
-
-
-def _per_mode(name: str, modes: tuple[SyncMode, ...] = ("noloco", "diloco", "ef")) -> Any:
-    """The daemon's default of a round setting in each mode where it applies (help text)."""
-
-    def say() -> str:
-        return ", ".join(f"{m} {getattr(default_round_config(m), name)}" for m in modes)
-
-    return say
-
+from locoswarm.sync.round_config import WIDTHS, say_mode_defaults
 
 # Every ``run`` flag that sets one NodeConfig field; name, type, default and help come from it.
 RUN_FLAGS: tuple[Flag, ...] = (
@@ -42,11 +32,11 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("sync.mode", "--sync"),
     Flag("sync.inner_steps"),
     Flag("sync.rounds"),
-    Flag("sync.outer_lr", default=_per_mode("lr")),
-    Flag("sync.outer_momentum", default=_per_mode("momentum")),
+    Flag("sync.outer_lr", default=say_mode_defaults("lr")),
+    Flag("sync.outer_momentum", default=say_mode_defaults("momentum")),
     Flag("sync.match_deadline_s", "--match-deadline"),
     Flag("sync.group_size"),
-    Flag("sync.bits", default=_per_mode("bits", ("diloco", "ef")), choices=WIDTHS),
+    Flag("sync.bits", default=say_mode_defaults("bits", ("diloco", "ef")), choices=WIDTHS),
     Flag("sync.codec", choices=CODEC_CHOICES),
     Flag("peers.pairing"),
     Flag("task.name", "--task"),

@@ -6,6 +6,7 @@ maths itself (``rounds.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +16,15 @@ from locoswarm.compression.codecs import get_codec
 from locoswarm.compression.sideinfo import SIQ_BITS
 from locoswarm.errors import ConfigError
 
-__all__ = ["MODES", "WIDTHS", "Design", "Mode", "RoundConfig", "default_round_config"]
+__all__ = [
+    "MODES",
+    "WIDTHS",
+    "Design",
+    "Mode",
+    "RoundConfig",
+    "default_round_config",
+    "say_mode_defaults",
+]
 
 Mode = Literal["noloco", "diloco", "ef"]
 MODES: tuple[Mode, ...] = ("noloco", "diloco", "ef")
@@ -126,3 +135,13 @@ def default_round_config(mode: Mode) -> RoundConfig:
             block_size=256,
         )
     return RoundConfig(mode="ef", lr=0.7, momentum=0.8, bits=4, block_size=64)
+
+
+def say_mode_defaults(name: str, modes: tuple[Mode, ...] = MODES) -> Callable[[], str]:
+    """Says the daemon's default of round setting ``name`` in each of ``modes`` ("noloco 0.5,
+    diloco 0.8, ef 0.8"), for help text; evaluated when the help is built."""
+
+    def say() -> str:
+        return ", ".join(f"{m} {getattr(default_round_config(m), name)}" for m in modes)
+
+    return say
