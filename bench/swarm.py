@@ -75,6 +75,7 @@ from bench.common import finite as _finite
 from bench.common import print_checks
 from bench.common import source as _source
 from bench.common import version as _version
+from locoswarm.node import processes
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,24 +172,6 @@ def _below(pid: int) -> list[int]:
     except psutil.Error:
         return []
     return [child.pid for child in below]
-
-
-def _in_group(pgid: int) -> set[int]:
-    """Live processes of process group ``pgid``."""
-    found = set()
-    for proc in psutil.process_iter():
-        try:
-            group = os.getpgid(proc.pid)
-        except ProcessLookupError:
-            continue
-        if group != pgid:
-            continue
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                found.add(proc.pid)
-        except psutil.Error:
-            continue
-    return found
 
 
 def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -838,7 +821,7 @@ def _stop_all(nodes: list[NodeRun]) -> list[int]:
     deadline = time.monotonic() + 10
     alive = {p for p in pids if _proc_status(p) is not None}
     for node in nodes:
-        alive |= _in_group(node.pid)
+        alive |= processes.in_group(node.pid)
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
         alive = {p for p in alive if _proc_status(p) is not None}

@@ -243,19 +243,26 @@ def test_a_diloco_group_of_three_ends_each_round_with_identical_weights(nodes: N
     for node in [first, *others]:
         assert node.proc.wait(timeout=200) == 0, node.text()
     # Each member labels a round with its own number, and partners may be a round apart (the lag
-    # window): match a member's event to each partner's event by the partner's round.
-    events = {
-        (e["peer"], e["round"]): e for node in [first, *others] for e in round_events(node.text())
-    }
-    threes = [e for e in events.values() if e["outcome"] == "exchanged" and len(e["partners"]) == 2]
-    assert len(threes) >= 3, sorted(events)
+    # window, 2): a member's exchanged round must have the same phi as an exchanged round of
+    # each partner within that window. (The event's partner_rounds are not used: for groups they
+    # can name our own round instead of the partner's; see the issue 13 note.)
+    events = [e for node in [first, *others] for e in round_events(node.text())]
+    threes = [e for e in events if e["outcome"] == "exchanged" and len(e["partners"]) == 2]
+    assert len(threes) >= 3, events
     # Rounds where all three averaged in one group: the late joiners fetched phi and momentum,
     # so the three slow weights stay bit-identical.
     compared = 0
     for e in threes:
-        for partner, their_round in zip(e["partners"], e["partner_rounds"], strict=True):
-            theirs = events[(partner, their_round)]
-            if theirs["outcome"] == "exchanged":  # else its side of the exchange failed
-                assert theirs["phi"] == e["phi"], (e, theirs)
+        for partner in e["partners"]:
+            theirs = {
+                t["phi"]
+                for t in events
+                if t["peer"] == partner
+                and abs(t["round"] - e["round"]) <= 2
+                and t["outcome"] == "exchanged"  # else its side of the exchange failed
+                and e["peer"] in t["partners"]
+            }
+            if theirs:
+                assert e["phi"] in theirs, (e, partner)
                 compared += 1
     assert compared >= 6, threes
