@@ -108,7 +108,8 @@ def run_suite(k: str | None) -> tuple[int, list[dict[str, Any]], float, str]:
     with tempfile.TemporaryDirectory(prefix="locoswarm-faults-") as tmp:
         rows, outcomes = Path(tmp) / "rows.jsonl", Path(tmp) / "outcomes.jsonl"
         env = {**os.environ, ROWS_ENV: str(rows), OUTCOMES_ENV: str(outcomes)}
-        cmd = [sys.executable, "-m", "pytest", SUITE, "-q", "-p", "tests.faults.report"]
+        # One process: the plugin ties rows to tests in this process (xdist workers would not).
+        cmd = [sys.executable, "-m", "pytest", SUITE, "-q", "-n", "0", "-p", "tests.faults.report"]
         cmd += ["-k", k] if k else []
         started = time.monotonic()
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
