@@ -13,7 +13,7 @@ from locoswarm.errors import ConfigError
 from locoswarm.node.cli import SIM_FLAGS, build_parser
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.run import RUN_FLAGS
-from locoswarm.settings import Flag, add_flags, build, coerce, field_docs, flag_values
+from locoswarm.settings import Flag, add_flags, build, coerce, field_docs, flag_values, nest
 from locoswarm.sim.config import SimConfig
 
 
@@ -112,13 +112,7 @@ def _parse(*args: str) -> _Root:
     p = argparse.ArgumentParser(exit_on_error=False)
     add_flags(p, _Root, FLAGS)
     ns = p.parse_args(args)
-    return build(_Root, _nest(flag_values(ns, FLAGS)))  # type: ignore[no-any-return]
-
-
-def _nest(values: dict[str, object]) -> dict[str, object]:
-    from locoswarm.settings import nest
-
-    return nest(values)
+    return build(_Root, nest(flag_values(ns, FLAGS)))  # type: ignore[no-any-return]
 
 
 def test_flags_set_only_what_is_given() -> None:
