@@ -122,6 +122,9 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
         "ef_4bit_hypercube": cfg("ef", sync=ef4, pairing="hypercube"),
         "ef_lowbit_hypercube": cfg("ef", sync=low, pairing="hypercube"),
         "diloco_hypercube_blocking": cfg("diloco", pairing="hypercube", overlap=False),
+        "diloco_hypercube_shuffled": cfg("diloco", pairing="hypercube-shuffled"),
+        "ef_lowbit_hypercube_shuffled": cfg("ef", sync=low, pairing="hypercube-shuffled"),
+        "ef_4bit_hypercube_shuffled": cfg("ef", sync=ef4, pairing="hypercube-shuffled"),
         "diloco_hypercube_m0.7": cfg(
             "diloco", pairing="hypercube", sync=replace(diloco, momentum=0.7)
         ),

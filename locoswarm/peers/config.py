@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from locoswarm.errors import ConfigError
 
-Pairing = Literal["random", "hypercube"]
-"""random: a seeded shuffle of the live ids per round; hypercube: rank i meets i XOR 2^(r mod d)."""
+Pairing = Literal["random", "hypercube", "hypercube-shuffled"]
+"""random: a seeded shuffle of the live ids per round; hypercube: rank i meets i XOR 2^(r mod d);
+hypercube-shuffled: the same, with the ranks reshuffled every d rounds."""
+PAIRINGS: tuple[str, ...] = get_args(Pairing)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,7 +49,8 @@ class PeersConfig:
     """Longest wait for ``min_peers``; then training starts with whoever is there."""
     pairing: Pairing = "random"
     """random: a seeded shuffle per round; hypercube: partner rank i XOR 2^(r mod d), with
-    random pairs for whoever has no partner in the cube (consensus.md §4)."""
+    random pairs for whoever has no partner in the cube (consensus.md §4); hypercube-shuffled:
+    the same with the ranks reshuffled every d rounds."""
     listen_share: float = 0.5
     """Share of the match deadline a non-dialling node waits for its planned dialler before it
     starts dialling free peers itself."""
@@ -76,8 +79,10 @@ class PeersConfig:
             raise ConfigError(f"peers.group_size must be >= 2, got {self.group_size}")
         if self.min_peers < 0 or self.min_peers_timeout_s <= 0:
             raise ConfigError("peers.min_peers must be >= 0 and peers.min_peers_timeout_s > 0")
-        if self.pairing not in ("random", "hypercube"):
-            raise ConfigError(f"peers.pairing must be random or hypercube, got {self.pairing!r}")
+        if self.pairing not in PAIRINGS:
+            raise ConfigError(
+                f"peers.pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}"
+            )
         if self.lag_window < 0:
             raise ConfigError(f"peers.lag_window must be >= 0, got {self.lag_window}")
         if not 0 < self.listen_share <= 1:

@@ -62,19 +62,28 @@ def cut_groups(order: Sequence[str], group_size: int) -> list[tuple[str, ...]]:
     return [tuple(order[i : i + group_size]) for i in range(0, len(order), group_size)]
 
 
-def hypercube_groups(ids: Sequence[str], run_id: str, outer_step: int) -> list[tuple[str, ...]]:
+def hypercube_groups(
+    ids: Sequence[str], run_id: str, outer_step: int, relabel: bool = False
+) -> list[tuple[str, ...]]:
     """Pairs along one hypercube dimension per round (the Moshpit SGD idea, consensus.md §4).
 
     The sorted ids get ranks 0..n-1; in round r, rank i pairs with i XOR 2^(r mod d), with
     d = ceil(log2 n). With a fixed membership of 2^d nodes the swarm's average is exact after d
     rounds. Ranks whose partner does not exist (n is not a power of two, or churn) are paired at
     random among themselves with the round's shuffle; a last one left over is alone.
+
+    With ``relabel`` the ranks are a seeded shuffle of the ids, drawn anew every d rounds (one
+    sweep of the cube): each sweep still averages exactly, but a node's neighbour along a given
+    dimension changes from sweep to sweep. Anything else that cycles with period d (error
+    feedback's block rotation) then stops meeting the same neighbour every time.
     """
     order = sorted(set(ids))
     n = len(order)
     if n < 2:
         return [tuple(order)] if order else []
     d = max(1, (n - 1).bit_length())
+    if relabel:
+        order = shuffled(order, f"{run_id}/cube", outer_step // d)
     bit = 1 << (outer_step % d)
     groups: list[tuple[str, ...]] = []
     left: list[str] = []
@@ -92,8 +101,8 @@ def round_groups(
     ids: Sequence[str], run_id: str, outer_step: int, group_size: int, schedule: str = "random"
 ) -> list[tuple[str, ...]]:
     """Every group of the round, as each node that sees ``ids`` computes it."""
-    if schedule == "hypercube" and group_size == 2:
-        return hypercube_groups(ids, run_id, outer_step)
+    if schedule in ("hypercube", "hypercube-shuffled") and group_size == 2:
+        return hypercube_groups(ids, run_id, outer_step, relabel=schedule != "hypercube")
     return cut_groups(shuffled(ids, run_id, outer_step), group_size)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from locoswarm.errors import ConfigError
-from locoswarm.peers.config import Pairing
+from locoswarm.peers.config import PAIRINGS, Pairing
 from locoswarm.sync.round_config import RoundConfig, default_round_config
 from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
@@ -63,7 +63,8 @@ class SimConfig:
     """Members per group (the daemon's ``sync.group_size``); 0 means every present replica (an
     all-reduce: the reference DiLoCo)."""
     pairing: Pairing = "random"
-    """random: the daemon's seeded shuffle per round; hypercube: partner i XOR 2^(r mod d)."""
+    """random: the daemon's seeded shuffle per round; hypercube: partner i XOR 2^(r mod d);
+    hypercube-shuffled: the same with the ranks reshuffled every d rounds."""
     overlap: bool = True
     """Apply each round's update one phase late (the daemon's default); False blocks."""
     apply_delay: int | None = None
@@ -95,10 +96,12 @@ class SimConfig:
             raise ConfigError(f"sim.eval_every must be >= 1, got {self.eval_every}")
         if self.group_size == 1 or self.group_size < 0:
             raise ConfigError(f"sim.group_size must be 0 (all) or >= 2, got {self.group_size}")
-        if self.pairing not in ("random", "hypercube"):
-            raise ConfigError(f"sim.pairing must be random or hypercube, got {self.pairing!r}")
-        if self.pairing == "hypercube" and self.group_size != 2:
-            raise ConfigError("sim.pairing hypercube pairs nodes: group_size must be 2")
+        if self.pairing not in PAIRINGS:
+            raise ConfigError(
+                f"sim.pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}"
+            )
+        if self.pairing != "random" and self.group_size != 2:
+            raise ConfigError(f"sim.pairing {self.pairing} pairs nodes: group_size must be 2")
         rc = self.round_config
         if rc is not None and rc.mode != self.strategy:
             raise ConfigError(f"sim.sync.mode {rc.mode!r} differs from strategy {self.strategy!r}")

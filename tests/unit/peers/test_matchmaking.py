@@ -314,6 +314,30 @@ def test_hypercube_ranks_come_from_sorted_ids_not_the_given_order() -> None:
     assert hypercube_groups(ids, "run", 1) == [("amy", "kim"), ("bob", "zed")]
 
 
+def test_shuffled_hypercube_sweeps_the_cube_with_new_neighbours_each_sweep() -> None:
+    ids = _ids(8)
+    sweeps = []
+    for sweep in range(4):
+        met: dict[str, set[str]] = {p: set() for p in ids}
+        for step in range(3 * sweep, 3 * sweep + 3):
+            groups = round_groups(ids, "run", step, 2, "hypercube-shuffled")
+            assert _flat(groups) == ids and all(len(g) == 2 for g in groups)
+            for a, b in groups:
+                met[a].add(b)
+                met[b].add(a)
+        # Each sweep is a cube: three distinct partners each, and all eight reachable in 3 hops.
+        assert all(len(partners) == 3 for partners in met.values())
+        sweeps.append(frozenset((p, frozenset(q)) for p, q in met.items()))
+    assert len(set(sweeps)) > 1  # the labels were drawn again
+    # The first round of two different sweeps (the same dimension) pairs differently.
+    firsts = {tuple(round_groups(ids, "run", 3 * s, 2, "hypercube-shuffled")) for s in range(4)}
+    assert len(firsts) > 1
+    # Every node computes the same groups, whatever order it lists its view in.
+    assert round_groups(ids[::-1], "run", 5, 2, "hypercube-shuffled") == round_groups(
+        ids, "run", 5, 2, "hypercube-shuffled"
+    )
+
+
 def test_hypercube_with_six_nodes_pairs_the_ranks_left_over_at_random() -> None:
     ids = _ids(6)  # d = 3; ranks 4 and 5 have no partner along dimensions 1 and 2
     assert hypercube_groups(ids, "run", 0) == [("n00", "n01"), ("n02", "n03"), ("n04", "n05")]
