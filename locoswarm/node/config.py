@@ -141,8 +141,13 @@ class TrainerConfig:
     """Seeds the initial weights (the same on every node of a run) and, with the peer id, data."""
     threads: int | None = None
     """torch CPU threads; None keeps torch's default."""
+    eval_every: int = 10
+    """Measure the outer weights' validation loss on the task's held-out batches every this
+    many rounds (task.val_batches of them; 0 never)."""
 
     def __post_init__(self) -> None:
+        if self.eval_every < 0:
+            raise ConfigError(f"trainer.eval_every must be >= 0, got {self.eval_every}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"trainer.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"

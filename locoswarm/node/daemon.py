@@ -28,8 +28,9 @@ from locoswarm.errors import ConfigError
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.node import checkpoint
 from locoswarm.node.config import NodeConfig
+from locoswarm.node.diagnosis import Diagnosis
 from locoswarm.node.handler import NodeHandler
-from locoswarm.node.metrics import NodeMetrics
+from locoswarm.node.metrics import CAUSES, NodeMetrics
 from locoswarm.node.outer import OuterStep, fingerprint
 from locoswarm.node.report import Reporter
 from locoswarm.node.round import RoundRunner
@@ -37,6 +38,7 @@ from locoswarm.node.trainer import Boundary, Trainer, flat_params, pick_device
 from locoswarm.node.view import SwarmView
 from locoswarm.peers import Matchmaker, PeerHealth, PeerRecord
 from locoswarm.peers.membership import Membership, check_join_addresses
+from locoswarm.peers.records import PeerStats
 from locoswarm.protocol import PeerClient, PeerServer, ProtocolConfig
 from locoswarm.tasks.task import TaskFactory, node_data_seed
 
@@ -100,8 +102,17 @@ class Daemon:
         async with contextlib.AsyncExitStack() as stack:
             membership = await stack.enter_async_context(Membership.start(peers_cfg))
             self.peer_id = membership.dht_peer_id
-            view = SwarmView(cfg, self.peer_id, membership, self.metrics)
+            self.diagnosis = Diagnosis(
+                has_secret=secret is not None,
+                sync=cfg.sync.mode,
+                run_id=cfg.run_id,
+                version=__version__,
+            )
+            view = SwarmView(
+                cfg, self.peer_id, membership, self.metrics, secret=secret, diagnosis=self.diagnosis
+            )
             trainer, outer = await asyncio.to_thread(self._build)
+            view.fingerprint = outer.fingerprint
             restored = await asyncio.to_thread(checkpoint.restore_node, cfg, trainer, outer)
             self.next_round = restored or 0
             if cfg.metrics_port is not None:
@@ -156,6 +167,7 @@ class Daemon:
                 sync=cfg.sync.mode,
                 version=__version__,
                 capabilities=CODEC_CHOICES,
+                secret_proof=view.proof(self.peer_id),
             )
             await membership.announce(record)
             self.info["round"] = self.next_round
@@ -212,6 +224,7 @@ class Daemon:
             total_steps=total,
             device=device,
             tokens_per_step=cfg.task.batch_size * cfg.task.seq_len,
+            eval_every=cfg.trainer.eval_every,
         )
         phi = flat_params(trainer.model)
         shapes = [tuple(p.shape) for p in trainer.model.parameters()]
@@ -332,6 +345,30 @@ class Daemon:
         self._delivered = b.outer_step
         self._advance(outcome.round + 1, runner)
         await self.reporter.round_done(self.peer_id, b, outcome)
+        self._after_round(b, trainer, runner)
+
+    def _after_round(self, b: Boundary, trainer: Trainer, runner: RoundRunner) -> None:
+        """Say what the diagnosis found (log, status, metric) and put the round's figures in
+        our record for ``locoswarm swarm`` (published with the next announce)."""
+        problems = self.diagnosis.check()
+        causes = {p.cause for p in problems}
+        for cause in CAUSES:
+            self.metrics.misconfigured.labels(cause=cause).set(int(cause in causes))
+        handler = runner.handler
+        handler.problems = tuple(p.message for p in problems)
+        self.info["problems"] = list(handler.problems)
+        if self.reporter.val_loss is not None:
+            handler.val_loss = self.reporter.val_loss
+        runner.record = dataclasses.replace(
+            runner.record,
+            stats=PeerStats(
+                train_loss=b.loss,
+                val_loss=self.reporter.val_loss,
+                tokens_per_s=self.reporter.tokens_per_s(trainer),
+                sent_bytes=handler.bytes["sent"],
+                received_bytes=handler.bytes["received"],
+            ),
+        )
 
     def _advance(self, next_round: int, runner: RoundRunner) -> None:
         self.next_round = next_round

@@ -95,6 +95,9 @@ class NodeHandler:
         self.round: Round | None = None
         self.bytes = {"sent": 0, "received": 0}
         self.stopping = False
+        self.problems: tuple[str, ...] = ()
+        """What the node diagnosed about its own setup (the daemon sets it each round)."""
+        self.val_loss = float("nan")
 
     def open_round(self, prepared: Prepared, *, group: bool = False) -> Round:
         self.outer_step = prepared.outer_step
@@ -275,6 +278,8 @@ class NodeHandler:
             bytes_sent=self.bytes["sent"],
             bytes_received=self.bytes["received"],
             model_fingerprint=self.outer.fingerprint,
+            problems=self.problems,
+            val_loss=self.val_loss,
         )
 
     def on_transfer(self, direction: str, num_bytes: int) -> None:

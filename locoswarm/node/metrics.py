@@ -22,6 +22,9 @@ from locoswarm.protocol.reasons import REASONS
 
 EXCHANGE_RESULTS = ("ok", "solo", "failed", "refused", "error")
 """error: a fault of our own (a bug) ended the round; it is logged with its traceback."""
+CAUSES = ("secret", "fingerprint", "sync", "version", "run")
+"""Misconfigurations a node can diagnose from what its peers publish and how they refuse it."""
+DISTANCE_BUCKETS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 class NodeMetrics:
@@ -67,6 +70,35 @@ class NodeMetrics:
             "locoswarm_trainer_loss", "Mean training loss of the last round", registry=r
         )
         self.loss.set(float("nan"))  # no round yet: not a perfect loss of 0
+        self.val_loss = Gauge(
+            "locoswarm_trainer_validation_loss",
+            "Loss of the outer weights on the task's held-out batches (every trainer.eval_every "
+            "rounds)",
+            registry=r,
+        )
+        self.val_loss.set(float("nan"))
+        self.distance = Histogram(
+            "locoswarm_sync_partner_distance",
+            "Relative RMS distance between our outer weights and an exchange partner's, from the "
+            "exchanged messages (the swarm's disagreement)",
+            buckets=DISTANCE_BUCKETS,
+            registry=r,
+        )
+        self.misconfigured = Gauge(
+            "locoswarm_node_misconfigured",
+            "1 while this node diagnoses a misconfiguration of its own, by cause",
+            ["cause"],
+            registry=r,
+        )
+        self.excluded = Gauge(
+            "locoswarm_peers_excluded",
+            "Peers in the run's records that are never matched, by cause",
+            ["cause"],
+            registry=r,
+        )
+        for cause in CAUSES:
+            self.misconfigured.labels(cause=cause).set(0)
+            self.excluded.labels(cause=cause).set(0)
         self.outer_step = Gauge("locoswarm_sync_outer_step", "Outer steps completed", registry=r)
         self.loop_lag = Histogram(
             "locoswarm_node_event_loop_lag_seconds",

@@ -211,23 +211,27 @@ class OuterStep:
         self._current = None
         return new.phi
 
-    def apply(self, prepared: Prepared, partner: list[Tensor]) -> Tensor:
-        """Finish the round with one partner's decoded message; returns the new phi."""
+    def apply(self, prepared: Prepared, partner: list[Tensor]) -> tuple[Tensor, float | None]:
+        """Finish the round with one partner's decoded message; returns the new phi and how far
+        apart we were (``rounds.disagreement``)."""
         msg = prepared.message
         theirs = dict(zip(msg.names, partner, strict=True))
         means = rounds.member_mean([msg.own, theirs])
-        return self._commit(prepared, rounds.combine(self.rc, self.state, msg, means))
+        new = rounds.combine(self.rc, self.state, msg, means)
+        return self._commit(prepared, new), rounds.disagreement(msg, means)
 
     def group_vector(self, prepared: Prepared) -> Tensor:
         """Our entry of a group's mean, flat (every named tensor, in message order)."""
         msg = prepared.message
         return torch.cat([msg.own[name] for name in msg.names])
 
-    def apply_mean(self, prepared: Prepared, mean: Tensor) -> Tensor:
-        """Finish the round with the group's mean of ``group_vector``; returns the new phi."""
+    def apply_mean(self, prepared: Prepared, mean: Tensor) -> tuple[Tensor, float | None]:
+        """Finish the round with the group's mean of ``group_vector``; returns the new phi and
+        how far apart we were."""
         msg = prepared.message
         means = dict(zip(msg.names, torch.split(mean, self.numel), strict=True))
-        return self._commit(prepared, rounds.combine(self.rc, self.state, msg, means))
+        new = rounds.combine(self.rc, self.state, msg, means)
+        return self._commit(prepared, new), rounds.disagreement(msg, means)
 
     def solo(self, prepared: Prepared) -> Tensor:
         """Finish the round alone (no partner, or the exchange failed); returns the new phi."""

@@ -32,6 +32,17 @@ class Reporter:
         self.metrics = metrics
         self.info = info
         self._seen: tuple[int, float, float] = (0, 0.0, 0.0)
+        self.val_loss: float | None = None
+        """The last validation loss measured."""
+        self._rate_mark: tuple[float, int] | None = None
+
+    def tokens_per_s(self, trainer: Trainer) -> float | None:
+        """Tokens per second since the last call (None on the first)."""
+        now, tokens = time.monotonic(), trainer.stats.tokens
+        mark, self._rate_mark = self._rate_mark, (now, tokens)
+        if mark is None or now <= mark[0]:
+            return None
+        return (tokens - mark[1]) / (now - mark[0])
 
     def announce_ready(self, membership: Membership, peer_id: str, address: str | None) -> None:
         cfg = self.config
@@ -69,15 +80,24 @@ class Reporter:
         self.metrics.exchange_seconds.labels(result=outcome.result).observe(outcome.seconds)
         self.metrics.outer_step.set(outcome.round + 1)
         self.metrics.loss.set(b.loss)
+        if b.val_loss is not None:
+            self.metrics.val_loss.set(b.val_loss)
+            self.val_loss = b.val_loss
+        if outcome.distance is not None:
+            self.metrics.distance.observe(outcome.distance)
         theta, phi = await asyncio.to_thread(
             lambda: (weights_digest(b.theta), weights_digest(outcome.phi))
         )
         ok = outcome.result == "ok"
+        quality = "" if b.val_loss is None else f", validation loss {b.val_loss:.4f}"
+        if outcome.distance is not None:
+            quality += f", partner distance {outcome.distance:.2e}"
         log.info(
-            "round %d: %s, train loss %.4f, %.2fs, phi %s",
+            "round %d: %s, train loss %.4f%s, %.2fs, phi %s",
             outcome.round,
             "exchanged" if ok else f"solo ({outcome.result})",
             b.loss,
+            quality,
             outcome.seconds,
             phi,
         )
@@ -90,6 +110,8 @@ class Reporter:
             "partner_rounds": list(outcome.partner_rounds),
             "applied_after": b.applied_after,
             "loss": b.loss,
+            "val_loss": b.val_loss,
+            "distance": outcome.distance,
             "seconds": round(outcome.seconds, 4),
             "theta": theta,
             "phi": phi,

@@ -58,6 +58,9 @@ class RoundOutcome:
     partner_rounds: tuple[int, ...] = ()
     """Each partner's round label (what a replay needs)."""
     seconds: float = 0.0
+    distance: float | None = None
+    """Relative distance to the partners' outer weights (``rounds.disagreement``); None when
+    there was no exchange or its messages carried no weights."""
 
 
 @dataclass(slots=True)
@@ -161,12 +164,13 @@ class RoundRunner:
     async def _finish(self, attempt: _Attempt, start: float) -> RoundOutcome:
         outer, prepared = self.outer, attempt.prepared
         partners: tuple[str, ...] = ()
+        distance = None
         if attempt.result == "ok" and attempt.mean is not None:
             partners = attempt.partners
-            phi = await asyncio.to_thread(outer.apply_mean, prepared, attempt.mean)
+            phi, distance = await asyncio.to_thread(outer.apply_mean, prepared, attempt.mean)
         elif attempt.result == "ok" and attempt.partner is not None:
             partners = attempt.partners
-            phi = await asyncio.to_thread(outer.apply, prepared, attempt.partner)
+            phi, distance = await asyncio.to_thread(outer.apply, prepared, attempt.partner)
         else:
             phi = await asyncio.to_thread(outer.solo, prepared)
         r = attempt.round
@@ -177,6 +181,7 @@ class RoundRunner:
             partners=partners,
             partner_rounds=tuple(outer.heard.get(p, r) for p in partners),
             seconds=time.perf_counter() - start,
+            distance=distance,
         )
 
     async def _round_faults(self, r: int, prepared: Prepared) -> None:
@@ -190,10 +195,13 @@ class RoundRunner:
             nan = struct.pack("<f", float("nan"))
             prepared.outgoing.payload = nan + bytes(prepared.outgoing.payload[4:])
 
-    def _count_refusal(self, exc: PeerError) -> None:
-        """Payloads we refused as the dialler count like the ones the server refuses."""
+    def _count_refusal(self, peer: str, exc: PeerError) -> None:
+        """Payloads we refused as the dialler count like the ones the server refuses; a refusal
+        of our call is evidence for the diagnosis (a wrong secret, version or model)."""
         if isinstance(exc, ProtocolViolation) and exc.reason in REASONS:
             self.metrics.rejected.labels(reason=exc.reason).inc()
+        if self.view.diagnosis is not None:
+            self.view.diagnosis.refused(peer, exc.reason)
 
     def _local_view(self, outer_step: int) -> LocalView:
         return LocalView(
@@ -217,7 +225,7 @@ class RoundRunner:
                     timeout_s=self.config.sync.match_deadline_s,
                 )
             except PeerError as exc:
-                self._count_refusal(exc)
+                self._count_refusal(peer, exc)
                 if exc.reason in REFUSALS:
                     return None
                 attempt.failed = True
@@ -254,7 +262,7 @@ class RoundRunner:
                 )
             except PeerError as exc:
                 log.info("exchange with %s for round %d: %s", peer, outer_step, exc)
-                self._count_refusal(exc)
+                self._count_refusal(peer, exc)
                 if exc.reason in REFUSALS:
                     return None  # a refusal, not a fault: no backoff
                 attempt.failed = True

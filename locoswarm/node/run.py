@@ -49,6 +49,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("trainer.inner.lr", "--lr"),
     Flag("trainer.inner.warmup_steps"),
     Flag("trainer.threads"),
+    Flag("trainer.eval_every"),
+    Flag("task.val_batches"),
     Flag("protocol.host", help="address the gRPC server and the DHT bind"),
     Flag("protocol.port"),
     Flag("announce", metavar="HOST:PORT"),

@@ -46,7 +46,9 @@ class Boundary:
     state: dict[str, Any] | None = None
     applied_after: int | None = None
     """Steps of this phase run before the previous round's update landed (overlap)."""
-    """A copy of the trainer state, when the loop asked for a checkpoint at this boundary."""
+    val_loss: float | None = None
+    """Validation loss of the outer weights the trainer last received (every ``eval_every``
+    boundaries; None between)."""
 
 
 @dataclass
@@ -55,6 +57,8 @@ class TrainerStats:
     tokens: int = 0
     compute_s: float = 0.0
     idle_s: float = 0.0
+    eval_s: float = 0.0
+    """Seconds spent on validation (neither compute nor idle)."""
     last_loss: float = math.nan
     losses: list[float] = field(default_factory=list)
 
@@ -71,8 +75,10 @@ class Trainer:
         total_steps: int | None,
         device: torch.device,
         tokens_per_step: int,
+        eval_every: int = 0,
     ) -> None:
         self.task = task
+        self.eval_every = eval_every
         self.model = task.model.to(device)
         self.device = device
         self.inner_steps = inner_steps
@@ -86,6 +92,9 @@ class Trainer:
         self._update: tuple[int, Tensor, Tensor] | None = None  # (outer_step, phi, theta_r)
         self._update_ready = threading.Condition(self._lock)
         self._applied = -1  # last outer step whose result was applied
+        self._phi: Tensor | None = None
+        """The outer weights last received (never changed in place; the outer step holds them
+        too, so keeping the reference costs no memory)."""
         self.overlap = True
 
     # -- called from the event loop --------------------------------------------------------------
@@ -104,6 +113,7 @@ class Trainer:
         if update is None:
             return
         outer_step, phi, theta_r = update
+        self._phi = phi
         if self.overlap:
             add_difference(self.model, phi, theta_r)  # keep the progress made meanwhile
         else:
@@ -182,15 +192,33 @@ class Trainer:
                     break
                 applied_after = into_phase
             state = self.state_dict() if want_state(outer_step) else None
-            on_boundary(
-                Boundary(outer_step, flat_params(self.model), _mean(losses), state, applied_after)
-            )
+            theta = flat_params(self.model)
+            val = self._validate(outer_step, theta)
+            on_boundary(Boundary(outer_step, theta, _mean(losses), state, applied_after, val))
             losses = []
             into_phase = 0
             applied_after = None
             if not overlap and not self._wait_for(outer_step, stop):
                 break
             outer_step += 1
+
+    def _validate(self, outer_step: int, theta: Tensor) -> float | None:
+        """Every ``eval_every`` boundaries: the validation loss of the last outer weights (the
+        model the swarm agrees on, as the simulator measures it), evaluated in the model itself:
+        load phi, evaluate, load theta back from the boundary's snapshot (exact: the snapshot
+        is fp32 and the round trip restores every parameter bit). No model copy is made."""
+        if not self.eval_every or outer_step % self.eval_every or not self.task.val_batches:
+            return None
+        start = time.perf_counter()
+        phi = self._phi
+        if phi is not None:
+            set_flat(self.model, phi)
+        try:
+            return self.task.validation_loss(self.model, self.device)
+        finally:
+            if phi is not None:
+                set_flat(self.model, theta)
+            self.stats.eval_s += time.perf_counter() - start
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -224,6 +252,7 @@ class Trainer:
     def set_weights(self, flat: Tensor) -> None:
         """theta = flat (when the thread is not running)."""
         set_flat(self.model, flat)
+        self._phi = flat
 
 
 def _mean(values: list[float]) -> float:

@@ -13,11 +13,13 @@ import time
 
 from locoswarm.errors import PeerError
 from locoswarm.node.config import NodeConfig
-from locoswarm.node.metrics import NodeMetrics
+from locoswarm.node.diagnosis import Diagnosis
+from locoswarm.node.metrics import CAUSES, NodeMetrics
 from locoswarm.node.outer import OuterStep
 from locoswarm.node.trainer import Trainer
 from locoswarm.peers import PeerRecord
 from locoswarm.peers.membership import Membership
+from locoswarm.peers.records import secret_proof
 from locoswarm.protocol import LocalView, PeerClient
 from locoswarm.tasks.inner import weights_digest
 
@@ -26,28 +28,82 @@ log = logging.getLogger("locoswarm.node")
 
 class SwarmView:
     def __init__(
-        self, config: NodeConfig, peer_id: str, membership: Membership, metrics: NodeMetrics
+        self,
+        config: NodeConfig,
+        peer_id: str,
+        membership: Membership,
+        metrics: NodeMetrics,
+        *,
+        secret: bytes | None = None,
+        diagnosis: Diagnosis | None = None,
     ) -> None:
         self.config = config
         self.peer_id = peer_id
         self.membership = membership
         self.metrics = metrics
+        self.secret = secret
+        self.diagnosis = diagnosis
+        self.fingerprint: str | None = None
+        """Our model's fingerprint, once the model is built (records that differ are not
+        counted as peers)."""
         self.records: list[PeerRecord] = []
+        """The live records we may match (ours included): those proving our swarm secret."""
         self.round_offset = 0
         """Global round = the trainer's boundary count + this (moves forward on catch-up)."""
+        self._matchable = 0
 
     @property
     def num_peers(self) -> int:
-        return max(0, len(self.records) - 1)
+        """Live peers we can exchange with (same secret, model and sync mode)."""
+        return self._matchable
+
+    def proof(self, peer_id: str) -> str | None:
+        """What a record of ``peer_id`` must carry to prove our swarm secret (None: no secret)."""
+        if self.secret is None:
+            return None
+        return secret_proof(self.secret, self.config.run_id, peer_id)
 
     async def refresh(self) -> list[PeerRecord]:
-        """The live records (the last view when the DHT does not answer in time)."""
+        """The live records we may match (the last view when the DHT does not answer in time).
+        Records without our secret's proof are left out; what we leave out, and why, goes to
+        the diagnosis and the ``locoswarm_peers_excluded`` gauge."""
         try:
-            self.records = await asyncio.wait_for(self.membership.list_peers(), 10)
+            listed = await asyncio.wait_for(self.membership.list_peers(), 10)
         except Exception as exc:  # noqa: BLE001 - a DHT hiccup: go on with the last view
             log.warning("could not list peers: %s", exc)
+        else:
+            self._sort(listed)
         self.metrics.peers.set(self.num_peers)
         return self.records
+
+    def _sort(self, listed: list[PeerRecord]) -> None:
+        mode = self.config.sync.mode
+        keep: list[PeerRecord] = []
+        excluded: list[tuple[str, str, str]] = []
+        for r in listed:
+            if r.peer_id == self.peer_id:
+                keep.append(r)
+            elif r.secret_proof != self.proof(r.peer_id):
+                excluded.append((r.peer_id, "secret", ""))
+            elif self.fingerprint is not None and r.model_fingerprint != self.fingerprint:
+                keep.append(r)
+                excluded.append(
+                    (r.peer_id, "fingerprint", f" (fingerprint {r.model_fingerprint[:16]})")
+                )
+            elif r.sync != mode:
+                keep.append(r)
+                excluded.append((r.peer_id, "sync", f" ({r.sync}, ours {mode})"))
+            else:
+                keep.append(r)
+        self.records = keep
+        self._matchable = len(keep) - sum(r.peer_id == self.peer_id for r in keep)
+        self._matchable -= sum(1 for _, cause, _ in excluded if cause != "secret")
+        for cause in CAUSES:
+            self.metrics.excluded.labels(cause=cause).set(
+                sum(1 for _, c, _ in excluded if c == cause)
+            )
+        if self.diagnosis is not None:
+            self.diagnosis.saw_view(self._matchable, excluded)
 
     def record_of(self, peer: str) -> PeerRecord | None:
         return next((r for r in self.records if r.peer_id == peer), None)
@@ -63,6 +119,7 @@ class SwarmView:
             if r.peer_id != self.peer_id
             and r.model_fingerprint == outer.fingerprint
             and r.sync == outer.mode
+            and r.secret_proof == self.proof(r.peer_id)
         ]
 
     def _swarm_round(self, records: list[PeerRecord], outer: OuterStep) -> int | None:

@@ -257,4 +257,6 @@ class PeerClient:
             metadata=self._metadata("Status"),
         )
         reply: pb.StatusReply = await self._settle(address, call, call)
-        return StatusInfo(**{f: getattr(reply, f) for f in StatusInfo.__dataclass_fields__})
+        fields = {f: getattr(reply, f) for f in StatusInfo.__dataclass_fields__}
+        fields["problems"] = tuple(str(p) for p in fields["problems"])
+        return StatusInfo(**fields)

@@ -29,6 +29,9 @@ class StatusInfo:
     bytes_sent: int
     bytes_received: int
     model_fingerprint: str
+    problems: tuple[str, ...] = ()
+    """Misconfigurations the node diagnosed about itself, each naming its fix."""
+    val_loss: float = float("nan")
 
 
 class ExchangeHandler(Protocol):

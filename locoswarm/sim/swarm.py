@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from locoswarm.peers.pairing import round_groups
 from locoswarm.sim.clock import SimClock
@@ -142,15 +142,6 @@ class Replica:
             self.pending = (new.phi, theta)
         else:
             set_flat(self.model, new.phi)
-
-
-@torch.no_grad()
-def _val_loss(task: ReplicaTask, model: nn.Module) -> float:
-    if not task.val_batches:
-        return math.nan
-    model.eval()
-    total = sum(float(task.loss(model, b)) for b in task.val_batches)
-    return total / len(task.val_batches)
 
 
 RoundHook = Callable[[int, dict[str, Message]], None]
@@ -331,7 +322,7 @@ class Swarm:
     def _replica_loss(self, rep: Replica) -> float:
         """Validation loss of a replica's outer weights (the model a node keeps)."""
         set_flat(self._scratch, rep.state.phi)
-        return _val_loss(rep.task, self._scratch)
+        return rep.task.validation_loss(self._scratch)
 
     def _evaluate(self, rounds_done: int) -> EvalPoint:
         phis = torch.stack([rep.state.phi for rep in self.replicas])
@@ -352,7 +343,7 @@ class Swarm:
             round=rounds_done,
             inner_step=rounds_done * h,
             val_loss_mean=sum(per_replica) / len(per_replica),
-            val_loss_avg_model=_val_loss(task0, self._scratch),
+            val_loss_avg_model=task0.validation_loss(self._scratch),
             spread=spread,
             train_loss_mean=sum(recent) / len(recent) if recent else math.nan,
             bytes_sent_mean=sum(sent) / len(sent),

@@ -52,6 +52,7 @@ __all__ = [
     "alone",
     "combine",
     "compatible_rounds",
+    "disagreement",
     "member_mean",
     "message_names",
     "prepare",
@@ -369,6 +370,23 @@ def combine(
     bound = bound.clone()
     bound[msg.index[:: cfg.block_size] // cfg.block_size] = seen
     return OuterState(phi=phi, momentum=msg.momentum, residual=residual, bound=bound)
+
+
+def disagreement(msg: Message, means: Mapping[str, Tensor]) -> float | None:
+    """How far apart the group's outer weights were, from what the exchange carried: the
+    relative RMS distance ``|theirs - ours| / |ours|`` of the weights the message holds (phi for
+    noloco when it is sent, else theta; the proposal for diloco and ef, on the blocks a rotated
+    round covers). From the group's mean as ``2 |mean - ours| / |ours|``, exact for a pair and
+    the same scale for larger groups. None for messages that carry no weights (ef's pull design
+    between pulls sends steps)."""
+    name = "phi" if "phi" in msg.own else msg.names[0]
+    if name == "step" or name not in means:
+        return None
+    ours = msg.own[name].float()
+    norm = float(ours.norm())
+    if norm == 0.0:
+        return None
+    return 2.0 * float((means[name].float() - ours).norm()) / norm
 
 
 def alone(cfg: RoundConfig, state: OuterState, msg: Message) -> OuterState:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from locoswarm.errors import ConfigError
@@ -68,6 +70,35 @@ class ReplicaTask:
     """Batches for validation loss; the same for every replica. Empty when the task has none."""
     info: dict[str, Any] = field(default_factory=dict)
     """Facts for reports (corpus sizes and the like)."""
+
+    @torch.no_grad()
+    def validation_loss(self, model: nn.Module, device: torch.device | None = None) -> float:
+        """Mean loss of ``model`` over the validation batches (NaN when the task has none);
+        the model is left in eval mode (training sets train mode at each step)."""
+        if not self.val_batches:
+            return math.nan
+        model.eval()
+        total = 0.0
+        for batch in self.val_batches:
+            if device is not None:
+                batch = _to_device(batch, device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_is_cuda(device)):
+                total += float(self.loss(model, batch))
+        return total / len(self.val_batches)
+
+
+def _is_cuda(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda"
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 def node_data_seed(peer_id: str) -> int:

@@ -488,6 +488,10 @@ def test_dashboard_queries_cover_the_issue_and_use_existing_metrics() -> None:
         "locoswarm_trainer_tokens_total",
         "locoswarm_sync_outer_step",
         "locoswarm_peers_live",
+        "locoswarm_trainer_validation_loss",
+        "locoswarm_sync_partner_distance_bucket",
+        "locoswarm_node_misconfigured",
+        "locoswarm_peers_excluded",
     ):
         assert needle in text, needle
     for _name, query in tools.variable_queries(dashboard):
@@ -514,6 +518,8 @@ def test_alert_rules_use_existing_metrics() -> None:
         "LocoswarmExchangeFailuresRising",
         "LocoswarmNoPeers",
         "LocoswarmLossNotFinite",
+        "LocoswarmDisagreementGrowing",
+        "LocoswarmMisconfigured",
     } <= names
 
 

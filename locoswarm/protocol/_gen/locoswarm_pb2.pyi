@@ -151,7 +151,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("peer_id", "run_id", "outer_step", "strategy", "version", "num_peers", "bytes_sent", "bytes_received", "model_fingerprint")
+    __slots__ = ("peer_id", "run_id", "outer_step", "strategy", "version", "num_peers", "bytes_sent", "bytes_received", "model_fingerprint", "problems", "val_loss")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,8 @@ class StatusReply(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run_id: str
     outer_step: int
@@ -170,4 +172,6 @@ class StatusReply(_message.Message):
     bytes_sent: int
     bytes_received: int
     model_fingerprint: str
-    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., outer_step: _Optional[int] = ..., strategy: _Optional[str] = ..., version: _Optional[str] = ..., num_peers: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    val_loss: float
+    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., outer_step: _Optional[int] = ..., strategy: _Optional[str] = ..., version: _Optional[str] = ..., num_peers: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ..., val_loss: _Optional[float] = ...) -> None: ...

@@ -46,7 +46,7 @@ def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
         got_a, got_b = a.decode(_wire(pb)), b.decode(_wire(pa))
         assert a.heard == {"b": r}
         assert b.heard == {"a": r}
-        phi_a, phi_b = a.apply(pa, got_a), b.apply(pb, got_b)
+        (phi_a, far_a), (phi_b, far_b) = a.apply(pa, got_a), b.apply(pb, got_b)
         # What the shared round computes from the same states and thetas.
         msg_a = rounds.prepare(a.rc, before[0], thetas[0], round=r)
         msg_b = rounds.prepare(a.rc, before[1], thetas[1], round=r)
@@ -54,6 +54,13 @@ def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
         want = rounds.combine(a.rc, before[0], msg_a, rounds.member_mean([msg_a.own, theirs]))
         assert torch.equal(phi_a, want.phi)
         assert a.phi is phi_a
+        # The disagreement: how far the weights each side sent were apart, relative to ours.
+        name = "phi" if "phi" in msg_a.own else msg_a.names[0]
+        ours, other = msg_a.own[name], msg_b.own[name]
+        assert far_a == pytest.approx(float((other - ours).norm() / ours.norm()), rel=1e-4)
+        assert far_b == pytest.approx(float((other - ours).norm() / other.norm()), rel=1e-4)
+        assert far_a is not None
+        assert far_a > 0
         if mode != "noloco":  # proposal averaging: the pair leaves with the same phi
             assert torch.equal(phi_a, phi_b)
     assert not torch.equal(a.phi, start.phi)

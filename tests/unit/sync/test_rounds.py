@@ -380,3 +380,19 @@ def test_read_replaces_wrapped_blocks_with_our_own_entry(mode: str) -> None:
     back = rounds.read(cfg, theirs, ours.parts)
     assert back.wrapped_blocks >= 1
     assert rounds.read(cfg, ours, ours.parts).wrapped_blocks == 0
+
+
+def test_disagreement_of_a_group_is_the_pair_distance_and_none_for_steps() -> None:
+    cfg = dataclasses.replace(default_round_config("diloco"), bits=32, momentum_bits=32)
+    state = OuterState(phi=_randn(1))
+    a = rounds.prepare(cfg, state, state.phi - _randn(2, 0.01), round=0)
+    b = rounds.prepare(cfg, state, state.phi - _randn(3, 0.01), round=0)
+    ours, theirs = a.own["proposal"], b.own["proposal"]
+    want = float((theirs - ours).norm() / ours.norm())
+    got = rounds.disagreement(a, rounds.member_mean([a.own, b.own]))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert rounds.disagreement(a, a.own) == 0.0  # alone: nothing to disagree with
+    pull = dataclasses.replace(default_round_config("ef"), design="pull", pull_every=4)
+    step_round = rounds.prepare(pull, state, state.phi - _randn(2, 0.01), round=1)
+    assert step_round.names == ("step",)
+    assert rounds.disagreement(step_round, step_round.own) is None
