@@ -1,4 +1,4 @@
-"""The ``locoswarm`` command line: ``run`` (a node), ``status``, ``demo`` and ``sim``.
+"""The ``locoswarm`` command line: ``run`` (a node), ``status``, ``swarm``, ``demo`` and ``sim``.
 
 Parses arguments into typed config sections, owns the process's signal handling (first SIGINT or
 SIGTERM: graceful stop; second: forced exit) and maps errors to exit codes (0 clean, 2 for a
@@ -211,6 +211,7 @@ def _cmd_sim(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from locoswarm.node.health import add_health_arguments
     from locoswarm.node.run import add_demo_arguments, add_run_arguments, add_status_arguments
+    from locoswarm.node.top import add_swarm_arguments
 
     parser = argparse.ArgumentParser(prog="locoswarm", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_arguments(sub.add_parser("status", help="show a running node's status"))
     add_demo_arguments(sub.add_parser("demo", help="a small local swarm on 127.0.0.1"))
     add_health_arguments(sub.add_parser("health", help="exit 0 when a node is SERVING"))
+    add_swarm_arguments(
+        sub.add_parser("swarm", help="every live peer of a swarm, from the DHT (trains nothing)")
+    )
     sim = sub.add_parser("sim", help="simulate a swarm in one process")
     add_sim_arguments(sim)
     sim.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")

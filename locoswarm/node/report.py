@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,22 +47,40 @@ class Reporter:
 
     def announce_ready(self, membership: Membership, peer_id: str, address: str | None) -> None:
         cfg = self.config
+        needs = self.join_needs()
         self.info.update(
             peer_id=peer_id,
             grpc=address,
             maddrs=membership.visible_maddrs(),
-            join=membership.join_command(),
+            join=membership.join_command() + needs,
         )
         print(
             f"locoswarm node {peer_id} ({cfg.sync.mode}, task {cfg.task.name}, "
             f"{self.info['parameters']:,} parameters on {self.info['device']})\n"
             f"  gRPC: {address or 'client mode (dials out only)'}\n"
             f"  metrics: {self.info.get('metrics', 'off')}\n"
-            f"  others join with:\n    {self.info['join']}",
+            f"  others join with:\n    {self.info['join']}"
+            + ("\n    (with copies of these files; the paths are this node's)" if needs else ""),
             flush=True,
         )
         if cfg.ready_file is not None:
             Path(cfg.ready_file).write_text(json.dumps(self.info) + "\n")
+
+    def join_needs(self) -> str:
+        """The flags a joiner needs beyond the address: the swarm secret and the TLS CA (each
+        joiner gives its own copy's path; ours are shown)."""
+        cfg = self.config
+        extra = ""
+        if cfg.secret_file is not None:
+            extra += f" --secret-file {shlex.quote(str(cfg.secret_file))}"
+        tls = cfg.protocol.tls
+        if tls.ca_file is not None:
+            extra += f" --tls-ca {shlex.quote(str(tls.ca_file))}"
+        elif tls.cert_file is not None:
+            extra += " --tls-ca CA.pem"
+        if tls.require_client_auth:
+            extra += " --tls-cert CERT.pem --tls-key KEY.pem --tls-mutual"
+        return extra
 
     def sync_metrics(self, trainer: Trainer) -> None:
         """Move the trainer thread's running totals into the Prometheus counters."""

@@ -185,7 +185,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     try:
         info = asyncio.run(ask())
     except PeerError as exc:
-        print(f"locoswarm status: {a.address}: {exc}", file=sys.stderr)
+        print(f"locoswarm status: {a.address}: {exc}{status_fix(exc, a)}", file=sys.stderr)
         return 1
     if a.json:
         print(json.dumps(info))
@@ -194,6 +194,20 @@ def cmd_status(a: argparse.Namespace) -> int:
         for key, value in info.items():
             print(f"{key:<{width}}  {value}")
     return 0
+
+
+def status_fix(exc: PeerError, a: argparse.Namespace) -> str:
+    """What to do about a failed ``status`` call, when the error says."""
+    text = str(exc).lower()
+    if exc.reason == "unauthenticated":
+        if a.secret_file is None:
+            return "\n  the node requires the swarm secret: add --secret-file PATH"
+        return f"\n  the node refused the secret in {a.secret_file}: use the swarm's secret file"
+    if any(word in text for word in ("ssl", "tls", "handshake", "certificate")):
+        if a.tls_ca is None:
+            return "\n  the node may use TLS: add --tls-ca CA.pem (the CA of its certificate)"
+        return f"\n  TLS failed: check that {a.tls_ca} is the CA of the node's certificate"
+    return ""
 
 
 # -- demo --------------------------------------------------------------------------------------
