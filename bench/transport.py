@@ -362,7 +362,7 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
                 self.received = asyncio.Event()
                 self.t_done = 0.0
                 self.tensor_s = 0.0
-                self.last: tuple[bytes, bytes] | None = None
+                self.last: tuple[bytes, bytes | bytearray | memoryview] | None = None
                 self.out = b""
 
             def local_view(self) -> LocalView:
@@ -433,7 +433,7 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
     assert port[0] == "addr"
     address = f"{HOST}:{port[1]}"
     client = PeerClient(config, peer_id="dial")
-    last: tuple[bytes, bytes] | None = None
+    last: tuple[bytes, bytes | bytearray | memoryview] | None = None
     try:
         conn.send(("ready", info))
         while True:

@@ -64,8 +64,10 @@ class Encoded:
     """Shape of the original tensor; ``()`` for a scalar."""
     dtype: str
     """Original dtype name, e.g. "float32". Informational: decoding always returns float32."""
-    payload: bytes
-    """Everything needed to decode (values, scales, indices), little-endian, no padding."""
+    payload: bytes | bytearray | memoryview
+    """Everything needed to decode (values, scales, indices), little-endian, no padding. A
+    bytes-like object: encoders may fill a buffer allocated once, a received message's parts
+    are views into its payload (never copied)."""
     block_size: int = 0
     """Block length of int8/int4/sign, chunk length of topk; 0 for the fp codecs."""
     k_per_chunk: int = 0
@@ -197,7 +199,9 @@ def tensor_bytes(*parts: Tensor) -> bytes:
     return b"".join(a.data for a in arrays)
 
 
-def read_tensor(payload: bytes, *, offset: int, count: int, dtype: torch.dtype) -> Tensor:
+def read_tensor(
+    payload: bytes | bytearray | memoryview, *, offset: int, count: int, dtype: torch.dtype
+) -> Tensor:
     """Copy ``count`` elements of ``dtype`` starting at byte ``offset`` into a new CPU tensor.
 
     The copy makes the result writable and aligned; the caller has already checked the length.

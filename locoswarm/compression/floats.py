@@ -8,9 +8,11 @@ network, error feedback or the other codecs.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,6 +64,15 @@ def _encode_float(codec: str, tensor: Tensor, name: str) -> Encoded:
     )
 
 
+def _received_buffer(payload: bytes | bytearray | memoryview) -> bool:
+    """Whether ``payload`` is (a view of) a received message's own buffer (a ``bytearray``,
+    which nothing else reads or writes), little-endian and aligned for float32."""
+    base = payload.obj if isinstance(payload, memoryview) else payload
+    if not isinstance(base, bytearray) or sys.byteorder != "little" or not len(payload):
+        return False
+    return int(np.frombuffer(payload, dtype=np.uint8).ctypes.data) % 4 == 0
+
+
 def _decode_float(codec: str, encoded: Encoded, limits: DecodeLimits) -> Tensor:
     wire_dtype = WIRE_DTYPES[codec]
     check = HeaderCheck(encoded, codec=codec, limits=limits)
@@ -69,7 +80,11 @@ def _decode_float(codec: str, encoded: Encoded, limits: DecodeLimits) -> Tensor:
     itemsize = torch.finfo(wire_dtype).bits // 8
     numel = check.numel
     check.require_length(itemsize * numel, f"{numel} elements of {itemsize} bytes")
-    values = read_tensor(encoded.payload, offset=0, count=numel, dtype=wire_dtype)
+    if wire_dtype == torch.float32 and _received_buffer(encoded.payload):
+        # A received payload is ours alone: read the values in place instead of copying them.
+        values = torch.frombuffer(encoded.payload, dtype=torch.float32, count=numel)
+    else:
+        values = read_tensor(encoded.payload, offset=0, count=numel, dtype=wire_dtype)
     if wire_dtype != torch.float32:
         values = values.to(torch.float32)
     check.require_finite(values, "values", limits)

@@ -62,27 +62,55 @@ def _expand(steps: Tensor, n: int, block_size: int) -> Tensor:
     return steps.double().repeat_interleave(block_size)[:n]
 
 
+CHUNK_ELEMENTS = 1 << 20
+"""Encoding and decoding work through this many elements at a time (whole blocks, a multiple
+of 8), so their float64 temporaries are a fixed size instead of several model copies. Every
+operation is per element or per block: the result is the same bits at any chunk size."""
+
+
+def _chunks(n: int, block_size: int, chunk: int) -> list[tuple[int, int, int, int]]:
+    """(first element, end, first block, end block) of each chunk."""
+    unit = math.lcm(block_size, 8)
+    size = unit * max(1, chunk // unit)
+    return [
+        (i0, min(n, i0 + size), i0 // block_size, _blocks(min(n, i0 + size), block_size))
+        for i0 in range(0, n, size)
+    ]
+
+
 def siq_encode(
-    v: Tensor, steps: Tensor, *, bits: int, block_size: int, name: str = ""
+    v: Tensor,
+    steps: Tensor,
+    *,
+    bits: int,
+    block_size: int,
+    name: str = "",
+    chunk: int = CHUNK_ELEMENTS,
 ) -> tuple[Encoded, Tensor]:
     """``v`` (1-D fp32) on the lattice of ``steps`` (bfloat16, one per block).
 
-    Returns the message and ``v_hat``, the lattice point a receiver reconstructs (fp32).
+    Returns the message and ``v_hat``, the lattice point a receiver reconstructs (fp32). Works
+    ``chunk`` elements at a time into a payload allocated once.
     """
     if bits not in SIQ_BITS:
         raise ValueError(f"siq bits must be one of {SIQ_BITS}, got {bits}")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"siq: tensor {name or '<unnamed>'} holds NaN or Inf")
     n = v.numel()
-    s = _expand(steps, n, block_size)
-    index = torch.floor(v.double() / s + 0.5)
-    v_hat = (index * s).float()
-    residue = torch.remainder(index, 2**bits).to(torch.int64)
-    payload = (
-        steps.contiguous().view(torch.int16).numpy().tobytes()
-        + _checksums(index, block_size).numpy().tobytes()
-        + _pack(residue, bits)
-    )
+    nb = _blocks(n, block_size)
+    payload = bytearray(siq_bytes(n, bits, block_size))
+    payload[: 2 * nb] = steps.contiguous().view(torch.int16).numpy().tobytes()
+    v_hat = torch.empty(n, dtype=torch.float32)
+    residues = 3 * nb
+    for i0, i1, b0, b1 in _chunks(n, block_size, chunk):
+        part = v[i0:i1]
+        if not bool(torch.isfinite(part).all()):
+            raise ValueError(f"siq: tensor {name or '<unnamed>'} holds NaN or Inf")
+        s = _expand(steps[b0:b1], i1 - i0, block_size)
+        index = torch.floor(part.double() / s + 0.5)
+        v_hat[i0:i1] = (index * s).float()
+        payload[2 * nb + b0 : 2 * nb + b1] = _checksums(index, block_size).numpy().tobytes()
+        packed = _pack(torch.remainder(index, 2**bits).to(torch.int64), bits)
+        at = residues + i0 * bits // 8  # i0 is a multiple of 8
+        payload[at : at + len(packed)] = packed
     encoded = Encoded(
         codec=_NAME,
         shape=(n,),
@@ -105,7 +133,11 @@ def _checksums(index: Tensor, block_size: int) -> Tensor:
 
 
 def siq_decode(
-    encoded: Encoded, side: Tensor, *, limits: DecodeLimits = DEFAULT_LIMITS
+    encoded: Encoded,
+    side: Tensor,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    chunk: int = CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
     """The sender's ``v_hat``, recovered with ``side`` (our own vector, 1-D fp32, close to it),
     and a boolean per block: True where the checksum failed (``side`` was out of reach there;
@@ -133,20 +165,29 @@ def siq_decode(
             name,
             f"payload is {len(encoded.payload)} bytes, expected {siq_bytes(n, bits, block_size)}",
         )
-    raw = np.frombuffer(encoded.payload, dtype=np.int16, count=nb)
+    payload = memoryview(encoded.payload)
+    raw = np.frombuffer(payload, dtype=np.int16, count=nb)
     steps = torch.from_numpy(raw.copy()).view(torch.bfloat16)
     if not bool(torch.isfinite(steps).all()) or not bool((steps > 0).all()):
         raise CorruptPayload(_NAME, name, "a block step is not a positive finite number")
-    sums = torch.from_numpy(np.frombuffer(encoded.payload, np.uint8, nb, 2 * nb).copy())
-    residue = _unpack(encoded.payload[3 * nb :], bits, n).double()
-    s = _expand(steps, n, block_size)
+    sums = np.frombuffer(payload, np.uint8, nb, 2 * nb)
+    values = torch.empty(n, dtype=torch.float32)
+    bad = torch.empty(nb, dtype=torch.bool)
     modulus = float(2**bits)
-    # The index with this residue nearest to our own position on the lattice.
-    index = residue + modulus * torch.round((side.double() / s - residue) / modulus)
-    values = (index * s).float()
-    if not limits.allow_nonfinite and not bool(torch.isfinite(values).all()):
-        raise CorruptPayload(_NAME, name, "a decoded value is not finite")
-    return values, _checksums(index, block_size) != sums
+    residues = 3 * nb
+    for i0, i1, b0, b1 in _chunks(n, block_size, chunk):
+        data = payload[residues + i0 * bits // 8 : residues + (i1 * bits + 7) // 8]
+        residue = _unpack(data, bits, i1 - i0).double()
+        s = _expand(steps[b0:b1], i1 - i0, block_size)
+        # The index with this residue nearest to our own position on the lattice.
+        index = residue + modulus * torch.round((side[i0:i1].double() / s - residue) / modulus)
+        part = (index * s).float()
+        if not limits.allow_nonfinite and not bool(torch.isfinite(part).all()):
+            raise CorruptPayload(_NAME, name, "a decoded value is not finite")
+        values[i0:i1] = part
+        expected = torch.from_numpy(sums[b0:b1].copy())
+        bad[b0:b1] = _checksums(index, block_size) != expected
+    return values, bad
 
 
 def _pack(residue: Tensor, bits: int) -> bytes:
@@ -165,7 +206,7 @@ def _pack(residue: Tensor, bits: int) -> bytes:
     return out.tobytes()
 
 
-def _unpack(data: bytes, bits: int, n: int) -> Tensor:
+def _unpack(data: bytes | memoryview, bits: int, n: int) -> Tensor:
     if bits == 16:
         return torch.from_numpy(np.frombuffer(data, dtype="<u2").astype(np.int64))
     raw = np.frombuffer(data, dtype=np.uint8)

@@ -66,6 +66,12 @@ class NodeMetrics:
         )
         self.inner_steps = Counter("locoswarm_trainer_inner_steps", "Inner steps", registry=r)
         self.tokens = Counter("locoswarm_trainer_tokens", "Tokens trained on", registry=r)
+        self.device_memory_peak = Gauge(
+            "locoswarm_trainer_device_memory_peak_bytes",
+            "Peak memory allocated on the training device (torch.cuda.max_memory_allocated); "
+            "0 on CPU",
+            registry=r,
+        )
         self.loss = Gauge(
             "locoswarm_trainer_loss", "Mean training loss of the last round", registry=r
         )

@@ -61,7 +61,8 @@ def _spec(encoded: Encoded, name: str) -> TensorSpec:
 
 
 def _parts(received: Received) -> list[Encoded]:
-    """The Encoded tensors of a message, sliced from its payload by the header's specs."""
+    """The Encoded tensors of a message: views into its payload, by the header's specs (the
+    payload is not copied)."""
     out, offset = [], 0
     view = memoryview(received.payload)
     for spec in received.header.tensors:
@@ -70,7 +71,7 @@ def _parts(received: Received) -> list[Encoded]:
                 codec=spec.codec,
                 shape=spec.shape,
                 dtype=spec.dtype,
-                payload=bytes(view[offset : offset + spec.num_bytes]),
+                payload=view[offset : offset + spec.num_bytes],
                 block_size=spec.block_size,
                 k_per_chunk=spec.k_per_chunk,
                 name=spec.name,
@@ -174,7 +175,7 @@ class OuterStep:
         """This round's message (CPU work: call it from a worker thread)."""
         message = rounds.prepare(self.rc, self.state, theta, round=outer_step)
         specs = tuple(_spec(e, e.name) for e in message.parts)
-        payload = b"".join(e.payload for e in message.parts)
+        payload = tuple(e.payload for e in message.parts)  # sent back to back, never joined
         outgoing = Outgoing(self.header(outer_step, specs, "outer"), payload)
         self._current = message
         self.heard = {}
@@ -216,7 +217,7 @@ class OuterStep:
         apart we were (``rounds.disagreement``)."""
         msg = prepared.message
         theirs = dict(zip(msg.names, partner, strict=True))
-        means = rounds.member_mean([msg.own, theirs])
+        means = rounds.pair_mean_into(msg.own, theirs)  # the decoded message is ours to reuse
         new = rounds.combine(self.rc, self.state, msg, means)
         return self._commit(prepared, new), rounds.disagreement(msg, means)
 

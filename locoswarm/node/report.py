@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.metrics import NodeMetrics
 from locoswarm.node.round import RoundOutcome
@@ -91,6 +93,8 @@ class Reporter:
         self.metrics.compute_seconds.inc(max(0.0, s.compute_s - compute))
         self.metrics.idle_seconds.inc(max(0.0, s.idle_s - idle))
         self._seen = (s.inner_steps, s.compute_s, s.idle_s)
+        if trainer.device.type == "cuda":  # the caching allocator's counter: no device sync
+            self.metrics.device_memory_peak.set(torch.cuda.max_memory_allocated(trainer.device))
 
     async def round_done(self, peer_id: str, b: Boundary, outcome: RoundOutcome) -> None:
         """Count the round, log its line and its ``round-event`` (what a replay of this swarm

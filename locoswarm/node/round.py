@@ -33,6 +33,7 @@ from locoswarm.node.trainer import Boundary
 from locoswarm.node.view import SwarmView
 from locoswarm.peers import Match, Matchmaker, PeerRecord
 from locoswarm.protocol import LocalView, PeerClient, Received
+from locoswarm.protocol.frames import payload_bytes
 from locoswarm.protocol.reasons import REASONS
 
 log = logging.getLogger("locoswarm.node")
@@ -191,9 +192,10 @@ class RoundRunner:
             await asyncio.sleep(fault.seconds)
         elif fault is not None and fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.faults.fire("prepare", outer_step=r) is not None and prepared.outgoing.payload:
-            nan = struct.pack("<f", float("nan"))
-            prepared.outgoing.payload = nan + bytes(prepared.outgoing.payload[4:])
+        if self.faults.fire("prepare", outer_step=r) is not None:
+            data = payload_bytes(prepared.outgoing.payload)
+            if data:
+                prepared.outgoing.payload = struct.pack("<f", float("nan")) + data[4:]
 
     def _count_refusal(self, peer: str, exc: PeerError) -> None:
         """Payloads we refused as the dialler count like the ones the server refuses; a refusal

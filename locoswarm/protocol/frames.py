@@ -16,6 +16,48 @@ from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.config import PROTOCOL_VERSION, Limits
 from locoswarm.protocol.reasons import error_for
 
+Buffer = bytes | bytearray | memoryview
+Payload = Buffer | tuple[Buffer, ...]
+"""What is sent: one buffer, or several sent back to back as one payload (never joined)."""
+
+
+def payload_size(payload: Payload) -> int:
+    if isinstance(payload, tuple):
+        return sum(memoryview(p).nbytes for p in payload)
+    return memoryview(payload).nbytes
+
+
+def payload_bytes(payload: Payload) -> bytes:
+    """The payload as one ``bytes`` (a copy: for tests and fault injection, not the hot path)."""
+    if isinstance(payload, tuple):
+        return b"".join(payload)
+    return bytes(payload)
+
+
+def _pieces(payload: Payload, chunk_bytes: int) -> Iterator[memoryview | bytes]:
+    """The payload in pieces of ``chunk_bytes`` (the last may be shorter): views of its buffers,
+    copied only where a piece straddles two of them."""
+    buffers = payload if isinstance(payload, tuple) else (payload,)
+    carry = bytearray()
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        start = 0
+        if carry:
+            take = min(chunk_bytes - len(carry), len(view))
+            carry += view[:take]
+            start = take
+            if len(carry) < chunk_bytes:
+                continue
+            yield bytes(carry)
+            carry = bytearray()
+        end = start + (len(view) - start) // chunk_bytes * chunk_bytes
+        for at in range(start, end, chunk_bytes):
+            yield view[at : at + chunk_bytes]
+        carry += view[end:]
+    if carry:
+        yield bytes(carry)
+
+
 MAX_MEMBERS = 64
 """Most members a group header may list."""
 
@@ -66,28 +108,38 @@ class LocalView:
 class Received:
     """A complete payload that passed every check.
 
-    The reader keeps the chunks as they came; ``payload`` joins them on first use. That join is
+    The reader keeps the chunks as they came; ``payload`` joins them on first use into one
+    writable buffer, releasing each chunk as soon as it is copied (the peak is one payload plus
+    one chunk, not two payloads), so decoders may read tensors straight out of it. That join is
     whole-payload work (half a gigabyte for the ``base`` task): read ``payload`` from a worker
     thread, as the decoders do, never on the event loop.
     """
 
     __slots__ = ("_parts", "header")
 
-    def __init__(self, header: Header, payload: bytes | list[bytes]) -> None:
+    def __init__(self, header: Header, payload: Buffer | list[bytes]) -> None:
         self.header = header
-        self._parts: bytes | list[bytes] = payload
+        self._parts: Buffer | list[bytes] = payload
 
     @property
-    def payload(self) -> bytes:
-        if not isinstance(self._parts, bytes):
-            self._parts = b"".join(self._parts)
-        return self._parts
+    def payload(self) -> Buffer:
+        parts = self._parts
+        if isinstance(parts, list):
+            joined = bytearray(sum(len(c) for c in parts))
+            at = 0
+            for i, chunk in enumerate(parts):
+                joined[at : at + len(chunk)] = chunk
+                at += len(chunk)
+                parts[i] = b""  # released as soon as it is copied
+            self._parts = joined
+            return joined
+        return parts
 
     @property
     def num_bytes(self) -> int:
-        if isinstance(self._parts, bytes):
-            return len(self._parts)
-        return sum(len(c) for c in self._parts)
+        if isinstance(self._parts, list):
+            return sum(len(c) for c in self._parts)
+        return memoryview(self._parts).nbytes
 
     def __repr__(self) -> str:
         return f"Received(header={self.header!r}, {self.num_bytes} bytes)"
@@ -155,27 +207,25 @@ def serialize(frame: OutFrame) -> bytes:
 
 
 def encode_frames(
-    header: Header, payload: bytes | bytearray | memoryview, chunk_bytes: int
+    header: Header, payload: Payload, chunk_bytes: int
 ) -> Iterator[tuple[OutFrame, int]]:
     """Frames for one payload with their chunk sizes: header, chunks of at most ``chunk_bytes``
-    (already serialised), trailer with the CRC-32. The size is 0 for header and trailer."""
-    if len(payload) != header.total_bytes:
-        raise ValueError(f"payload has {len(payload)} bytes, header declares {header.total_bytes}")
+    (already serialised), trailer with the CRC-32. The size is 0 for header and trailer. A
+    payload of several buffers is framed as if they were one: the same chunks, never joined."""
+    total = payload_size(payload)
+    if total != header.total_bytes:
+        raise ValueError(f"payload has {total} bytes, header declares {header.total_bytes}")
     yield pb.Frame(header=header_to_pb(header, chunk_bytes)), 0
-    view = memoryview(payload).cast("B")
     crc = 0
     index = 0
-    for start in range(0, len(view), chunk_bytes):
-        data = view[start : start + chunk_bytes]
+    for data in _pieces(payload, chunk_bytes):
         crc = zlib.crc32(data, crc)
         yield chunk_frame(index, data), len(data)
         index += 1
-    yield pb.Frame(trailer=pb.Trailer(total_bytes=len(view), num_chunks=index, crc32=crc)), 0
+    yield pb.Frame(trailer=pb.Trailer(total_bytes=total, num_chunks=index, crc32=crc)), 0
 
 
-def frame_messages(
-    header: Header, payload: bytes | bytearray | memoryview, chunk_bytes: int
-) -> list[pb.Frame]:
+def frame_messages(header: Header, payload: Payload, chunk_bytes: int) -> list[pb.Frame]:
     """``encode_frames`` as parsed messages (for inspection and tests)."""
     return [
         frame if isinstance(frame, pb.Frame) else pb.Frame.FromString(frame)

@@ -5,15 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from locoswarm.protocol.frames import Header, LocalView, Received
+from locoswarm.protocol.frames import Header, LocalView, Payload, Received
 
 
 @dataclass(slots=True)
 class Outgoing:
-    """A payload to send: its header and exactly ``header.total_bytes`` bytes."""
+    """A payload to send: its header and exactly ``header.total_bytes`` bytes (in one buffer or
+    several, sent back to back)."""
 
     header: Header
-    payload: bytes | bytearray | memoryview = field(repr=False)
+    payload: Payload = field(repr=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

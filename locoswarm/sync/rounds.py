@@ -31,6 +31,7 @@ sockets, asyncio or how a group was formed.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -38,7 +39,14 @@ import torch
 from torch import Tensor
 
 from locoswarm.compression.codecs import decode, get_codec
-from locoswarm.compression.encoded import DEFAULT_LIMITS, CorruptPayload, DecodeLimits, Encoded
+from locoswarm.compression.encoded import (
+    DEFAULT_LIMITS,
+    CorruptPayload,
+    DecodeLimits,
+    Encoded,
+    check_finite,
+    flatten_input,
+)
 from locoswarm.compression.sideinfo import siq_decode, siq_encode, siq_steps
 from locoswarm.sync.diloco import group_mean
 from locoswarm.sync.noloco import noloco_outer_step
@@ -55,6 +63,7 @@ __all__ = [
     "disagreement",
     "member_mean",
     "message_names",
+    "pair_mean_into",
     "prepare",
     "read",
 ]
@@ -157,14 +166,43 @@ def _selected(cfg: RoundConfig, numel: int, round: int) -> Tensor | None:
 
 
 def _fp32(t: Tensor, name: str) -> Encoded:
+    """An fp32 part. Every tensor a round sends is never changed in place, so on a
+    little-endian CPU the part is a view of the tensor's memory, not a copy of it."""
+    if (
+        sys.byteorder == "little"
+        and t.dtype == torch.float32
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+    ):
+        flat = flatten_input(t, codec="fp32", name=name)
+        check_finite(flat, codec="fp32", name=name, what="values")
+        view = flat.detach().numpy().data.cast("B")
+        return Encoded(codec="fp32", shape=tuple(t.shape), dtype="float32", payload=view, name=name)
     return get_codec("fp32").encode(t, name=name)
 
 
-def _block_max(x: Tensor, block_size: int) -> Tensor:
+_CHUNK_BLOCKS_ELEMENTS = 1 << 20
+"""``_block_max`` works through about this many elements at a time (whole blocks)."""
+
+
+def _block_max(x: Tensor, block_size: int, minus: Tensor | None = None) -> Tensor:
+    """Per block of ``block_size``, the largest ``|x|`` (or ``|x - minus|``), a chunk of whole
+    blocks at a time: no temporary the size of the model (a maximum is exact in any order)."""
     n = x.numel()
-    pad = (-n) % block_size
-    flat = torch.nn.functional.pad(x.abs(), (0, pad)) if pad else x.abs()
-    return flat.view(-1, block_size).amax(dim=1)
+    blocks = (n + block_size - 1) // block_size
+    out = torch.empty(blocks, dtype=x.dtype)
+    step = block_size * max(1, _CHUNK_BLOCKS_ELEMENTS // block_size)
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        part = x[i0:i1] if minus is None else x[i0:i1] - minus[i0:i1]
+        part = part.abs()
+        pad = (-(i1 - i0)) % block_size
+        if pad:
+            part = torch.nn.functional.pad(part, (0, pad))
+        out[i0 // block_size : (i1 + block_size - 1) // block_size] = part.view(
+            -1, block_size
+        ).amax(dim=1)
+    return out
 
 
 def _block_values(per_block: Tensor, index: Tensor, block_size: int) -> Tensor:
@@ -175,8 +213,8 @@ def _block_values(per_block: Tensor, index: Tensor, block_size: int) -> Tensor:
 def _nesterov(cfg: RoundConfig, state: OuterState, theta: Tensor) -> tuple[Tensor, Tensor]:
     """Our own Nesterov step: (proposal, momentum). torch SGD(nesterov=True)'s op order."""
     g = state.phi - theta
-    m = g.clone() if state.momentum is None else state.momentum.mul(cfg.momentum).add(g)
-    return state.phi.add(g.add(m, alpha=cfg.momentum), alpha=-cfg.lr), m
+    m = g.clone() if state.momentum is None else state.momentum.mul(cfg.momentum).add_(g)
+    return state.phi.add(g.add_(m, alpha=cfg.momentum), alpha=-cfg.lr), m  # g is ours: in place
 
 
 def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -> Message:
@@ -205,7 +243,7 @@ def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -
                 if cfg.momentum_bits >= 16:
                     bound, margin = 2 * _block_max(momentum, cfg.block_size), 16.0
                 else:
-                    bound = 2 * _block_max(state.phi - theta, cfg.block_size)
+                    bound = 2 * _block_max(state.phi, cfg.block_size, minus=theta)
                     if state.mbound is not None and state.mbound.shape == bound.shape:
                         bound = torch.maximum(bound, state.mbound)
                     margin = 4.0
@@ -251,7 +289,7 @@ def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -
 def _siq_part(
     cfg: RoundConfig, name: str, value: Tensor, state: OuterState, bits: int
 ) -> tuple[list[Encoded], dict[str, Tensor], dict[str, Tensor]]:
-    bound = 2 * _block_max(value - state.phi, cfg.block_size)
+    bound = 2 * _block_max(value, cfg.block_size, minus=state.phi)
     if state.bound is not None and state.bound.shape == bound.shape:
         bound = torch.maximum(bound, state.bound)
     margin = cfg.effective_margin if bits == cfg.bits else 16.0
@@ -311,6 +349,15 @@ def read(
     return Partner(out, wrapped)
 
 
+def pair_mean_into(own: Mapping[str, Tensor], theirs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``member_mean([own, theirs])``, bit for bit, computed in ``theirs``'s tensors (which the
+    caller gives up: a decoded partner message): no new model-sized tensor. Two addends sum to
+    the same bits in either order, and the division is the same."""
+    for name, t in theirs.items():
+        t.add_(own[name]).div_(2)
+    return theirs
+
+
 def member_mean(members: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """The group's mean of every named tensor, summed in the members' given order (every member
     passes the same order and gets the same bits)."""
@@ -340,7 +387,7 @@ def combine(
     if cfg.mode == "diloco":
         if not cfg.share_momentum:
             return replace(state, phi=means["proposal"], momentum=msg.momentum)
-        seen = 2.0 * _block_max(means["momentum"] - msg.own["momentum"], cfg.block_size)
+        seen = 2.0 * _block_max(means["momentum"], cfg.block_size, minus=msg.own["momentum"])
         return replace(state, phi=means["proposal"], momentum=means["momentum"], mbound=seen)
     # ef
     assert msg.sent is not None
@@ -353,7 +400,7 @@ def combine(
     name = msg.names[0]
     own, mean = msg.own[name], means[name]
     # The largest distance to the group's other members, from the mean (exact for pairs).
-    seen = 2.0 * _block_max(mean - own, cfg.block_size)
+    seen = 2.0 * _block_max(mean, cfg.block_size, minus=own)
     if msg.index is None:
         residual = msg.sent - own if cfg.error_feedback else None
         return OuterState(phi=mean, momentum=msg.momentum, residual=residual, bound=seen)

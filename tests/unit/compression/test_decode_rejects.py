@@ -49,7 +49,7 @@ def test_short_payload(codec: str) -> None:
 @pytest.mark.parametrize("codec", CODEC_NAMES)
 def test_long_payload(codec: str) -> None:
     enc = _encoded(codec)
-    _rejects(dataclasses.replace(enc, payload=enc.payload + b"\0"), "payload is")
+    _rejects(dataclasses.replace(enc, payload=bytes(enc.payload) + b"\0"), "payload is")
 
 
 def test_length_message_explains_the_layout() -> None:
@@ -111,7 +111,7 @@ def _set_float(payload: bytes, offset: int, value: float) -> bytes:
 @pytest.mark.parametrize("codec", ["fp32", "topk"])
 def test_nonfinite_value(codec: str, bad: float) -> None:
     enc = _encoded(codec, topk_ratio=0.1)
-    enc = dataclasses.replace(enc, payload=_set_float(enc.payload, 8, bad))
+    enc = dataclasses.replace(enc, payload=_set_float(bytes(enc.payload), 8, bad))
     _rejects(enc, "values contain NaN or Inf")
     assert decode(enc, limits=DecodeLimits(allow_nonfinite=True)).numel() == 1000
 
@@ -130,7 +130,7 @@ def test_nonfinite_half_value(codec: str, bad: float) -> None:
 @pytest.mark.parametrize(("codec", "scales_at"), [("int8", 1000), ("int4", 500), ("sign", 125)])
 def test_nonfinite_scale(codec: str, scales_at: int, bad: float) -> None:
     enc = _encoded(codec)
-    enc = dataclasses.replace(enc, payload=_set_float(enc.payload, scales_at + 4, bad))
+    enc = dataclasses.replace(enc, payload=_set_float(bytes(enc.payload), scales_at + 4, bad))
     _rejects(enc, "scales contain NaN or Inf")
     decode(enc, limits=DecodeLimits(allow_nonfinite=True))
 
@@ -138,7 +138,7 @@ def test_nonfinite_scale(codec: str, scales_at: int, bad: float) -> None:
 @pytest.mark.parametrize(("codec", "scales_at"), [("int8", 1000), ("int4", 500), ("sign", 125)])
 def test_negative_scale(codec: str, scales_at: int) -> None:
     enc = _encoded(codec)
-    enc = dataclasses.replace(enc, payload=_set_float(enc.payload, scales_at, -1.0))
+    enc = dataclasses.replace(enc, payload=_set_float(bytes(enc.payload), scales_at, -1.0))
     _rejects(enc, "negative", limits=DecodeLimits(allow_nonfinite=True))
 
 
@@ -174,7 +174,9 @@ def _topk_with_indices(indices: list[int]) -> Encoded:
     enc = TopKCodec(ratio=0.04, chunk_size=100).encode(torch.arange(200.0), name=NAME)
     assert enc.k_per_chunk == 4
     assert np.frombuffer(enc.payload[32:], "<u2").tolist() == [96, 97, 98, 99] * 2
-    return dataclasses.replace(enc, payload=enc.payload[:32] + np.array(indices, "<u2").tobytes())
+    return dataclasses.replace(
+        enc, payload=bytes(enc.payload)[:32] + np.array(indices, "<u2").tobytes()
+    )
 
 
 def test_topk_index_out_of_range() -> None:
@@ -188,20 +190,20 @@ def test_topk_indices_not_strictly_increasing(indices: list[int]) -> None:
 
 def test_topk_index_out_of_range_in_the_tail_chunk() -> None:
     enc = TopKCodec(ratio=0.04, chunk_size=100).encode(torch.arange(110.0), name=NAME)
-    payload = enc.payload[:-2] + np.array([10], "<u2").tobytes()
+    payload = bytes(enc.payload)[:-2] + np.array([10], "<u2").tobytes()
     _rejects(dataclasses.replace(enc, payload=payload), "not below the chunk length 10")
 
 
 def test_topk_bitmap_with_wrong_popcount() -> None:
     enc = TopKCodec(ratio=0.25, chunk_size=8).encode(torch.arange(16.0), name=NAME)
     assert enc.payload[-2:] == bytes([0b0000_0011, 0b0000_0011])
-    bad = enc.payload[:-2] + bytes([0b0000_0111, 0b0000_0001])
+    bad = bytes(enc.payload)[:-2] + bytes([0b0000_0111, 0b0000_0001])
     _rejects(dataclasses.replace(enc, payload=bad), "exactly 2 bits set")
 
 
 def test_topk_bitmap_padding_bits() -> None:
     enc = TopKCodec(ratio=0.25, chunk_size=8).encode(torch.arange(12.0), name=NAME)
-    bad = enc.payload[:-1] + bytes([enc.payload[-1] | 1])
+    bad = bytes(enc.payload)[:-1] + bytes([enc.payload[-1] | 1])
     _rejects(dataclasses.replace(enc, payload=bad), "padding bits")
 
 
@@ -215,14 +217,16 @@ def test_int4_nibble_zero_is_invalid() -> None:
 def test_int4_padding_nibble_must_be_zero() -> None:
     enc = _encoded("int4", numel=999)
     last = 499
-    payload = enc.payload[:last] + bytes([enc.payload[last] | 0x80]) + enc.payload[last + 1 :]
+    payload = (
+        bytes(enc.payload)[:last] + bytes([enc.payload[last] | 0x80]) + enc.payload[last + 1 :]
+    )
     _rejects(dataclasses.replace(enc, payload=payload), "padding nibble")
 
 
 def test_sign_padding_bits_must_be_zero() -> None:
     enc = _encoded("sign", numel=999)
     last = 124
-    payload = enc.payload[:last] + bytes([enc.payload[last] | 1]) + enc.payload[last + 1 :]
+    payload = bytes(enc.payload)[:last] + bytes([enc.payload[last] | 1]) + enc.payload[last + 1 :]
     _rejects(dataclasses.replace(enc, payload=payload), "padding bits")
 
 

@@ -237,7 +237,7 @@ def _malformed() -> dict[str, tuple[Encoded, torch.Tensor]]:
     r = dataclasses.replace
     return {
         "short payload": (r(enc, payload=enc.payload[:-1]), side),
-        "long payload": (r(enc, payload=enc.payload + b"\0"), side),
+        "long payload": (r(enc, payload=bytes(enc.payload) + b"\0"), side),
         "empty payload": (r(enc, payload=b""), side),
         "bit width 3": (r(enc, k_per_chunk=3), side),
         "bit width 0": (r(enc, k_per_chunk=0), side),
@@ -303,3 +303,29 @@ def test_opposite_wraps_in_one_block_are_flagged() -> None:
     got, bad = siq_decode(enc, side)
     assert not torch.equal(got, v_hat)  # both elements decoded wrongly ...
     assert bad.tolist() == [True]  # ... and the block should say so
+
+
+@pytest.mark.parametrize("bits", SIQ_BITS)
+@pytest.mark.parametrize(("n", "block_size"), [(1000, 64), (1001, 24), (77, 5), (4096, 128)])
+def test_any_chunk_size_gives_the_same_bits(bits: int, n: int, block_size: int) -> None:
+    v = _vector(n, seed=1)
+    side = v + _vector(n, seed=2, scale=0.01)  # some blocks in reach, some not
+    steps = _steps(n, 0.004 if bits < 4 else 0.001, block_size)
+    whole, whole_hat = siq_encode(v, steps, bits=bits, block_size=block_size, chunk=1 << 30)
+    whole_values, whole_bad = siq_decode(whole, side, chunk=1 << 30)
+    for chunk in (1, 8, 40, 200):
+        part, hat = siq_encode(v, steps, bits=bits, block_size=block_size, chunk=chunk)
+        assert bytes(part.payload) == bytes(whole.payload), chunk
+        assert torch.equal(hat, whole_hat)
+        values, bad = siq_decode(whole, side, chunk=chunk)
+        assert torch.equal(values, whole_values), chunk
+        assert torch.equal(bad, whole_bad), chunk
+
+
+def test_decode_reads_a_view_of_a_larger_payload_without_copying_it() -> None:
+    encoded, hat = _encode(n=1000, bits=4)
+    framed = memoryview(b"x" * 7 + bytes(encoded.payload) + b"y" * 3)
+    view = dataclasses.replace(encoded, payload=framed[7 : 7 + len(encoded.payload)])
+    values, bad = siq_decode(view, hat)
+    assert torch.equal(values, hat)
+    assert not bool(bad.any())

@@ -12,6 +12,7 @@ from locoswarm.errors import ProtocolViolation
 from locoswarm.node.config import load_config
 from locoswarm.node.outer import OuterStep, Prepared
 from locoswarm.protocol import Received
+from locoswarm.protocol.frames import payload_bytes
 from locoswarm.sync import rounds
 
 N = 700
@@ -31,7 +32,7 @@ def _pair(mode: str) -> tuple[OuterStep, OuterStep]:
 
 
 def _wire(prepared: Prepared) -> Received:
-    return Received(prepared.outgoing.header, bytes(prepared.outgoing.payload))
+    return Received(prepared.outgoing.header, payload_bytes(prepared.outgoing.payload))
 
 
 @pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
@@ -127,7 +128,7 @@ def test_state_payload_carries_phi_and_momentum_for_a_late_joiner() -> None:
     joiner, _ = _pair("diloco")
     out = a.state_payload()
     assert out.header.outer_step == 1  # the round that follows the state it carries
-    joiner.load_state_payload(Received(out.header, bytes(out.payload)))
+    joiner.load_state_payload(Received(out.header, payload_bytes(out.payload)))
     assert joiner.next_round == 1
     assert torch.equal(joiner.phi, a.phi)
     assert joiner.momentum is not None
@@ -143,14 +144,16 @@ def test_a_reader_sees_one_rounds_state_and_its_label_together() -> None:
     # While round 4 is open, readers get the state it started from, labelled round 4's start.
     open_round = a.state_payload()
     assert open_round.header.outer_step == before_round
-    got = a.decode(Received(open_round.header, bytes(open_round.payload)), ("phi", "momentum"))
+    got = a.decode(
+        Received(open_round.header, payload_bytes(open_round.payload)), ("phi", "momentum")
+    )
     assert torch.equal(got[0], before.phi)
     a.apply(pa, a.decode(_wire(pb)))
     after_round, after = a.snapshot
     assert after_round == 5
     out = a.state_payload()
     assert out.header.outer_step == 5
-    phi, momentum = a.decode(Received(out.header, bytes(out.payload)), ("phi", "momentum"))
+    phi, momentum = a.decode(Received(out.header, payload_bytes(out.payload)), ("phi", "momentum"))
     assert torch.equal(phi, after.phi)
     assert after.momentum is not None
     assert torch.equal(momentum, after.momentum)
@@ -165,6 +168,6 @@ def test_a_group_members_shard_records_the_round_it_came_from() -> None:
     b = OuterStep(config, _randn(0), peer_id="b", fp="f")
     a.prepare(5, a.phi)
     out = b.shard_message(4, "reduce", _randn(1)[:10], ("a", "b", "c"))
-    shard = a.decode_shard(Received(out.header, bytes(out.payload)), 10)
+    shard = a.decode_shard(Received(out.header, payload_bytes(out.payload)), 10)
     assert shard.shape == (10,)
     assert a.heard == {"b": 4}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 from locoswarm.node.trainer import Boundary, Trainer, flat_params
@@ -49,6 +51,19 @@ def _run(trainer: Trainer, rounds: int) -> list[Boundary]:
     return seen
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Bit-for-bit comparisons need one torch thread (a node runs with --threads 1 for replays:
+    with several, the BLAS library may split work differently under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_validation_measures_the_outer_weights_and_leaves_training_unchanged() -> None:
     plain, measured = _trainer(0), _trainer(2)
     a, b = _run(plain, 5), _run(measured, 5)

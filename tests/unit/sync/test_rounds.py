@@ -396,3 +396,29 @@ def test_disagreement_of_a_group_is_the_pair_distance_and_none_for_steps() -> No
     step_round = rounds.prepare(pull, state, state.phi - _randn(2, 0.01), round=1)
     assert step_round.names == ("step",)
     assert rounds.disagreement(step_round, step_round.own) is None
+
+
+def test_pair_mean_into_is_member_mean_bit_for_bit_and_reuses_the_partner() -> None:
+    own = {"a": _randn(5), "b": _randn(6, 1e-3)}
+    theirs = {"a": _randn(7, 1e3), "b": _randn(8, 1e-7)}
+    want = rounds.member_mean([own, theirs])
+    kept = {k: v.clone() for k, v in own.items()}
+    storage = theirs["a"].data_ptr()
+    got = rounds.pair_mean_into(own, theirs)
+    for name in want:
+        assert torch.equal(got[name], want[name])
+        assert torch.equal(own[name], kept[name])  # ours untouched
+    assert got["a"].data_ptr() == storage  # no new tensor
+
+
+@pytest.mark.parametrize(("n", "block"), [(1000, 64), (1001, 24), (5, 8)])
+def test_block_max_in_chunks_is_the_whole_max(
+    n: int, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, y = _randn(1, n=n), _randn(2, n=n)
+    whole = rounds._block_max(x, block, minus=y)
+    monkeypatch.setattr(rounds, "_CHUNK_BLOCKS_ELEMENTS", 3 * block)
+    pad = (-n) % block
+    want = torch.nn.functional.pad((x - y).abs(), (0, pad)).view(-1, block).amax(dim=1)
+    assert torch.equal(rounds._block_max(x, block, minus=y), want)
+    assert torch.equal(whole, want)
