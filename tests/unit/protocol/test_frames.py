@@ -190,3 +190,24 @@ def test_a_received_payload_is_joined_only_when_read() -> None:
     assert isinstance(received._parts, list)
     assert received.payload == b"abcd"
     assert received.payload is received.payload  # joined once
+    assert isinstance(received.payload, bytearray)  # writable: decoders may read in place
+
+
+@pytest.mark.parametrize("sizes", [(1000,), (256, 744), (100, 100, 800), (0, 999, 1), (1, 1, 998)])
+def test_a_payload_in_parts_is_framed_as_if_joined(sizes: tuple[int, ...]) -> None:
+    data = os.urandom(sum(sizes))
+    parts, at = [], 0
+    for size in sizes:
+        parts.append(memoryview(data)[at : at + size])
+        at += size
+    joined = frames(data)
+    split = frame_messages(header(len(data)), tuple(parts), 256)
+    assert [f.SerializeToString() for f in split] == [f.SerializeToString() for f in joined]
+    assert read(split) == data
+
+
+def test_joining_releases_each_chunk_once_copied() -> None:
+    chunks = [b"ab", b"cd", b"ef"]
+    received = Received(header(6), chunks)
+    assert bytes(received.payload) == b"abcdef"
+    assert chunks == [b"", b"", b""]
