@@ -12,6 +12,29 @@ from pathlib import Path
 from typing import Any
 
 
+def start_node(
+    args: list[str], *, log: Path, ready: Path, join: str | None, cwd: Path
+) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """``python -m locoswarm run ARGS --ready-file READY [--join JOIN]`` in its own session (so
+    its whole process group can be killed), output to ``log``; returns the process and command."""
+    ready.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "locoswarm",
+        "run",
+        *args,
+        "--ready-file",
+        str(ready),
+        *(["--join", join] if join else []),
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return proc, cmd
+
+
 def version(dist: str) -> str | None:
     """The installed version of a distribution, or None."""
     try:

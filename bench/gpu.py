@@ -88,7 +88,7 @@ if __package__ in (None, ""):  # run as ``python bench/gpu.py``: the repository 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import finite as _finite
-from bench.common import print_checks
+from bench.common import print_checks, start_node
 from bench.common import source as _source
 from bench.common import version as _version
 from bench.swarm import (
@@ -573,21 +573,7 @@ def _start_node(
 ) -> NodeRun:
     name = f"node{i}"
     log, ready = workdir / f"{name}.log", workdir / f"{name}.json"
-    ready.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "locoswarm",
-        "run",
-        *_node_args(mode, a),
-        "--ready-file",
-        str(ready),
-        *(["--join", join] if join else []),
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc, cmd = start_node(_node_args(mode, a), log=log, ready=ready, join=join, cwd=ROOT)
     return NodeRun(name, proc, log, ready, cmd, time.monotonic())
 
 

@@ -72,7 +72,7 @@ from typing import Any
 import psutil
 
 from bench.common import finite as _finite
-from bench.common import print_checks
+from bench.common import print_checks, start_node
 from bench.common import source as _source
 from bench.common import version as _version
 from locoswarm.node import processes
@@ -485,25 +485,14 @@ def _start_node(
 ) -> NodeRun:
     name = f"node{i}"
     log, ready = workdir / f"{cfg.name}-{name}.log", workdir / f"{cfg.name}-{name}.json"
-    ready.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "locoswarm",
-        "run",
+    args = [
         *cfg.args(a),
-        "--ready-file",
-        str(ready),
-        *(["--join", join] if join else []),
         # A quick run's rounds last about a second: without waiting, node0 can finish all of
         # them before the others have joined.
         *(["--set", "peers.min_peers=1"] if a.quick and cfg.nodes > 1 else []),
         *extra,
     ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc, cmd = start_node(args, log=log, ready=ready, join=join, cwd=ROOT)
     return NodeRun(name, proc, log, ready, cmd, time.monotonic())
 
 
