@@ -15,7 +15,8 @@ N --rounds R --inner-steps H --max-upload-mbps CAP --match-deadline D`` and stop
 1. ``overlap_noloco``: the default: the outer step overlaps the next inner phase;
 2. ``blocking_noloco``: ``--blocking``: training waits for each outer step;
 3. ``blocking_diloco``: ``--sync diloco --blocking``;
-4. ``memory_small`` (unless ``--no-small``; not in ``--quick``): overlapped noloco with ``--task
+4. ``memory_small`` (unless ``--no-small``; not in ``--quick``): overlapped noloco (or
+   ``--small-sync``) with ``--task
    small`` (10.6M parameters), fewer nodes and steps: the memory comparison that means something
    (the tiny model's 1.1 MB fp32 copy is lost in interpreter and library overhead).
 
@@ -1218,6 +1219,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--match-deadline", type=float, default=MATCH_DEADLINE_S)
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per node")
     p.add_argument("--no-small", action="store_true", help="skip the --task small configuration")
+    p.add_argument(
+        "--small-sync",
+        choices=("noloco", "diloco", "ef"),
+        default="noloco",
+        help="sync mode of the --task small (memory) configuration",
+    )
     p.add_argument("--small-nodes", type=int, default=SMALL_NODES)
     p.add_argument("--small-rounds", type=int, default=SMALL_ROUNDS)
     p.add_argument("--small-inner-steps", type=int, default=SMALL_INNER_STEPS)
@@ -1270,7 +1277,7 @@ def main(argv: list[str] | None = None) -> int:
         specs.append(
             Config(
                 SMALL_CONFIG,
-                "noloco",
+                a.small_sync,
                 False,
                 "small",
                 a.small_nodes,

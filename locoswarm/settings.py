@@ -45,6 +45,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", ""))
         if is_none and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # Optional[X]: X's own message says best what was wrong
+            return coerce(value, others[0], key)
         for arg in args:
             if arg is type(None):
                 continue

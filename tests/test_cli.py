@@ -111,7 +111,9 @@ def _parse(*args: str) -> SimConfig:
 def test_round_defaults_are_the_daemons(strategy: str) -> None:
     cfg = _parse("--sync", strategy)
     assert cfg.sync == default_round_config(strategy)  # type: ignore[arg-type]
-    assert (cfg.inner_steps, cfg.group_size, cfg.pairing, cfg.overlap) == (50, 2, "random", True)
+    assert (cfg.inner_steps, cfg.group_size, cfg.overlap) == (50, 2, True)
+    assert cfg.pairing is None  # the daemon's default for the mode
+    assert cfg.schedule == ("hypercube" if strategy == "diloco" else "random")
     assert cfg.apply_delay is None
 
 

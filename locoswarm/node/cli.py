@@ -20,6 +20,7 @@ import torch
 
 from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import CheckpointError, ConfigError, PeerError
+from locoswarm.peers.config import say_default_pairing
 from locoswarm.settings import Flag, add_flags, build, flag_values, nest
 from locoswarm.sim.config import SimConfig
 from locoswarm.sim.swarm import EvalPoint, run_sim
@@ -99,7 +100,7 @@ SIM_FLAGS: tuple[Flag, ...] = (
     Flag("inner.lr", "--lr"),
     Flag("inner.warmup_steps"),
     Flag("group_size"),
-    Flag("pairing"),
+    Flag("pairing", default=say_default_pairing),
     Flag(
         "overlap",
         "--blocking",
@@ -186,7 +187,7 @@ def _cmd_sim(a: argparse.Namespace) -> int:
     if rc is not None:
         group = "all replicas" if cfg.group_size == 0 else f"groups of {cfg.group_size}"
         wire = "" if rc.mode == "noloco" or rc.design == "pull" else f", {rc.bits}-bit proposals"
-        how = f" ({group}, {cfg.pairing}, {'overlapped' if cfg.overlap else 'blocking'}{wire})"
+        how = f" ({group}, {cfg.schedule}, {'overlapped' if cfg.overlap else 'blocking'}{wire})"
     print(
         f"locoswarm sim: {cfg.strategy}{how}, {cfg.num_replicas} replicas, task {cfg.task.name}, "
         f"H={cfg.h}, {cfg.rounds} rounds ({cfg.total_steps} inner steps)",

@@ -37,6 +37,7 @@ from locoswarm.node.round import RoundRunner
 from locoswarm.node.trainer import Boundary, Trainer, flat_params, pick_device
 from locoswarm.node.view import SwarmView
 from locoswarm.peers import Matchmaker, PeerHealth, PeerRecord
+from locoswarm.peers.config import default_pairing
 from locoswarm.peers.membership import Membership, check_join_addresses
 from locoswarm.peers.records import PeerStats
 from locoswarm.protocol import PeerClient, PeerServer, ProtocolConfig
@@ -97,7 +98,10 @@ class Daemon:
         check_join_addresses(cfg.peers.initial_peers)
         secret = _read_secret(cfg.secret_file)
         peers_cfg = dataclasses.replace(
-            cfg.peers, run_id=cfg.run_id, group_size=cfg.sync.group_size
+            cfg.peers,
+            run_id=cfg.run_id,
+            group_size=cfg.sync.group_size,
+            pairing=cfg.peers.pairing or default_pairing(cfg.sync.mode, cfg.sync.group_size),
         )
         async with contextlib.AsyncExitStack() as stack:
             membership = await stack.enter_async_context(Membership.start(peers_cfg))

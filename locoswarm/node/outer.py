@@ -245,13 +245,11 @@ class OuterStep:
         round that follows them. Whole-model work: call it from a worker thread."""
         next_round, state = self._snapshot
         momentum = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
-        parts = [
-            self._fp32.encode(state.phi, name="phi"),
-            self._fp32.encode(momentum, name="momentum"),
-        ]
+        # Views of the state's tensors (never changed in place), sent back to back: no copy.
+        parts = [rounds.fp32_part(state.phi, "phi"), rounds.fp32_part(momentum, "momentum")]
         specs = tuple(_spec(e, n) for e, n in zip(parts, STATE_NAMES, strict=True))
         header = self.header(next_round, specs, "state")
-        return Outgoing(header, b"".join(e.payload for e in parts))
+        return Outgoing(header, tuple(e.payload for e in parts))
 
     def load_state_payload(self, received: Received) -> None:
         phi, momentum = self.decode(received, STATE_NAMES)

@@ -23,6 +23,7 @@ from locoswarm.errors import ConfigError, PeerError
 from locoswarm.node import processes
 from locoswarm.node.config import NodeConfig, load_config
 from locoswarm.node.presets import PRESETS, preset
+from locoswarm.peers.config import say_default_pairing
 from locoswarm.settings import Flag, add_flags, flag_values
 from locoswarm.sync.round_config import WIDTHS, say_mode_defaults
 
@@ -38,7 +39,7 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("sync.group_size"),
     Flag("sync.bits", default=say_mode_defaults("bits", ("diloco", "ef")), choices=WIDTHS),
     Flag("sync.codec", choices=CODEC_CHOICES),
-    Flag("peers.pairing"),
+    Flag("peers.pairing", default=say_default_pairing),
     Flag("task.name", "--task"),
     Flag("task.data", repeat=True, metavar="PATH"),
     Flag("task.batch_size"),

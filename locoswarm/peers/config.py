@@ -14,6 +14,17 @@ hypercube-shuffled: the same, with the ranks reshuffled every d rounds."""
 PAIRINGS: tuple[str, ...] = get_args(Pairing)
 
 
+def default_pairing(mode: str, group_size: int) -> Pairing:
+    """The schedule a mode runs when none is set: the best measured (bench/convergence.py, full
+    regime): diloco pairs on the hypercube; random groups for everything else (ef's block
+    rotation aliases with a fixed cube, noloco was not measured on one)."""
+    return "hypercube" if mode == "diloco" and group_size == 2 else "random"
+
+
+def say_default_pairing() -> str:
+    return "hypercube for diloco pairs, random otherwise"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PeersConfig:
     """How a node finds peers and chooses partners."""
@@ -47,10 +58,11 @@ class PeersConfig:
     starts together); 0 starts at once."""
     min_peers_timeout_s: float = 120.0
     """Longest wait for ``min_peers``; then training starts with whoever is there."""
-    pairing: Pairing = "random"
+    pairing: Pairing | None = None
     """random: a seeded shuffle per round; hypercube: partner rank i XOR 2^(r mod d), with
     random pairs for whoever has no partner in the cube (consensus.md §4); hypercube-shuffled:
-    the same with the ranks reshuffled every d rounds."""
+    the same with the ranks reshuffled every d rounds. Unset: the mode's default
+    (``default_pairing``)."""
     listen_share: float = 0.5
     """Share of the match deadline a non-dialling node waits for its planned dialler before it
     starts dialling free peers itself."""
@@ -79,7 +91,7 @@ class PeersConfig:
             raise ConfigError(f"peers.group_size must be >= 2, got {self.group_size}")
         if self.min_peers < 0 or self.min_peers_timeout_s <= 0:
             raise ConfigError("peers.min_peers must be >= 0 and peers.min_peers_timeout_s > 0")
-        if self.pairing not in PAIRINGS:
+        if self.pairing is not None and self.pairing not in PAIRINGS:
             raise ConfigError(
                 f"peers.pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}"
             )

@@ -179,7 +179,7 @@ class Matchmaker(Generic[S]):
             group_size=self.config.group_size,
             lag_window=self.config.lag_window,
             available=lambda p: self.health.available(p, now)[0],
-            schedule=self.config.pairing,
+            schedule=self.config.pairing or "random",
         )
         reason = plan.reason
         tried: set[str] = set()

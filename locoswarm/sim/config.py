@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from locoswarm.errors import ConfigError
-from locoswarm.peers.config import PAIRINGS, Pairing
+from locoswarm.peers.config import PAIRINGS, Pairing, default_pairing
 from locoswarm.sync.round_config import RoundConfig, default_round_config
 from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
@@ -62,9 +62,10 @@ class SimConfig:
     group_size: int = 2
     """Members per group (the daemon's ``sync.group_size``); 0 means every present replica (an
     all-reduce: the reference DiLoCo)."""
-    pairing: Pairing = "random"
+    pairing: Pairing | None = None
     """random: the daemon's seeded shuffle per round; hypercube: partner i XOR 2^(r mod d);
-    hypercube-shuffled: the same with the ranks reshuffled every d rounds."""
+    hypercube-shuffled: the same with the ranks reshuffled every d rounds. Unset: the daemon's
+    default for the mode (``default_pairing``)."""
     overlap: bool = True
     """Apply each round's update one phase late (the daemon's default); False blocks."""
     apply_delay: int | None = None
@@ -96,11 +97,11 @@ class SimConfig:
             raise ConfigError(f"sim.eval_every must be >= 1, got {self.eval_every}")
         if self.group_size == 1 or self.group_size < 0:
             raise ConfigError(f"sim.group_size must be 0 (all) or >= 2, got {self.group_size}")
-        if self.pairing not in PAIRINGS:
+        if self.pairing is not None and self.pairing not in PAIRINGS:
             raise ConfigError(
                 f"sim.pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}"
             )
-        if self.pairing != "random" and self.group_size != 2:
+        if self.pairing not in (None, "random") and self.group_size != 2:
             raise ConfigError(f"sim.pairing {self.pairing} pairs nodes: group_size must be 2")
         rc = self.round_config
         if rc is not None and rc.mode != self.strategy:
@@ -119,6 +120,13 @@ class SimConfig:
         if self.strategy == "ddp" or self.strategy == "solo":
             return None
         return self.sync if self.sync is not None else default_round_config(self.strategy)
+
+    @property
+    def schedule(self) -> Pairing:
+        """The pairing schedule actually used (the mode's default when none is set)."""
+        if self.pairing is not None:
+            return self.pairing
+        return default_pairing(self.strategy, self.group_size)
 
     @property
     def h(self) -> int:

@@ -221,7 +221,7 @@ class Swarm:
         size = cfg.group_size or max(2, len(present))
         groups = [
             tuple(sorted(index[p] for p in g))
-            for g in round_groups(list(index), cfg.run_id, r, size, cfg.pairing)
+            for g in round_groups(list(index), cfg.run_id, r, size, cfg.schedule)
         ]
         return groups + [(i,) for i in range(cfg.num_replicas) if i not in present]
 

@@ -128,7 +128,7 @@ def default_round_config(mode: Mode) -> RoundConfig:
         return RoundConfig(
             mode="diloco",
             lr=0.7,
-            momentum=0.8,
+            momentum=0.7,
             share_momentum=True,
             bits=16,
             momentum_bits=8,

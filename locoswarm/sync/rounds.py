@@ -61,6 +61,7 @@ __all__ = [
     "combine",
     "compatible_rounds",
     "disagreement",
+    "fp32_part",
     "member_mean",
     "message_names",
     "pair_mean_into",
@@ -165,7 +166,7 @@ def _selected(cfg: RoundConfig, numel: int, round: int) -> Tensor | None:
     return index[index < numel]
 
 
-def _fp32(t: Tensor, name: str) -> Encoded:
+def fp32_part(t: Tensor, name: str) -> Encoded:
     """An fp32 part. Every tensor a round sends is never changed in place, so on a
     little-endian CPU the part is a view of the tensor's memory, not a copy of it."""
     if (
@@ -221,21 +222,21 @@ def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -
     """Our message for ``round`` from the fast weights ``theta`` (CPU work)."""
     if cfg.mode == "noloco":
         delta = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
-        parts = [_fp32(theta, "theta")]
+        parts = [fp32_part(theta, "theta")]
         own = {"theta": theta}
         if not cfg.theta_only:
-            parts.append(_fp32(state.phi, "phi"))
+            parts.append(fp32_part(state.phi, "phi"))
             own["phi"] = state.phi
         return Message(round, tuple(parts), own, momentum=delta)
     proposal, momentum = _nesterov(cfg, state, theta)
     if cfg.mode == "diloco":
         side: dict[str, Tensor] = {}
-        parts, own = [_fp32(proposal, "proposal")], {"proposal": proposal}
+        parts, own = [fp32_part(proposal, "proposal")], {"proposal": proposal}
         if cfg.bits != 32:
             parts, own, side = _siq_part(cfg, "proposal", proposal, state, cfg.bits)
         if cfg.share_momentum:
             if cfg.momentum_bits == 32:
-                parts.append(_fp32(momentum, "momentum"))
+                parts.append(fp32_part(momentum, "momentum"))
                 own["momentum"] = momentum
             else:
                 # Momenta differ by this round's pseudo-gradients and what the last exchange saw;

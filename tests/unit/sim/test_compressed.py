@@ -41,7 +41,7 @@ def _cfg(strategy: str, **kw: object) -> SimConfig:
 
 def _pairs(swarm: Swarm, r: int) -> list[tuple[int, ...]]:
     index = {rep.peer_id: i for i, rep in enumerate(swarm.replicas)}
-    groups = round_groups(list(index), swarm.cfg.run_id, r, 2, swarm.cfg.pairing)
+    groups = round_groups(list(index), swarm.cfg.run_id, r, 2, swarm.cfg.schedule)
     return [tuple(sorted(index[p] for p in g)) for g in groups]
 
 

@@ -53,7 +53,7 @@ def _groups(swarm: Swarm, r: int) -> list[tuple[int, ...]]:
     size = cfg.group_size or cfg.num_replicas
     return [
         tuple(sorted(index[p] for p in g))
-        for g in round_groups(list(index), cfg.run_id, r, size, cfg.pairing)
+        for g in round_groups(list(index), cfg.run_id, r, size, cfg.schedule)
     ]
 
 
@@ -177,7 +177,7 @@ def test_hypercube_averages_eight_replicas_exactly_in_three_rounds() -> None:
     assert all(torch.equal(p, phis[0]) for p in phis[1:])
     torch.testing.assert_close(phis[0], mean, rtol=0, atol=1e-6)
     # Random pairs do not get there in three rounds.
-    rand = Swarm(_cfg("diloco", num_replicas=8, overlap=False, sync=sync))
+    rand = Swarm(_cfg("diloco", num_replicas=8, pairing="random", overlap=False, sync=sync))
     current = thetas
     for r in range(3):
         rand.outer_round(r, current, _groups(rand, r))
