@@ -110,7 +110,7 @@ RECOVERY_ROUNDS_TARGET = 2
 
 ROUND_RE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+: round (\d+): "
-    r"(exchanged|solo \((\w+)\)), train loss (\S+), ([\d.]+)s",
+    r"(exchanged|solo \((\w+)\)), train loss ([^,\s]+)(?:, [a-z ]+ [^,\s]+)*, ([\d.]+)s",
     re.M,
 )
 RESUMED_RE = re.compile(r"resumed from \S+ at round (\d+), step (\d+)")
