@@ -289,14 +289,7 @@ def _start_worker(
         sys.executable,
         str(Path(__file__).resolve()),
         "--plain-worker",
-        "--device",
-        a.device,
-        "--task",
-        mode.task,
-        "--batch-size",
-        str(mode.batch_size),
-        "--seq-len",
-        str(mode.seq_len),
+        *_task_args(mode, a),
         "--steps",
         str(mode.steps),
         "--warmup",
@@ -533,14 +526,9 @@ def _sample_of(text: str, t: float) -> Sample:
     )
 
 
-def _node_args(mode: Mode, a: argparse.Namespace) -> list[str]:
+def _task_args(mode: Mode, a: argparse.Namespace) -> list[str]:
+    """What plain workers and nodes train, the same for both."""
     return [
-        "--run-id",
-        "bench-gpu",
-        "--host",
-        HOST,
-        "--metrics-port",
-        "0",
         "--device",
         a.device,
         "--task",
@@ -549,6 +537,18 @@ def _node_args(mode: Mode, a: argparse.Namespace) -> list[str]:
         str(mode.batch_size),
         "--seq-len",
         str(mode.seq_len),
+    ]
+
+
+def _node_args(mode: Mode, a: argparse.Namespace) -> list[str]:
+    return [
+        "--run-id",
+        "bench-gpu",
+        "--host",
+        HOST,
+        "--metrics-port",
+        "0",
+        *_task_args(mode, a),
         "--rounds",
         str(mode.rounds),
         "--inner-steps",
