@@ -108,7 +108,6 @@ class Daemon:
             self.peer_id = membership.dht_peer_id
             self.diagnosis = Diagnosis(
                 has_secret=secret is not None,
-                sync=cfg.sync.mode,
                 run_id=cfg.run_id,
                 version=__version__,
             )

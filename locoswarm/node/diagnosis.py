@@ -42,9 +42,8 @@ class Problem:
 class Diagnosis:
     """Evidence per cause, from the latest view of the records and recent refusals."""
 
-    def __init__(self, *, has_secret: bool, sync: str, run_id: str, version: str) -> None:
+    def __init__(self, *, has_secret: bool, run_id: str, version: str) -> None:
         self.has_secret = has_secret
-        self.sync = sync
         self.run_id = run_id
         self.version = version
         self._excluded: dict[str, set[str]] = {c: set() for c in CAUSES}

@@ -10,7 +10,7 @@ from locoswarm.node.diagnosis import FORGET_S, Diagnosis
 
 
 def _diagnosis(has_secret: bool = True) -> Diagnosis:
-    return Diagnosis(has_secret=has_secret, sync="diloco", run_id="r", version="9.9")
+    return Diagnosis(has_secret=has_secret, run_id="r", version="9.9")
 
 
 def test_the_odd_one_out_with_another_secret_is_told_the_fix(
