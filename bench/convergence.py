@@ -140,6 +140,12 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
         "diloco_hypercube_m0.7": cfg(
             "diloco", pairing="hypercube", sync=replace(diloco, momentum=0.7)
         ),
+        "diloco_hypercube_m0.75": cfg(
+            "diloco", pairing="hypercube", sync=replace(diloco, momentum=0.75)
+        ),
+        # The momentum the diloco pairs were measured best at, for the low-bit ef exchange (its
+        # spread at 0.8 missed a tenth of solo's; at 0.9 it was 3.5x the one at 0.8).
+        "ef_lowbit_m0.7": cfg("ef", sync=replace(low, momentum=0.7)),
         # The lever past pairs: larger groups average more replicas' proposals (fp32, so more
         # bytes than the pair target allows).
         **{

@@ -233,6 +233,12 @@ def plain_main(
 
         import locoswarm.node.daemon
         import locoswarm.node.run  # noqa: F401
+        from locoswarm.node.allocator import tune_allocator
+        from locoswarm.node.config import TrainerConfig
+
+        # The node's C allocator settings too: the node's own tuning is not counted as saving.
+        defaults = TrainerConfig()
+        tune_allocator(defaults.malloc_mmap_threshold, defaults.malloc_arena_max)
     import torch
 
     from locoswarm.tasks.inner import InnerConfig, InnerLoop
@@ -1397,7 +1403,8 @@ def main(argv: list[str] | None = None) -> int:
                 "last scrape], the highest-RSS sample of each of 40 equal runs of polls",
                 "baselines": "python -m bench.swarm --role plain: the node's task, AdamW, the "
                 "same batch and steps, no daemon; plain_with_daemon_imports also imports "
-                "locoswarm.node.daemon/run, hivemind, grpc, uvloop and prometheus_client first",
+                "locoswarm.node.daemon/run, hivemind, grpc, uvloop and prometheus_client first "
+                "and applies the node's C allocator settings (trainer.malloc_*)",
                 "idle_fraction_swarm": "the same over the counter deltas from the first scrape "
                 "once every node of the swarm was up (ready file written) to the last scrape",
                 "metrics_missing_rounds": "rounds in the node's log minus outer steps counted in "

@@ -144,10 +144,25 @@ class TrainerConfig:
     eval_every: int = 10
     """Measure the outer weights' validation loss on the task's held-out batches every this
     many rounds (task.val_batches of them; 0 never)."""
+    malloc_mmap_threshold: int = 128 * 1024
+    """glibc: allocations from this many bytes up are mapped and returned to the system when
+    freed (a fixed threshold; glibc's own raises itself to 32 MiB); 0 keeps glibc's."""
+    malloc_arena_max: int = 2
+    """glibc: at most this many malloc arenas (one per thread by default); 0 keeps glibc's."""
 
     def __post_init__(self) -> None:
         if self.eval_every < 0:
             raise ConfigError(f"trainer.eval_every must be >= 0, got {self.eval_every}")
+        if self.malloc_mmap_threshold < 0 or self.malloc_arena_max < 0:
+            raise ConfigError(
+                "trainer.malloc_mmap_threshold and trainer.malloc_arena_max must be >= 0 "
+                "(0 keeps glibc's setting)"
+            )
+        if self.malloc_mmap_threshold > 32 * 1024 * 1024:
+            raise ConfigError(
+                f"trainer.malloc_mmap_threshold must be at most 32 MiB (glibc's limit), got "
+                f"{self.malloc_mmap_threshold}"
+            )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"trainer.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"

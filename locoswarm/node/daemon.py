@@ -27,6 +27,7 @@ from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import ConfigError
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.node import checkpoint
+from locoswarm.node.allocator import tune_allocator
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.diagnosis import Diagnosis
 from locoswarm.node.handler import NodeHandler
@@ -96,6 +97,9 @@ class Daemon:
     async def run(self) -> None:
         cfg = self.config
         check_join_addresses(cfg.peers.initial_peers)
+        # Before the threads and tensors of the node exist (the process's allocator settings).
+        tuning = tune_allocator(cfg.trainer.malloc_mmap_threshold, cfg.trainer.malloc_arena_max)
+        log.debug("C allocator: %s", ", ".join(tuning.applied) or tuning.skipped)
         secret = _read_secret(cfg.secret_file)
         peers_cfg = dataclasses.replace(
             cfg.peers,

@@ -1,0 +1,68 @@
+"""The C allocator's settings for a process that allocates and frees model-sized tensors.
+
+glibc's malloc raises its mmap threshold every time a block it had mmapped is freed (up to
+32 MiB), so after the first rounds a node's round temporaries (quantized payloads, decoded chunks,
+messages of a few MiB) come from the heap instead of fresh mappings, and from one arena per
+thread that allocated them (the trainer thread, ``asyncio.to_thread`` workers, gRPC's threads).
+Freed heap memory is rarely returned to the system, so resident memory climbs with every round
+whose temporaries land at a new place, and its peak sits well above what is live. A fixed
+threshold (which also stops the dynamic adjustment) hands every large block back to the system
+when it is freed, and a small arena count stops each thread from growing its own heap. Measured
+in bench/swarm.py (README, issue 14). Other C libraries (musl, macOS) are left as they are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import platform
+from dataclasses import dataclass
+
+log = logging.getLogger("locoswarm.node")
+
+# mallopt parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+
+@dataclass(frozen=True, slots=True)
+class AllocatorTuning:
+    """What ``tune_allocator`` did."""
+
+    applied: tuple[str, ...]
+    """The settings glibc accepted, as ``name=value``."""
+    skipped: str | None = None
+    """Why nothing was applied (not glibc, settings off), or None."""
+
+
+def tune_allocator(mmap_threshold: int, arena_max: int) -> AllocatorTuning:
+    """Fix glibc's mmap threshold (and trim threshold) at ``mmap_threshold`` bytes and cap its
+    arenas at ``arena_max``; 0 leaves a setting as glibc chose it. Call it early, before the
+    model is built (arenas already made stay)."""
+    if mmap_threshold <= 0 and arena_max <= 0:
+        return AllocatorTuning((), "off")
+    if platform.libc_ver()[0] != "glibc":
+        return AllocatorTuning((), f"the C library is not glibc ({platform.libc_ver()[0] or '?'})")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError) as exc:
+        return AllocatorTuning((), f"mallopt is not available: {exc}")
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    wanted: list[tuple[str, int, int]] = []
+    if mmap_threshold > 0:
+        wanted += [
+            ("mmap_threshold", M_MMAP_THRESHOLD, mmap_threshold),
+            ("trim_threshold", M_TRIM_THRESHOLD, mmap_threshold),
+        ]
+    if arena_max > 0:
+        wanted.append(("arena_max", M_ARENA_MAX, arena_max))
+    applied = []
+    for name, param, value in wanted:
+        if mallopt(param, value) == 1:
+            applied.append(f"{name}={value}")
+        else:
+            log.warning("the C allocator refused %s=%d; it keeps its own setting", name, value)
+    return AllocatorTuning(tuple(applied))

@@ -1,0 +1,50 @@
+"""The C allocator settings a node applies at start (glibc's mallopt)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from locoswarm.errors import ConfigError
+from locoswarm.node.allocator import tune_allocator
+from locoswarm.node.config import load_config
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+
+
+def test_zero_leaves_the_allocator_alone() -> None:
+    tuning = tune_allocator(0, 0)
+    assert tuning.applied == ()
+    assert tuning.skipped == "off"
+
+
+@glibc
+def test_glibc_takes_the_node_defaults() -> None:
+    # In a child: the settings are the process's for good.
+    code = (
+        "from locoswarm.node.allocator import tune_allocator\n"
+        "from locoswarm.node.config import TrainerConfig\n"
+        "d = TrainerConfig()\n"
+        "print(','.join(tune_allocator(d.malloc_mmap_threshold, d.malloc_arena_max).applied))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "mmap_threshold=131072,trim_threshold=131072,arena_max=2"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("trainer.malloc_arena_max", -1, "must be >= 0"),
+        ("trainer.malloc_mmap_threshold", -5, "must be >= 0"),
+        ("trainer.malloc_mmap_threshold", 64 * 1024 * 1024, "at most 32 MiB"),
+    ],
+)
+def test_bad_allocator_settings_name_the_key(key: str, value: int, words: str) -> None:
+    with pytest.raises(ConfigError, match=words) as err:
+        load_config(overrides={key: value}, environ={})
+    assert key.split(".")[1] in str(err.value)
