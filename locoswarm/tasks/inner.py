@@ -100,8 +100,21 @@ def weights_digest(flat: Tensor) -> str:
 
 
 def flat_params(model: nn.Module) -> Tensor:
-    """A flat fp32 CPU copy of the model's parameters."""
-    return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in model.parameters()])
+    """A flat fp32 CPU copy of the model's parameters, written one parameter at a time into
+    one buffer: no second host copy (``torch.cat`` of per-parameter copies holds both) and no
+    model-sized accelerator temporary. From CUDA the buffer is pinned host memory, so each
+    parameter is copied by DMA; the copies are waited for before it is returned."""
+    params = [p.detach() for p in model.parameters()]
+    cuda = [p.device for p in params if p.device.type == "cuda"]
+    flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, pin_memory=bool(cuda))
+    offset = 0
+    for p in params:
+        n = p.numel()
+        flat[offset : offset + n].copy_(p.reshape(-1), non_blocking=p.device.type == "cuda")
+        offset += n
+    for device in set(cuda):
+        torch.cuda.current_stream(device).synchronize()
+    return flat
 
 
 @torch.no_grad()
