@@ -79,6 +79,10 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
     # what was measured.
     old = {"pairing": "random", "sync": replace(diloco, momentum=0.8)}
     old_sync = replace(diloco, momentum=0.8)
+    # The same for ef: momentum 0.8 before 0.7 was measured best.
+    ef_old = replace(ef4, momentum=0.8)
+    low_old = replace(ef_old, rotate=3)
+    olds: dict[str, dict[str, Any]] = {"diloco": old, "ef": {"sync": ef_old}}
     core = {
         "ddp": cfg("ddp"),
         "solo": cfg("solo"),
@@ -99,7 +103,7 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
     }
     sweep = {
         **{
-            f"{mode}_delay{d}": cfg(mode, apply_delay=d, **(old if mode == "diloco" else {}))
+            f"{mode}_delay{d}": cfg(mode, apply_delay=d, **olds.get(mode, {}))
             for mode in ("diloco", "noloco", "ef")
             for d in (1, 5)
         },
@@ -119,33 +123,40 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
         "diloco_fp32_shared_momentum": cfg(
             "diloco", pairing="random", sync=replace(old_sync, bits=32, momentum_bits=32)
         ),
-        "ef_2bit": cfg("ef", sync=replace(ef4, bits=2)),
-        "ef_4bit_no_feedback": cfg("ef", sync=replace(ef4, error_feedback=False)),
-        "ef_pull_int4_k8": cfg("ef", sync=replace(ef4, design="pull", codec="int4", pull_every=8)),
-        "ef_pull_sign_k32": cfg(
-            "ef", sync=replace(ef4, design="pull", codec="sign", pull_every=32)
+        "ef_2bit": cfg("ef", sync=replace(ef_old, bits=2)),
+        "ef_4bit_no_feedback": cfg("ef", sync=replace(ef_old, error_feedback=False)),
+        "ef_pull_int4_k8": cfg(
+            "ef", sync=replace(ef_old, design="pull", codec="int4", pull_every=8)
         ),
-        "ef_1bit": cfg("ef", sync=replace(ef4, bits=1)),
-        "ef_lowbit_sweep": cfg("ef", sync=low),
-        "ef_4bit_blocking_cal": cfg("ef", sync=ef4, overlap=False),
-        "ef_2bit_rotate2": cfg("ef", sync=replace(ef4, bits=2, rotate=2)),
-        "ef_4bit_hypercube": cfg("ef", sync=ef4, pairing="hypercube"),
-        "ef_lowbit_hypercube": cfg("ef", sync=low, pairing="hypercube"),
+        "ef_pull_sign_k32": cfg(
+            "ef", sync=replace(ef_old, design="pull", codec="sign", pull_every=32)
+        ),
+        "ef_1bit": cfg("ef", sync=replace(ef_old, bits=1)),
+        "ef_lowbit_sweep": cfg("ef", sync=low_old),
+        "ef_4bit_blocking_cal": cfg("ef", sync=ef_old, overlap=False),
+        "ef_2bit_rotate2": cfg("ef", sync=replace(ef_old, bits=2, rotate=2)),
+        "ef_4bit_hypercube": cfg("ef", sync=ef_old, pairing="hypercube"),
+        "ef_lowbit_hypercube": cfg("ef", sync=low_old, pairing="hypercube"),
         "diloco_hypercube_m0.8_blocking": cfg(
             "diloco", pairing="hypercube", sync=old_sync, overlap=False
         ),
         "diloco_hypercube_shuffled": cfg("diloco", pairing="hypercube-shuffled", sync=old_sync),
-        "ef_lowbit_hypercube_shuffled": cfg("ef", sync=low, pairing="hypercube-shuffled"),
-        "ef_4bit_hypercube_shuffled": cfg("ef", sync=ef4, pairing="hypercube-shuffled"),
+        "ef_lowbit_hypercube_shuffled": cfg("ef", sync=low_old, pairing="hypercube-shuffled"),
+        "ef_4bit_hypercube_shuffled": cfg("ef", sync=ef_old, pairing="hypercube-shuffled"),
         "diloco_hypercube_m0.7": cfg(
             "diloco", pairing="hypercube", sync=replace(diloco, momentum=0.7)
         ),
         "diloco_hypercube_m0.75": cfg(
             "diloco", pairing="hypercube", sync=replace(diloco, momentum=0.75)
         ),
-        # The momentum the diloco pairs were measured best at, for the low-bit ef exchange (its
-        # spread at 0.8 missed a tenth of solo's; at 0.9 it was 3.5x the one at 0.8).
-        "ef_lowbit_m0.7": cfg("ef", sync=replace(low, momentum=0.7)),
+        # The shared momentum at 16 bits: exactly one fp32 tensor per round with the proposal.
+        "diloco_momentum16_hypercube": cfg("diloco", sync=replace(diloco, momentum_bits=16)),
+        # ef at the momentum before 0.7 was measured best (its low-bit spread missed a tenth of
+        # solo's).
+        "ef_4bit_m0.8": cfg("ef", sync=ef_old),
+        "ef_4bit_m0.8_blocking": cfg("ef", sync=ef_old, overlap=False),
+        "ef_lowbit_m0.8": cfg("ef", sync=low_old),
+        "ef_lowbit_m0.8_blocking": cfg("ef", sync=low_old, overlap=False),
         # The lever past pairs: larger groups average more replicas' proposals (fp32, so more
         # bytes than the pair target allows).
         **{
@@ -177,16 +188,16 @@ def method_configs(reg: Regime, seed: int, suite: str = "core") -> dict[str, Sim
         ),
         # The defaults before momentum 0.8 was measured best for pairs.
         "diloco_m0.9": cfg("diloco", pairing="random", sync=replace(diloco, momentum=0.9)),
-        "ef_4bit_m0.9": cfg("ef", sync=replace(ef4, momentum=0.9)),
-        "ef_lowbit_m0.9": cfg("ef", sync=replace(low, momentum=0.9)),
+        "ef_4bit_m0.9": cfg("ef", sync=replace(ef_old, momentum=0.9)),
+        "ef_lowbit_m0.9": cfg("ef", sync=replace(low_old, momentum=0.9)),
         "diloco_allreduce": core["diloco_allreduce"],
         "diloco": core["diloco"],
         # The siq lattice's reach (margin x the disagreement bound): wider wraps less, rounds
         # coarser (error feedback carries the rounding).
         "ef_4bit": core["ef_4bit"],
-        **{f"ef_4bit_margin{m}": cfg("ef", sync=replace(ef4, margin=float(m))) for m in (3, 4)},
+        **{f"ef_4bit_margin{m}": cfg("ef", sync=replace(ef_old, margin=float(m))) for m in (3, 4)},
         "ef_lowbit": core["ef_lowbit"],
-        "ef_lowbit_margin3": cfg("ef", sync=replace(low, margin=3.0)),
+        "ef_lowbit_margin3": cfg("ef", sync=replace(low_old, margin=3.0)),
     }
     if suite == "core":
         return core

@@ -92,8 +92,8 @@ STOP_TIMEOUT_S = 15.0
 FAILED_STOP_S = 3.0
 """Grace for the workers of a method that failed (one of them may be stuck)."""
 
-HIVEMIND_SPEEDUP = 5.0
-RAW_FRACTION = 0.40
+HIVEMIND_SPEEDUP = 3.0  # issue 14
+RAW_FRACTION = 0.20  # issue 14
 TLS_COST_MAX = 0.35
 
 INCLUDES = {

@@ -134,7 +134,7 @@ def default_round_config(mode: Mode) -> RoundConfig:
             momentum_bits=8,
             block_size=256,
         )
-    return RoundConfig(mode="ef", lr=0.7, momentum=0.8, bits=4, block_size=64)
+    return RoundConfig(mode="ef", lr=0.7, momentum=0.7, bits=4, block_size=64)
 
 
 def say_mode_defaults(name: str, modes: tuple[Mode, ...] = MODES) -> Callable[[], str]:

@@ -73,7 +73,7 @@ def test_every_flag_has_help_from_a_docstring_or_its_own(
 
 def test_mode_defaults_in_help_come_from_the_round_defaults() -> None:
     text = _help("sim")
-    assert "(default noloco 0.5, diloco 0.7, ef 0.8)" in text  # --outer-momentum
+    assert "(default noloco 0.5, diloco 0.7, ef 0.7)" in text  # --outer-momentum
     assert "(default diloco 16, ef 4)" in text  # --bits
 
 
