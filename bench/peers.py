@@ -365,7 +365,7 @@ async def run(num_nodes: int, rounds: int, deadline_s: float, out: dict[str, Any
         protocol = ProtocolConfig(host=HOST, port=0, shutdown_grace_s=SHUTDOWN_GRACE_S)
         nodes: list[Node] = []
         for i, membership in enumerate(memberships):
-            peer_id = f"node-{i}"
+            peer_id = membership.dht_peer_id  # a record names its signer's peer id
             matchmaker: Matchmaker[Received] = Matchmaker(membership.config, peer_id)
             handler = BenchHandler(peer_id, matchmaker, wait_s)
             node = Node(i, peer_id, membership, matchmaker, handler)
@@ -375,6 +375,7 @@ async def run(num_nodes: int, rounds: int, deadline_s: float, out: dict[str, Any
             stack.push_async_callback(node.client.close)
             nodes.append(node)
 
+        out["peer_ids"] = [n.peer_id for n in nodes]
         # 3. Discovery.
         out.update(await discover(nodes))
         print(f"  all records seen in {out['discover_s']:.2f}s", file=sys.stderr, flush=True)

@@ -2,7 +2,10 @@
 
 hivemind's ``DHT`` runs in a forked process (with its ``p2pd``); start it before any gRPC object
 exists. Every call here awaits an MPFuture (``return_future=True``), so the event loop never
-blocks. Records are checked with ``records.parse_record``; knows nothing of gRPC or tensors.
+blocks. Our record is signed with the node's identity key (``identity.py``): it is stored under a
+subkey that carries the public key, so every node's DHT refuses a change the key did not sign,
+and a record is read only from a signed subkey whose key derives the record's peer id; then
+``records.parse_record`` checks it. Knows nothing of gRPC or tensors.
 """
 
 from __future__ import annotations
@@ -11,22 +14,28 @@ import asyncio
 import contextlib
 import logging
 import shlex
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from locoswarm.errors import ConfigError, PeerUnavailable
 from locoswarm.peers.config import PeersConfig
+from locoswarm.peers.identity import IdentityError, load_identity, record_subkey, subkey_owner
 from locoswarm.peers.records import PeerRecord, parse_record
 
 log = logging.getLogger(__name__)
 
 
-def _start_dht(config: PeersConfig) -> hivemind.DHT:
+def _start_dht(
+    config: PeersConfig, identity: Path, validator: RSASignatureValidator, *, fresh: bool
+) -> hivemind.DHT:
     """Start the DHT process, retrying an unreachable bootstrap a bounded number of times."""
     last: BaseException | None = None
     for attempt in range(1, config.bootstrap_attempts + 1):
@@ -37,7 +46,10 @@ def _start_dht(config: PeersConfig) -> hivemind.DHT:
                 start=True,
                 host_maddrs=list(config.host_maddrs),
                 announce_maddrs=list(config.announce_maddrs) or None,
-                identity_path=str(config.identity_path) if config.identity_path else None,
+                identity_path=str(identity),
+                # A key made a moment ago is nobody else's: skip p2pd's check for a twin.
+                check_if_identity_free=not fresh,
+                record_validators=[validator],
                 client_mode=config.client_mode,
                 bootstrap_timeout=config.bootstrap_timeout_s,
                 ensure_bootstrap_success=bool(config.initial_peers),
@@ -68,6 +80,8 @@ class Membership:
 
     config: PeersConfig
     dht: hivemind.DHT
+    validator: RSASignatureValidator
+    """Signs our record (its subkey carries our public key; every node's DHT checks it)."""
     record: PeerRecord | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     """Records from the DHT that failed validation, counted by reason."""
@@ -79,15 +93,24 @@ class Membership:
         """Start the DHT (in a thread: it forks and may block), yield, then withdraw and stop."""
         if not config.initial_peers:
             log.info("no --join address given: starting a new swarm")
-        dht = await asyncio.to_thread(_start_dht, config)
-        membership = cls(config=config, dht=dht)
-        try:
-            yield membership
-        finally:
+        with tempfile.TemporaryDirectory(prefix="locoswarm-identity-") as scratch:
+            # Without an identity file, a key for this run only (deleted when it stops).
+            path = config.identity_path or Path(scratch) / "identity.key"
+            fresh = not path.exists()
             try:
-                await membership.withdraw()
+                key = await asyncio.to_thread(load_identity, path)
+            except (IdentityError, OSError) as exc:
+                raise ConfigError(f"peers.identity_path: {exc}") from None
+            validator = RSASignatureValidator(key)
+            dht = await asyncio.to_thread(_start_dht, config, path, validator, fresh=fresh)
+            membership = cls(config=config, dht=dht, validator=validator)
+            try:
+                yield membership
             finally:
-                await asyncio.to_thread(dht.shutdown)
+                try:
+                    await membership.withdraw()
+                finally:
+                    await asyncio.to_thread(dht.shutdown)
 
     @property
     def dht_peer_id(self) -> str:
@@ -113,7 +136,7 @@ class Membership:
             self.config.records_key,
             record.to_wire(),
             self._expiry,
-            subkey=record.peer_id,
+            subkey=record_subkey(record.peer_id, self.validator),
             return_future=True,
         )
         return bool(stored)
@@ -128,7 +151,7 @@ class Membership:
                     self.config.records_key,
                     None,
                     max(self._expiry, get_dht_time()) + 1.0,
-                    subkey=self.record.peer_id,
+                    subkey=record_subkey(self.record.peer_id, self.validator),
                     return_future=True,
                 ),
                 timeout=self.config.bootstrap_timeout_s,
@@ -155,7 +178,11 @@ class Membership:
         for subkey, item in found.value.items():
             if getattr(item, "expiration_time", 0.0) < now:
                 continue
-            record, why = parse_record(subkey, getattr(item, "value", None))
+            owner, why = subkey_owner(subkey)
+            if owner is None:
+                self.dropped[why] = self.dropped.get(why, 0) + 1
+                continue
+            record, why = parse_record(owner, getattr(item, "value", None))
             if record is None:
                 if why != "withdrawn":
                     self.dropped[why] = self.dropped.get(why, 0) + 1

@@ -13,10 +13,12 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from hivemind.utils import get_dht_time
 
 from locoswarm.errors import ConfigError, PeerUnavailable
 from locoswarm.node import processes as procs
 from locoswarm.peers import PeerRecord, PeersConfig
+from locoswarm.peers.identity import load_identity, peer_id_of, record_subkey
 from locoswarm.peers.membership import Membership, check_join_addresses
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,10 +40,12 @@ def config(initial: tuple[str, ...] = (), **kw: object) -> PeersConfig:
     return PeersConfig(**fields)  # type: ignore[arg-type]
 
 
-def record(i: int, step: int = 0) -> PeerRecord:
+def record(member: Membership, step: int = 0) -> PeerRecord:
+    """A member's record: its peer id is the one its identity key derives (a record naming any
+    other is dropped by every reader)."""
     return PeerRecord(
-        peer_id=f"node-{i}",
-        address=f"127.0.0.1:{50000 + i}",
+        peer_id=member.dht_peer_id,
+        address=f"127.0.0.1:{50000 + step}",
         outer_step=step,
         model_fingerprint="fp",
         sync="noloco",
@@ -78,9 +82,9 @@ async def test_eight_nodes_join_through_one_address_and_see_each_other() -> None
     start = time.monotonic()
     async with swarm(8) as members:
         joined_s = time.monotonic() - start
-        for i, member in enumerate(members):
-            assert await member.announce(record(i))
-        everyone = {f"node-{i}" for i in range(8)}
+        for member in members:
+            assert await member.announce(record(member))
+        everyone = {m.dht_peer_id for m in members}
 
         async def all_see_all() -> bool:
             views = await asyncio.gather(*(seen_ids(m) for m in members))
@@ -100,22 +104,26 @@ async def test_eight_nodes_join_through_one_address_and_see_each_other() -> None
 
 async def test_a_killed_nodes_record_expires_and_a_restarted_node_rejoins() -> None:
     async with swarm(3) as members:
-        for i, member in enumerate(members):
-            await member.announce(record(i))
+        for member in members:
+            await member.announce(record(member))
         refreshers = [asyncio.create_task(m.refresh_forever()) for m in members[:2]]
+        victim_id = members[2].dht_peer_id
         try:
-            await wait_for(lambda: _has(members[0], "node-2", True), 15)
+            await wait_for(lambda: _has(members[0], victim_id, True), 15)
             victim = members[2].dht.pid
             procs.kill_tree(victim)  # SIGKILL: no withdrawal, the record must expire on its own
-            gone_s = await wait_for(lambda: _has(members[0], "node-2", False), TTL_S + 10)
+            gone_s = await wait_for(lambda: _has(members[0], victim_id, False), TTL_S + 10)
             assert gone_s <= TTL_S + 2.0
-            assert await _has(members[1], "node-0", True)  # the survivors still see each other
+            # The survivors still see each other.
+            assert await _has(members[1], members[0].dht_peer_id, True)
             join = tuple(members[0].visible_maddrs())
             async with Membership.start(config(join)) as again:
-                await again.announce(record(2, step=7))
-                await wait_for(lambda: _has(members[1], "node-2", True), 15)
+                await again.announce(record(again, step=7))
+                await wait_for(lambda: _has(members[1], again.dht_peer_id, True), 15)
                 assert {
-                    r.outer_step for r in await members[1].list_peers() if r.peer_id == "node-2"
+                    r.outer_step
+                    for r in await members[1].list_peers()
+                    if r.peer_id == again.dht_peer_id
                 } == {7}
         finally:
             for task in refreshers:
@@ -129,27 +137,69 @@ async def _has(member: Membership, peer: str, present: bool) -> bool:
 
 async def test_a_clean_shutdown_withdraws_the_record() -> None:
     async with Membership.start(config()) as first:
-        await first.announce(record(0))
+        await first.announce(record(first))
         async with Membership.start(config(tuple(first.visible_maddrs()))) as second:
-            await second.announce(record(1))
-            await wait_for(lambda: _has(first, "node-1", True), 15)
-        assert "node-1" not in await seen_ids(first)  # withdrawn at once, not after the TTL
+            await second.announce(record(second))
+            second_id = second.dht_peer_id
+            await wait_for(lambda: _has(first, second_id, True), 15)
+        assert second_id not in await seen_ids(first)  # withdrawn at once, not after the TTL
 
 
 async def test_bad_records_from_the_dht_are_dropped_with_a_reason() -> None:
     async with Membership.start(config()) as member:
-        await member.announce(record(0))
-        from hivemind.utils import get_dht_time
-
+        await member.announce(record(member))
         key = member.config.records_key
-        await member.dht.store(
-            key, {"peer_id": "x"}, get_dht_time() + 30, subkey="x", return_future=True
-        )
-        await member.dht.store(key, [1, 2], get_dht_time() + 30, subkey="y", return_future=True)
-        bad = dict(record(5).to_wire(), outer_step=-1)
-        await member.dht.store(key, bad, get_dht_time() + 30, subkey="node-5", return_future=True)
-        assert await seen_ids(member) == {"node-0"}
+        own = record_subkey(member.dht_peer_id, member.validator)
+        # Under our own signed subkey (we hold the key), so only the record's content is bad.
+        for bad in ({"peer_id": "x"}, [1, 2], dict(record(member).to_wire(), outer_step=-1)):
+            await member.dht.store(key, bad, get_dht_time() + 30, subkey=own, return_future=True)
+            assert await seen_ids(member) == set()
         assert sum(member.dropped.values()) == 3
+
+
+async def test_records_only_their_owner_can_write() -> None:
+    async with swarm(2) as (owner, attacker):
+        await owner.announce(record(owner))
+        await attacker.announce(record(attacker))
+        key = owner.config.records_key
+        owners_subkey = record_subkey(owner.dht_peer_id, owner.validator)
+        forged = dict(record(owner).to_wire(), address="203.0.113.9:1", outer_step=999)
+        later = get_dht_time() + 60
+
+        async def store(value: object, subkey: object) -> bool:
+            return bool(
+                await attacker.dht.store(key, value, later, subkey=subkey, return_future=True)
+            )
+
+        # Overwrite or withdraw the owner's record: unsigned for that key, refused by every DHT.
+        assert not await store(forged, owners_subkey)
+        assert not await store(None, owners_subkey)
+        # The owner's peer id under the attacker's own (validly signed) key, or with no key:
+        # stored, but no reader takes it.
+        assert await store(forged, record_subkey(owner.dht_peer_id, attacker.validator))
+        assert await store(forged, owner.dht_peer_id)
+        for reader in (owner, attacker):
+            records = {r.peer_id: r for r in await reader.list_peers()}
+            assert set(records) == {owner.dht_peer_id, attacker.dht_peer_id}
+            assert records[owner.dht_peer_id].outer_step == 0
+            assert records[owner.dht_peer_id].address == "127.0.0.1:50000"
+            assert reader.dropped == {
+                "record subkey names a peer id its owner key does not derive": 1,
+                "unsigned record (its subkey names no owner key)": 1,
+            }
+
+
+async def test_the_record_key_is_the_p2p_identity(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "id" / "identity.key"
+    async with Membership.start(config(identity_path=path)) as first:
+        assert peer_id_of(load_identity(path)) == first.dht_peer_id
+        peer = first.dht_peer_id
+    async with Membership.start(config(identity_path=path)) as again:  # restart: same id
+        assert again.dht_peer_id == peer
+    path.write_bytes(b"not a key")
+    with pytest.raises(ConfigError, match=r"peers.identity_path: identity file .* not a libp2p"):
+        async with Membership.start(config(identity_path=path)):
+            pass
 
 
 async def test_an_unreachable_bootstrap_is_a_clear_error_naming_the_address() -> None:
