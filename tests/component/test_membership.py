@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from hivemind.utils import get_dht_time
@@ -189,7 +190,7 @@ async def test_records_only_their_owner_can_write() -> None:
             }
 
 
-async def test_the_record_key_is_the_p2p_identity(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_the_record_key_is_the_p2p_identity(tmp_path: Path) -> None:
     path = tmp_path / "id" / "identity.key"
     async with Membership.start(config(identity_path=path)) as first:
         assert peer_id_of(load_identity(path)) == first.dht_peer_id
