@@ -45,6 +45,8 @@ from locoswarm.protocol import PeerClient, PeerServer, ProtocolConfig
 from locoswarm.tasks.task import TaskFactory, node_data_seed
 
 log = logging.getLogger("locoswarm.node")
+IDENTITY_FILE = "identity.key"
+"""The identity key's file name in the checkpoint folder."""
 _UNWIND_S = 5.0
 """Longest wait for a cancelled round to unwind (its worker-thread calls cannot be interrupted)."""
 
@@ -59,6 +61,17 @@ def _read_secret(path: Path | None) -> bytes | None:
     if len(secret) < 16:
         raise ConfigError(f"secret_file {path}: the secret must be at least 16 bytes")
     return secret
+
+
+def identity_path(cfg: NodeConfig) -> Path | None:
+    """Where the node's identity key lives: ``peers.identity_path``, else in the checkpoint folder
+    (a restarted node keeps its peer id, its signed record and the address others join), else
+    nowhere (a key for this run only)."""
+    if cfg.peers.identity_path is not None:
+        return cfg.peers.identity_path
+    if cfg.checkpoint.dir is not None:
+        return cfg.checkpoint.dir / IDENTITY_FILE
+    return None
 
 
 class Daemon:
@@ -106,6 +119,7 @@ class Daemon:
             run_id=cfg.run_id,
             group_size=cfg.sync.group_size,
             pairing=cfg.peers.pairing or default_pairing(cfg.sync.mode, cfg.sync.group_size),
+            identity_path=identity_path(cfg),
         )
         async with contextlib.AsyncExitStack() as stack:
             membership = await stack.enter_async_context(Membership.start(peers_cfg))
@@ -148,7 +162,9 @@ class Daemon:
             address = None
             if not peers_cfg.client_mode:
                 server = await stack.enter_async_context(
-                    PeerServer.start(protocol, handler, bucket=bucket, faults=self.faults)
+                    PeerServer.start(
+                        protocol, handler, bucket=bucket, faults=self.faults, peer_id=self.peer_id
+                    )
                 )
                 address = cfg.announce or f"{_display_host(protocol.host)}:{server.port}"
                 self.info["grpc_port"] = server.port  # the bound port (announce may differ)

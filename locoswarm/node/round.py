@@ -225,6 +225,7 @@ class RoundRunner:
                     self.outer.control(outer_step, "join"),
                     view=self._local_view(outer_step),
                     timeout_s=self.config.sync.match_deadline_s,
+                    target=peer,
                 )
             except PeerError as exc:
                 self._count_refusal(peer, exc)
@@ -261,6 +262,7 @@ class RoundRunner:
                     view=self._local_view(outer_step),
                     timeout_s=self.config.sync.exchange_timeout_s,
                     check=check,
+                    target=peer,
                 )
             except PeerError as exc:
                 log.info("exchange with %s for round %d: %s", peer, outer_step, exc)
@@ -303,6 +305,7 @@ class RoundRunner:
                             outer.control(r, "roster", roster),
                             view=view,
                             timeout_s=sync.match_deadline_s,
+                            target=peer,
                         )
 
             await asyncio.gather(*(send(p) for p in match.partners))
@@ -333,6 +336,7 @@ class RoundRunner:
                 view=view,
                 timeout_s=sync.exchange_timeout_s,
                 check=check,
+                target=peer,
             )
             return got[0]
 

@@ -196,7 +196,7 @@ class SwarmView:
             assert record.address is not None  # filtered above
             view = LocalView(run_id=self.config.run_id, model_fingerprint=outer.fingerprint)
             try:
-                state = await client.fetch_state(record.address, view=view)
+                state = await client.fetch_state(record.address, view=view, target=record.peer_id)
                 await asyncio.to_thread(outer.load_state_payload, state)
             except PeerError as exc:
                 log.warning("could not fetch state from %s: %s", record.peer_id, exc)

@@ -17,7 +17,7 @@ import grpc
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
-from locoswarm.protocol.auth import SERVICE, call_metadata
+from locoswarm.protocol.auth import ANY_TARGET, SERVICE, call_metadata
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
 from locoswarm.protocol.frames import (
     LocalView,
@@ -111,8 +111,8 @@ class PeerClient:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
-    def _metadata(self, method: str) -> tuple[tuple[str, str], ...]:
-        return call_metadata(self.config.auth, SERVICE + method, self.peer_id)
+    def _metadata(self, method: str, target: str) -> tuple[tuple[str, str], ...]:
+        return call_metadata(self.config.auth, SERVICE + method, self.peer_id, target=target)
 
     async def _settle(self, address: str, call: Any, work: Awaitable[T]) -> T:
         """Await ``work`` for ``call``; translate gRPC failures; cancel the call on any error."""
@@ -163,6 +163,7 @@ class PeerClient:
         view: LocalView,
         timeout_s: float | None = None,
         check: Callable[[Received], Awaitable[object]] | None = None,
+        target: str = ANY_TARGET,
     ) -> Received:
         """Swap payloads with the node at ``address``; return its validated payload.
 
@@ -224,7 +225,7 @@ class PeerClient:
             return received
 
         call = self._exchange_method(address)(
-            requests(), timeout=timeout_s, metadata=self._metadata("Exchange")
+            requests(), timeout=timeout_s, metadata=self._metadata("Exchange", target)
         )
         try:
             return await self._settle(address, call, reply(call))
@@ -234,7 +235,12 @@ class PeerClient:
                     future.set_result(False)
 
     async def fetch_state(
-        self, address: str, *, view: LocalView, timeout_s: float | None = None
+        self,
+        address: str,
+        *,
+        view: LocalView,
+        timeout_s: float | None = None,
+        target: str = ANY_TARGET,
     ) -> Received:
         """Stream the state of the node at ``address`` (checked against our run and model)."""
         timeout_s = timeout_s or self.config.call_timeout_s
@@ -242,19 +248,21 @@ class PeerClient:
             protocol_version=PROTOCOL_VERSION, run_id=view.run_id, requester_id=self.peer_id
         )
         call = self._stub(address).FetchState(
-            request, timeout=timeout_s, metadata=self._metadata("FetchState")
+            request, timeout=timeout_s, metadata=self._metadata("FetchState", target)
         )
         work = self._read_reply(
             aiter(call), address, view, self.config.limits.max_state_bytes, timeout_s
         )
         return await self._settle(address, call, work)
 
-    async def status(self, address: str, *, timeout_s: float | None = None) -> StatusInfo:
+    async def status(
+        self, address: str, *, timeout_s: float | None = None, target: str = ANY_TARGET
+    ) -> StatusInfo:
         """Ask the node at ``address`` what it is doing."""
         call = self._stub(address).Status(
             pb.StatusRequest(),
             timeout=timeout_s or self.config.status_timeout_s,
-            metadata=self._metadata("Status"),
+            metadata=self._metadata("Status", target),
         )
         reply: pb.StatusReply = await self._settle(address, call, call)
         fields = {f: getattr(reply, f) for f in StatusInfo.__dataclass_fields__}

@@ -317,15 +317,19 @@ class PeerServer:
         *,
         bucket: TokenBucket | None = None,
         faults: FaultPlan = NO_FAULTS,
+        peer_id: str | None = None,
     ) -> AsyncIterator[PeerServer]:
         """Bind, serve, and on exit stop within ``config.shutdown_grace_s``.
 
         ``bucket`` caps what this node sends; give the server and the client the same one
-        (``config.make_bucket()``) so the cap holds for the node as a whole.
+        (``config.make_bucket()``) so the cap holds for the node as a whole. With ``peer_id``
+        (a node's), a token must be aimed at that id (``auth.TokenVerifier``).
         """
         interceptors = []
         if config.auth.secret is not None:
-            interceptors.append(AuthInterceptor(config.auth, on_reject=handler.on_reject))
+            interceptors.append(
+                AuthInterceptor(config.auth, on_reject=handler.on_reject, own_id=peer_id)
+            )
         server = grpc.aio.server(
             interceptors=interceptors,
             options=config.server_options(),

@@ -131,10 +131,10 @@ def loopback(config: ProtocolConfig | None = None, **kw: Any) -> ProtocolConfig:
 
 @contextlib.asynccontextmanager
 async def serving(
-    config: ProtocolConfig, handler: RecordingHandler | None = None
+    config: ProtocolConfig, handler: RecordingHandler | None = None, peer_id: str | None = None
 ) -> AsyncIterator[tuple[str, RecordingHandler]]:
     handler = handler or RecordingHandler()
-    async with PeerServer.start(config, handler) as server:
+    async with PeerServer.start(config, handler, peer_id=peer_id) as server:
         yield f"127.0.0.1:{server.port}", handler
 
 

@@ -95,6 +95,42 @@ async def test_replayed_and_expired_tokens_are_refused(authed: ProtocolConfig) -
         assert handler.rejects == ["unauthenticated"] * 4
 
 
+async def test_a_token_aimed_at_another_node_is_refused(authed: ProtocolConfig) -> None:
+    """Two nodes share the secret; a call (or a token seen on its way) aimed at one is refused
+    by the other, and a token without a target is taken for the read-only Status only."""
+    async with (
+        serving(authed, peer_id="node-a") as (a, handler_a),
+        serving(authed, peer_id="node-b") as (b, handler_b),
+        dialling(authed) as client,
+    ):
+        payload = os.urandom(1000)
+        got = await client.exchange(
+            a, Outgoing(make_header(len(payload)), payload), view=VIEW, target="node-a"
+        )
+        assert got.payload == REPLY(len(payload))
+        state_view = LocalView(run_id=RUN, model_fingerprint=FINGERPRINT)
+        for call in (
+            client.exchange(b, Outgoing(make_header(4), b"abcd"), view=VIEW, target="node-a"),
+            client.exchange(b, Outgoing(make_header(4), b"abcd"), view=VIEW),
+            client.fetch_state(b, view=state_view, target="node-a"),
+            client.fetch_state(b, view=state_view),
+            client.status(b, target="node-a"),
+        ):
+            with pytest.raises(AuthFailed) as info:
+                await call
+            assert info.value.reason == "unauthenticated"
+        assert handler_b.exchanges == []
+        assert handler_b.bytes == {"sent": 0, "received": 0}
+        assert handler_b.rejects == ["unauthenticated"] * 5
+        # A token seen on its way to node-a, replayed to node-b before node-a used it.
+        token = call_metadata(authed.auth, "/locoswarm.v1.Peer/Status", "c", target="node-a")
+        assert (await _raw_status(b, token))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert await _raw_status(a, token) == (grpc.StatusCode.OK, "")
+        assert (await client.status(b)).peer_id == "server"  # Status: any target
+        assert (await client.status(b, target="node-b")).peer_id == "server"
+        assert len(handler_a.exchanges) == 1
+
+
 async def test_health_answers_serving_to_a_stock_client_without_a_token(
     authed: ProtocolConfig,
 ) -> None:

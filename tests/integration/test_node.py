@@ -58,6 +58,9 @@ def test_sigterm_then_restart_resumes_with_identical_weights(nodes: Nodes, tmp_p
     again = nodes.start("--checkpoint-dir", str(ckpt), name="restarted")
     again.wait_for(r"resumed from")
     assert _digest(again.text(), "resumed") == saved
+    # The identity key lives in the checkpoint folder: the restart keeps its peer id.
+    assert (ckpt / "identity.key").exists()
+    assert again.info()["peer_id"] == node.info()["peer_id"]
     again.wait_for(rf"round {saved[0]}: ")  # it goes on from the saved round
     assert again.stop() == 0
 
@@ -92,6 +95,7 @@ def test_a_node_restarted_far_behind_the_swarm_fetches_its_state(
     first.wait_for(rf"round {stopped_at + 6}: ")  # the swarm moves past the lag window (2)
     again = nodes.start("--join", join, "--checkpoint-dir", str(ckpt), name="restarted")
     again.wait_for(r"resumed from")
+    assert again.info()["peer_id"] == second.info()["peer_id"]
     again.wait_for(r"fetching the swarm's current state instead")
     fetched = again.wait_for(r"late join: fetched the outer weights of round (\d+)")
     assert int(fetched.group(1)) > stopped_at + 2

@@ -36,6 +36,8 @@ def test_a_fresh_token_verifies_once() -> None:
         (lambda md: md.update({"locoswarm-ts": "nan"}), "outside"),
         (lambda md: md.update({"locoswarm-ts": "1100.000"}), "outside"),
         (lambda md: md.update({"locoswarm-peer": "peer-b"}), "bad token"),
+        (lambda md: md.update({"locoswarm-target": "peer-c"}), "bad token"),
+        (lambda md: md.pop("locoswarm-target"), "missing"),
         (lambda md: md.update({"locoswarm-nonce": "0" * 32}), "bad token"),
         (lambda md: md.update({"locoswarm-nonce": "00"}), "malformed token"),
     ],
@@ -45,6 +47,25 @@ def test_bad_tokens(edit, message: str) -> None:
     edit(md)
     with pytest.raises(ValueError, match=message):
         TokenVerifier(CONFIG).verify(METHOD, md, now=1000.0)
+
+
+def test_a_token_must_name_the_verifying_peer() -> None:
+    verifier = TokenVerifier(CONFIG, own_id="node-b")
+    aimed = dict(call_metadata(CONFIG, METHOD, "a", target="node-a", now=1000.0))
+    with pytest.raises(ValueError, match="token for another peer"):
+        verifier.verify(METHOD, aimed, now=1000.0)
+    anyone = dict(call_metadata(CONFIG, METHOD, "a", now=1000.0))
+    with pytest.raises(ValueError, match="names no target"):
+        verifier.verify(METHOD, anyone, now=1000.0)
+    status = "/locoswarm.v1.Peer/Status"
+    assert (
+        verifier.verify(status, dict(call_metadata(CONFIG, status, "a", now=1000.0)), now=1000.0)
+        == "a"
+    )
+    ours = dict(call_metadata(CONFIG, METHOD, "a", target="node-b", now=1000.0))
+    assert verifier.verify(METHOD, ours, now=1000.0) == "a"
+    # Without an id of its own (a bare server), the target is signed but not checked.
+    assert TokenVerifier(CONFIG).verify(METHOD, aimed, now=1000.0) == "a"
 
 
 def test_nonces_are_forgotten_after_the_window_and_bounded() -> None:
