@@ -1,10 +1,12 @@
 """Peers benchmark: N nodes on 127.0.0.1 find each other in the hivemind DHT, then pair up.
 
-Usage: python -m bench.peers [--nodes 8] [--rounds 5] [--deadline-s 5.0] --json out/peers.json
-       [--png out/peers.png]
+Usage: python -m bench.peers [--nodes 4 8 16 32] [--rounds 5] [--deadline-s 5.0]
+       --json out/peers.json [--png out/peers.png]
 
-Every node is made of the project's real parts, all in one process and one uvloop event loop (the
-DHTs run in their own forked processes, each with its ``p2pd``):
+Each size given to ``--nodes`` is a fresh swarm, run one after the other (the previous one is shut
+down first), so one run shows how the per-node DHT cost grows with the swarm. Every node is made of
+the project's real parts, all in one process and one uvloop event loop (the DHTs run in their own
+forked processes, each with its ``p2pd``):
 
 - a ``Membership`` (hivemind DHT on ``/ip4/127.0.0.1/tcp/0``): the first node starts a new swarm,
   the others join through the first node's visible multiaddrs, one after the other;
@@ -15,22 +17,32 @@ DHTs run in their own forked processes, each with its ``p2pd``):
 
 All DHTs are started before any gRPC object exists (the DHT forks).
 
-Measured:
+Measured, per size:
 
 - ``join_s``: from starting the first DHT to all N Memberships started (``join_per_node_s``: when
   each one was up, from the same start);
 - ``discover_s``: from all N records announced (``announce`` returned on every node) until every
   node's ``list_peers()`` holds all N records, polled every ``POLL_S``;
 - per round (outer step 0..R-1): every node re-announces its record at the new step and reads its
-  view with ``list_peers()`` (untimed), then all N ``match`` calls start at once; ``pair_s`` runs
-  from that start until all N have returned. A dialler returns once its exchange is complete, a
-  responder once it accepted a proposal. Each round counts pairs (diallers with an accepted
-  session), responders and solo steps, and checks that nobody is double-booked: every dialler's
-  partner is a responder naming it and vice versa, and no node takes part in more than one
-  completed exchange (as dialler or, by its handler's record, as responder).
+  view with ``list_peers()`` (the round's DHT phase: ``records_read`` is each view's size, and
+  ``dht_bytes`` what each node's ``p2pd`` sent and received over TCP meanwhile), then all N
+  ``match`` calls start at once; ``pair_s`` runs from that start until all N have returned. A
+  dialler returns once its exchange is complete, a responder once it accepted a proposal. Each
+  round counts pairs (diallers with an accepted session), responders and solo steps, and checks
+  that nobody is double-booked: every dialler's partner is a responder naming it and vice versa,
+  and no node takes part in more than one completed exchange (as dialler or, by its handler's
+  record, as responder).
 
-Writes JSON (header, setup times, per-round results, medians) and a PNG; prints a summary to
-stderr. Every DHT process and ``p2pd`` is shut down at the end, also on errors.
+DHT bytes are the kernel's per-connection TCP counters (``bytes_sent``, ``bytes_received`` from
+``ss -tinp``) of the sockets each node's ``p2pd`` holds, read before and after the phase: the
+libp2p wire bytes (noise encryption and yamux framing included, TCP/IP headers not). The gRPC
+exchanges run in this process, not in ``p2pd``, so they are not counted. A connection opened and
+closed within the phase would be missed; libp2p keeps its connections open, so few are. Without
+``ss`` the byte figures are None.
+
+Writes JSON (header, one entry per size with its setup times, per-round results and medians, and
+the growth of the per-node figures with N) and a PNG; prints a summary to stderr. Every DHT process
+and ``p2pd`` is shut down at the end of each size, also on errors.
 """
 
 from __future__ import annotations
@@ -40,9 +52,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -53,6 +69,7 @@ from typing import Any
 
 from bench.common import version as _version
 from locoswarm.errors import PeerError, PeerUnavailable
+from locoswarm.node import processes as procs
 from locoswarm.peers import Match, Matchmaker, PeerRecord, PeersConfig
 from locoswarm.peers.membership import Membership
 from locoswarm.protocol import (
@@ -80,7 +97,7 @@ POLL_S = 0.1
 DISCOVER_TIMEOUT_S = 60.0
 BOOTSTRAP_TIMEOUT_S = 15.0
 SHUTDOWN_GRACE_S = 1.0
-DEFAULT_NODES = 8
+DEFAULT_NODES = (8,)
 DEFAULT_ROUNDS = 5
 DEFAULT_DEADLINE_S = 5.0
 
@@ -91,6 +108,69 @@ def _describe(exc: BaseException) -> str:
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+# -- DHT traffic: the kernel's TCP counters of each p2pd's connections -------------------------
+
+_SS_PID = re.compile(r"pid=(\d+)")
+_SS_SENT = re.compile(r"\bbytes_sent:(\d+)")
+_SS_RECEIVED = re.compile(r"\bbytes_received:(\d+)")
+SS_TIMEOUT_S = 10.0
+
+Sockets = dict[tuple[str, str], tuple[int, int, int]]
+"""(local address, peer address) -> (pid, bytes sent, bytes received) of one TCP connection."""
+
+
+def parse_ss(text: str, pids: set[int]) -> Sockets:
+    """The connections of processes ``pids`` in ``ss -tinpH`` output (a socket's line, then its
+    indented line of TCP info)."""
+    found: Sockets = {}
+    key: tuple[str, str] | None = None
+    pid = 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            fields = line.split()
+            owner = _SS_PID.search(line)
+            key, pid = None, 0
+            if owner and int(owner[1]) in pids and len(fields) >= 4:
+                key, pid = (fields[2], fields[3]), int(owner[1])
+            continue
+        if key is not None:
+            sent, received = _SS_SENT.search(line), _SS_RECEIVED.search(line)
+            found[key] = (pid, int(sent[1]) if sent else 0, int(received[1]) if received else 0)
+            key = None
+    return found
+
+
+async def tcp_sockets(pids: set[int]) -> Sockets | None:
+    """The TCP connections ``pids`` hold now, or None where ``ss`` is missing."""
+    if shutil.which("ss") is None:
+        return None
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["ss", "-tinpH", "state", "established"],
+        capture_output=True,
+        text=True,
+        timeout=SS_TIMEOUT_S,
+        check=False,
+    )
+    return parse_ss(done.stdout, pids) if done.returncode == 0 else None
+
+
+def traffic(before: Sockets | None, after: Sockets | None) -> dict[int, dict[str, int]] | None:
+    """Bytes each pid sent and received between two readings (a connection new since ``before``
+    counts whole; one closed in between is lost)."""
+    if before is None or after is None:
+        return None
+    out: dict[int, dict[str, int]] = {}
+    for key, (pid, sent, received) in after.items():
+        _pid, sent0, received0 = before.get(key, (pid, 0, 0))
+        counts = out.setdefault(pid, {"sent": 0, "received": 0})
+        counts["sent"] += max(0, sent - sent0)
+        counts["received"] += max(0, received - received0)
+    return out
 
 
 def make_header(sender: str, outer_step: int) -> Header:
@@ -179,6 +259,8 @@ class Node:
     handler: BenchHandler
     address: str = ""
     client: PeerClient | None = None
+    p2pd: int = 0
+    """Pid of its DHT's p2pd (0: not found), whose TCP connections carry its DHT traffic."""
     dial_errors: list[tuple[int, str, str]] = field(default_factory=list)
     """(outer step, peer, error) of every proposal of ours that failed."""
 
@@ -250,11 +332,22 @@ def check_round(nodes: list[Node], step: int, matches: dict[str, Match[Received]
     return problems
 
 
+def per_node_bytes(
+    nodes: list[Node], counts: dict[int, dict[str, int]] | None
+) -> dict[str, dict[str, int]] | None:
+    if counts is None:
+        return None
+    return {n.peer_id: counts.get(n.p2pd, {"sent": 0, "received": 0}) for n in nodes}
+
+
 async def run_round(nodes: list[Node], step: int, deadline_s: float) -> dict[str, Any]:
+    p2pds = {n.p2pd for n in nodes}
+    before = await tcp_sockets(p2pds)
     t_announce = time.perf_counter()
     await asyncio.gather(*(n.membership.announce(n.record(step)) for n in nodes))
     views = await asyncio.gather(*(n.membership.list_peers() for n in nodes))
     announce_s = time.perf_counter() - t_announce
+    after_dht = await tcp_sockets(p2pds)
 
     start = time.perf_counter()
     async with asyncio.timeout(3 * deadline_s + 30.0):
@@ -262,6 +355,7 @@ async def run_round(nodes: list[Node], step: int, deadline_s: float) -> dict[str
             *(n.match(step, view, deadline_s) for n, view in zip(nodes, views, strict=True))
         )
     pair_s = time.perf_counter() - start
+    background = traffic(after_dht, await tcp_sockets(p2pds))
 
     matches = {n.peer_id: m for n, (m, _t) in zip(nodes, done, strict=True)}
     problems = check_round(nodes, step, matches)
@@ -272,6 +366,11 @@ async def run_round(nodes: list[Node], step: int, deadline_s: float) -> dict[str
         "per_node_s": {n.peer_id: t - start for n, (_m, t) in zip(nodes, done, strict=True)},
         "announce_and_view_s": announce_s,
         "view_sizes": {n.peer_id: len(v) for n, v in zip(nodes, views, strict=True)},
+        "records_read": sum(len(v) for v in views),
+        "dht_bytes": per_node_bytes(nodes, traffic(before, after_dht)),
+        "background_dht_bytes": None
+        if background is None
+        else sum(c["sent"] for c in background.values()),
         "pairs": roles["dialler"],
         "responders": roles["responder"],
         "solos": roles["solo"],
@@ -359,6 +458,8 @@ async def run(num_nodes: int, rounds: int, deadline_s: float, out: dict[str, Any
         out["join_s"] = join_at[-1]
         out["join_per_node_s"] = join_at
         out["dht_pids"] = [m.dht.pid for m in memberships]
+        p2pds = [sorted(procs.named("p2pd", below=m.dht.pid)) for m in memberships]
+        out["p2pd_pids"] = [found[0] if found else 0 for found in p2pds]
         print(f"  {num_nodes} DHTs up in {out['join_s']:.2f}s", file=sys.stderr, flush=True)
 
         # 2. Then the gRPC servers and clients.
@@ -368,7 +469,7 @@ async def run(num_nodes: int, rounds: int, deadline_s: float, out: dict[str, Any
             peer_id = membership.dht_peer_id  # a record names its signer's peer id
             matchmaker: Matchmaker[Received] = Matchmaker(membership.config, peer_id)
             handler = BenchHandler(peer_id, matchmaker, wait_s)
-            node = Node(i, peer_id, membership, matchmaker, handler)
+            node = Node(i, peer_id, membership, matchmaker, handler, p2pd=out["p2pd_pids"][i])
             server = await stack.enter_async_context(PeerServer.start(protocol, handler))
             node.address = f"{HOST}:{server.port}"
             node.client = PeerClient(protocol, peer_id=peer_id, on_transfer=handler.on_transfer)
@@ -386,7 +487,8 @@ async def run(num_nodes: int, rounds: int, deadline_s: float, out: dict[str, Any
             out["rounds"].append(result)
             print(
                 f"  round {step}: {result['pair_s']:.3f}s, {result['pairs']} pairs, "
-                f"{result['solos']} solo, double-booking "
+                f"{result['solos']} solo, {result['records_read']} records read, "
+                f"{_fmt(_mean_traffic(result), '.0f')} DHT bytes per node, double-booking "
                 f"{'none' if result['no_double_booking'] else result['problems']}",
                 file=sys.stderr,
                 flush=True,
@@ -397,9 +499,31 @@ async def run(num_nodes: int, rounds: int, deadline_s: float, out: dict[str, Any
     out["cleanup_s"] = time.perf_counter() - cleanup
 
 
+def _node_traffic(result: dict[str, Any]) -> list[int] | None:
+    """Each node's DHT bytes (sent plus received) in one round's DHT phase."""
+    counts = result.get("dht_bytes")
+    if counts is None:
+        return None
+    return [c["sent"] + c["received"] for c in counts.values()]
+
+
+def _mean_traffic(result: dict[str, Any]) -> float | None:
+    per_node = _node_traffic(result)
+    return statistics.fmean(per_node) if per_node else None
+
+
 def summarise(out: dict[str, Any]) -> dict[str, Any]:
+    """One size's medians over its rounds."""
     rounds = out["rounds"]
     pair = [r["pair_s"] for r in rounds]
+    nodes = out["nodes"]
+    traffic_per_round = [t for r in rounds if (t := _node_traffic(r))]
+    received = [
+        statistics.fmean(c["received"] for c in r["dht_bytes"].values())
+        for r in rounds
+        if r.get("dht_bytes")
+    ]
+    read = [r["records_read"] / nodes for r in rounds]
     return {
         "pair_s": {"median": _median(pair), "all": pair},
         "pairs": {
@@ -411,72 +535,111 @@ def summarise(out: dict[str, Any]) -> dict[str, Any]:
             "all": [r["solos"] for r in rounds],
         },
         "no_double_booking": bool(rounds) and all(r["no_double_booking"] for r in rounds),
+        "records_read_per_node_round": _median(read),
+        "records_read_per_round": _median([r["records_read"] for r in rounds]),
+        "dht_bytes_per_node_round": {
+            "mean": _median([statistics.fmean(t) for t in traffic_per_round]),
+            "median": _median([statistics.median(t) for t in traffic_per_round]),
+            "max": _median([max(t) for t in traffic_per_round]),
+            "all_means": [statistics.fmean(t) for t in traffic_per_round],
+        },
+        "dht_bytes_received_per_record_read": _median(
+            [got / per_node for got, per_node in zip(received, read, strict=False) if per_node]
+        ),
+    }
+
+
+def fit_growth(sizes: list[int], values: list[float | None]) -> dict[str, Any]:
+    """``value ~ c * N^exponent`` (least squares on logs) and ``value ~ a + b * N`` over the sizes
+    that have a positive value."""
+    points = [(n, v) for n, v in zip(sizes, values, strict=True) if v is not None and v > 0]
+    fit: dict[str, Any] = {"nodes": [n for n, _ in points], "values": [v for _, v in points]}
+    if len({n for n, _ in points}) < 2:
+        return fit | {"exponent": None, "per_extra_node": None, "intercept": None}
+    xs = [float(n) for n, _ in points]
+    ys = [v for _, v in points]
+    slope, intercept = statistics.linear_regression(xs, ys)
+    log_slope, _ = statistics.linear_regression(
+        [math.log(x) for x in xs], [math.log(y) for y in ys]
+    )
+    return fit | {"exponent": log_slope, "per_extra_node": slope, "intercept": intercept}
+
+
+def growth(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the per-node figures grow with the swarm size N, over the sizes measured."""
+    sizes = [r["nodes"] for r in runs]
+    bytes_per_node = [r.get("dht_bytes_per_node_round") or {} for r in runs]
+    return {
+        "records_read_per_node_round": fit_growth(
+            sizes, [r.get("records_read_per_node_round") for r in runs]
+        ),
+        "records_read_per_round": fit_growth(
+            sizes, [r.get("records_read_per_round") for r in runs]
+        ),
+        "dht_bytes_per_node_round_mean": fit_growth(sizes, [b.get("mean") for b in bytes_per_node]),
+        "dht_bytes_per_node_round_max": fit_growth(sizes, [b.get("max") for b in bytes_per_node]),
+        "join_s": fit_growth(sizes, [r.get("join_s") for r in runs]),
+        "discover_s": fit_growth(sizes, [r.get("discover_s") for r in runs]),
     }
 
 
 def plot(out: dict[str, Any], path: Path) -> None:
-    """Left: when each node's DHT was up and when it saw every record. Right: pair_s per round."""
+    """Setup times, records read, DHT bytes per node and round, and pairing time, against N."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    joined = out.get("join_per_node_s") or []
-    seen = list((out.get("discover_per_node_s") or {}).values())
-    xs = range(len(joined))
-    width = 0.4
-    left.bar(
-        [x - width / 2 for x in xs],
-        joined,
-        width,
-        color="tab:blue",
-        label="DHT up (from first start)",
-    )
-    if seen:
-        left.bar(
-            [x + width / 2 for x in range(len(seen))],
-            seen,
-            width,
-            color="tab:orange",
-            label="saw all records (from all announced)",
-        )
-    left.set_xticks(list(xs), [f"node {i}" for i in xs], rotation=30, ha="right")
-    left.set(
-        ylabel="seconds",
-        title=f"join {_fmt(out.get('join_s'))} s, discover {_fmt(out.get('discover_s'))} s",
-    )
-    left.legend(fontsize=8)
-    left.grid(alpha=0.3, axis="y")
-
     header = out["header"]
-    rounds = out.get("rounds") or []
-    pair = [r["pair_s"] for r in rounds]
-    colors = ["tab:green" if r["no_double_booking"] else "tab:red" for r in rounds]
-    right.bar([r["outer_step"] for r in rounds], pair, color=colors)
-    for r in rounds:
-        right.text(
-            r["outer_step"],
-            r["pair_s"],
-            f"{r['pairs']} pairs\n{r['solos']} solo",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    med = _median(pair)
-    if med is not None:
-        right.axhline(med, color="k", linestyle="--", label=f"median {med:.3f} s")
-        right.legend(fontsize=8)
-    right.set(
-        xlabel="round (outer step)",
-        ylabel="seconds until all match() returned",
-        title=f"pairing of {header['nodes']} nodes (deadline {header['deadline_s']} s)",
+    runs = [r for r in out.get("runs") or [] if r.get("rounds")]
+    sizes = [r["nodes"] for r in runs]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    (setup, records), (volume, pairing) = axes
+
+    setup.plot(sizes, [r.get("join_s") for r in runs], "o-", label="join: all DHTs up")
+    setup.plot(sizes, [r.get("discover_s") for r in runs], "s-", label="discover: all records seen")
+    setup.set(xlabel="nodes N", ylabel="seconds", title="join (one after the other) and discovery")
+
+    fits = out.get("growth") or {}
+    per_node = [r.get("records_read_per_node_round") for r in runs]
+    per_round = [r.get("records_read_per_round") for r in runs]
+    records.loglog(sizes, per_node, "o-", base=2, label="per node and round")
+    records.loglog(sizes, per_round, "s-", base=2, label="whole swarm per round")
+    records.set(xlabel="nodes N", ylabel="records read", title="records read (list_peers views)")
+
+    lines = {"mean": "o-", "median": "^-", "max": "s--"}
+    for stat, style in lines.items():
+        values = [(r.get("dht_bytes_per_node_round") or {}).get(stat) for r in runs]
+        if any(v is not None for v in values):
+            volume.loglog(sizes, values, style, base=2, label=f"{stat} over nodes")
+    for key, ax in (("dht_bytes_per_node_round_mean", volume),):
+        exponent = (fits.get(key) or {}).get("exponent")
+        if exponent is not None:
+            ax.set_title(f"DHT bytes per node and round (announce + read): mean ~ N^{exponent:.2f}")
+        else:
+            ax.set_title("DHT bytes per node and round (announce + read)")
+    volume.set(xlabel="nodes N", ylabel="bytes (p2pd TCP, sent + received)")
+
+    medians = [(r.get("pair_s") or {}).get("median") for r in runs]
+    colors = ["tab:green" if r.get("no_double_booking") else "tab:red" for r in runs]
+    xs = range(len(runs))
+    pairing.bar(list(xs), [m or 0.0 for m in medians], color=colors)
+    for x, r, med in zip(xs, runs, medians, strict=True):
+        pairs = (r.get("pairs") or {}).get("all")
+        solos = (r.get("solos") or {}).get("all")
+        pairing.text(x, med or 0.0, f"pairs {pairs}\nsolo {solos}", ha="center", fontsize=7)
+    pairing.set_xticks(list(xs), [f"N={n}" for n in sizes])
+    pairing.set(
+        ylabel="median s until all match() returned",
+        title=f"pairing (deadline {header['deadline_s']} s; green: no double booking)",
     )
-    right.set_ylim(0, 1.25 * max([*pair, 1e-3]))
-    right.grid(alpha=0.3, axis="y")
+    for ax in (setup, records, volume, pairing):
+        ax.grid(alpha=0.3)
+        if ax is not pairing:
+            ax.legend(fontsize=8)
     fig.suptitle(
-        f"locoswarm peers on {HOST}: hivemind DHT membership + Matchmaker over gRPC Exchange "
-        f"({header['cpu_count']} CPUs)",
+        f"locoswarm peers on {HOST}: hivemind DHT membership + Matchmaker over gRPC Exchange, "
+        f"{header['rounds']} rounds per size ({header['cpu_count']} CPUs)",
         fontsize=10,
     )
     fig.tight_layout()
@@ -492,7 +655,13 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark. Returns the exit status."""
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--nodes", type=int, default=DEFAULT_NODES, help="nodes in the swarm (>= 2)")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_NODES),
+        help="swarm sizes (each >= 2), each a fresh swarm, run one after the other",
+    )
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="matchmaking rounds")
     p.add_argument(
         "--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="match() deadline per round"
@@ -500,8 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", required=True, help="where to write the JSON results")
     p.add_argument("--png", default=None, help="plot path (default: the JSON path with .png)")
     a = p.parse_args(argv)
-    if a.nodes < 2:
-        p.error("--nodes must be >= 2")
+    sizes: list[int] = a.nodes
+    if min(sizes) < 2 or len(set(sizes)) != len(sizes):
+        p.error("--nodes must be distinct sizes, each >= 2")
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
     if a.deadline_s <= 0:
@@ -510,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     print(
-        f"peers benchmark: {a.nodes} nodes, {a.rounds} rounds, deadline {a.deadline_s}s, "
+        f"peers benchmark: {sizes} nodes, {a.rounds} rounds, deadline {a.deadline_s}s, "
         f"load {os.getloadavg()[0]:.2f}",
         file=sys.stderr,
         flush=True,
@@ -519,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     out: dict[str, Any] = {
         "header": {
-            "nodes": a.nodes,
+            "sizes": sizes,
             "rounds": a.rounds,
             "deadline_s": a.deadline_s,
             "payload_bytes": PAYLOAD_BYTES,
@@ -538,6 +708,13 @@ def main(argv: list[str] | None = None) -> int:
                 "list_peers() view, records re-announced at the round's outer step first) to all "
                 "of them returned; a dialler returns after its gRPC Exchange completed; round 0 "
                 "also opens the gRPC channels",
+                "records_read": "records in the views of one round's list_peers() calls, summed "
+                "over the nodes (per node: the view's size)",
+                "dht_bytes": "per node: bytes its p2pd sent and received over TCP (kernel "
+                "counters of its connections, ss -tinp) from before the round's announce() to "
+                "after every node's list_peers() returned",
+                "background_dht_bytes": "bytes all p2pds sent while the nodes matched (no DHT "
+                "call of ours in flight)",
             },
             "process_layout": "all nodes in one process and one uvloop loop; each hivemind DHT "
             "in its own forked process with its p2pd",
@@ -553,17 +730,24 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "loadavg_before": list(load_before),
         },
-        "rounds": [],
+        "runs": [],
         "error": None,
     }
     status = 0
-    try:
-        uvloop.run(run(a.nodes, a.rounds, a.deadline_s, out))
-    except Exception as exc:  # noqa: BLE001 - recorded in the JSON, reported as the exit status
-        out["error"] = _describe(exc)
-        traceback.print_exc()
-        status = 1
-    out.update(summarise(out))
+    for num_nodes in sizes:
+        print(f" {num_nodes} nodes:", file=sys.stderr, flush=True)
+        one: dict[str, Any] = {"nodes": num_nodes, "rounds": [], "error": None}
+        out["runs"].append(one)
+        try:
+            uvloop.run(run(num_nodes, a.rounds, a.deadline_s, one))
+        except Exception as exc:  # noqa: BLE001 - recorded in the JSON, reported as the exit status
+            one["error"] = out["error"] = _describe(exc)
+            traceback.print_exc()
+            status = 1
+        one.update(summarise(one))
+        if status:
+            break  # a larger swarm would fail the same way
+    out["growth"] = growth(out["runs"])
     out["header"]["loadavg_after"] = list(os.getloadavg())
     out["wall_s"] = time.perf_counter() - started
     json_path = Path(a.json)
@@ -571,12 +755,23 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(out, indent=1, default=str))
     png = Path(a.png) if a.png else json_path.with_suffix(".png")
     plot(out, png)
+    for one in out["runs"]:
+        volume = one["dht_bytes_per_node_round"]
+        print(
+            f"N={one['nodes']}: join {_fmt(one.get('join_s'))}s, discover "
+            f"{_fmt(one.get('discover_s'))}s, records read per node and round "
+            f"{_fmt(one['records_read_per_node_round'], '.0f')}, DHT bytes per node and round "
+            f"mean {_fmt(volume['mean'], '.0f')} max {_fmt(volume['max'], '.0f')}, pair median "
+            f"{_fmt(one['pair_s']['median'], '.3f')}s, pairs {one['pairs']['all']}, solos "
+            f"{one['solos']['all']}, no double-booking: {one['no_double_booking']}",
+            file=sys.stderr,
+        )
+    fits = out["growth"]
     print(
-        f"join {_fmt(out.get('join_s'))}s, discover {_fmt(out.get('discover_s'))}s, "
-        f"pair median {_fmt(out['pair_s']['median'], '.3f')}s "
-        f"(all {', '.join(f'{t:.3f}' for t in out['pair_s']['all'])}), pairs "
-        f"{out['pairs']['all']}, solos {out['solos']['all']}, no double-booking: "
-        f"{out['no_double_booking']}",
+        "growth with N: records read per node ~ N^"
+        f"{_fmt(fits['records_read_per_node_round']['exponent'])}, DHT bytes per node mean ~ N^"
+        f"{_fmt(fits['dht_bytes_per_node_round_mean']['exponent'])} (max ~ N^"
+        f"{_fmt(fits['dht_bytes_per_node_round_max']['exponent'])})",
         file=sys.stderr,
     )
     print(f"wrote {json_path} and {png} in {out['wall_s']:.1f}s", file=sys.stderr)
