@@ -16,7 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Action = Literal["drop", "delay", "corrupt", "truncate", "stall", "kill", "nan", "raise"]
+Action = Literal[
+    "drop",
+    "delay",
+    "corrupt",
+    "truncate",
+    "stall",
+    "kill",
+    "nan",
+    "raise",
+    "scale",
+    "invert",
+    "noise",
+]
 ACTIONS: tuple[str, ...] = (
     "drop",
     "delay",
@@ -26,11 +38,15 @@ ACTIONS: tuple[str, ...] = (
     "kill",
     "nan",
     "raise",
+    "scale",
+    "invert",
+    "noise",
 )
 PHASES: tuple[str, ...] = (
     "send_chunk",  # protocol: before a payload chunk goes out (drop, delay, corrupt, truncate,
     #               stall, kill)
-    "prepare",  # node: our outgoing message for a round (nan)
+    "prepare",  # node: our outgoing message for a round (nan; scale, invert, noise: the weights
+    #             we send are poisoned, our own state stays honest: a bad peer)
     "round",  # node: at a round boundary, before matchmaking (delay, stall, kill)
     "exchange",  # node: inside a round's exchange (raise: an unexpected error of our own)
     "apply",  # node: before the round's outer state is computed (raise)
@@ -54,6 +70,8 @@ class Fault:
     """How often it fires; -1 forever."""
     seconds: float = 0.0
     """delay and stall: how long."""
+    factor: float = 10.0
+    """scale: the factor; noise: the noise's RMS in units of the weights' RMS."""
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

@@ -60,6 +60,17 @@ class SyncConfig:
     """ef siq: each round covers one in ``rotate`` blocks (a ``rotate`` times smaller message)."""
     codec: str = "int4"
     """ef pull: the codec of the step between pulls."""
+    clip: bool = True
+    """Pairs: clip a partner's message toward ours before the mean (self-centred clipping), so
+    one bad partner cannot wreck our weights; clipped partners count toward a ban."""
+    clip_factor: float = 3.0
+    """A partner may lie at most this many times the median of recent partner distances away."""
+    clip_window: int = 16
+    """Recent partner distances the median is taken over."""
+    clip_initial: float = 0.25
+    """The most a partner may lie away (relative distance) until 4 distances are known."""
+    clip_violation: float = 2.0
+    """A partner beyond this many thresholds counts toward a ban (peers.ban_after_violations)."""
 
     gamma: float | None = None
     """noloco pull toward the partner's phi; None means gamma = beta (only theta is sent)."""
@@ -119,6 +130,14 @@ class SyncConfig:
             "block_size": self.block_size,
         }
         changes = {k: v for k, v in changes.items() if v is not None}
+        changes |= {
+            "clip": self.clip,
+            "clip_factor": self.clip_factor,
+            "clip_window": self.clip_window,
+            "clip_warmup": min(4, self.clip_window),
+            "clip_initial": self.clip_initial,
+            "clip_violation": self.clip_violation,
+        }
         if self.mode == "ef":
             changes |= {
                 "error_feedback": self.error_feedback,

@@ -25,6 +25,7 @@ EXCHANGE_RESULTS = ("ok", "solo", "failed", "refused", "error")
 CAUSES = ("secret", "fingerprint", "sync", "version", "run")
 """Misconfigurations a node can diagnose from what its peers publish and how they refuse it."""
 DISTANCE_BUCKETS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+CLIP_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 100.0)
 
 
 class NodeMetrics:
@@ -90,6 +91,25 @@ class NodeMetrics:
             buckets=DISTANCE_BUCKETS,
             registry=r,
         )
+        self.clip_ratio = Histogram(
+            "locoswarm_sync_clip_ratio",
+            "A pair partner's distance from our message over the clipping threshold, per "
+            "tensor (above 1: the partner's contribution was clipped)",
+            buckets=CLIP_BUCKETS,
+            registry=r,
+        )
+        self.clipped = Counter(
+            "locoswarm_sync_clipped",
+            "Partner messages clipped toward ours before the mean (self-centred clipping)",
+            registry=r,
+        )
+        self.banned = Counter(
+            "locoswarm_peers_banned",
+            "Peers banned, by why (clipped: repeated clipped messages)",
+            ["cause"],
+            registry=r,
+        )
+        self.banned.labels(cause="clipped")
         self.misconfigured = Gauge(
             "locoswarm_node_misconfigured",
             "1 while this node diagnoses a misconfiguration of its own, by cause",

@@ -22,6 +22,7 @@ from locoswarm.errors import ProtocolViolation
 from locoswarm.node.config import NodeConfig
 from locoswarm.protocol import Header, Outgoing, Received, TensorSpec
 from locoswarm.sync import rounds
+from locoswarm.sync.robust import Clip, Clipper
 from locoswarm.sync.round_config import RoundConfig
 from locoswarm.sync.rounds import Message, OuterState
 
@@ -99,6 +100,8 @@ class OuterStep:
         """Side-information blocks of partners' messages that failed their checksum (so far)."""
         self.heard: dict[str, int] = {}
         """This round: the round label of each sender whose message we decoded (round log)."""
+        self.clipper = Clipper(self.rc)
+        """Clips a pair partner's message toward ours before the mean (``sync/robust.py``)."""
 
     @property
     def snapshot(self) -> tuple[int, OuterState]:
@@ -174,12 +177,21 @@ class OuterStep:
     def prepare(self, outer_step: int, theta: Tensor) -> Prepared:
         """This round's message (CPU work: call it from a worker thread)."""
         message = rounds.prepare(self.rc, self.state, theta, round=outer_step)
-        specs = tuple(_spec(e, e.name) for e in message.parts)
-        payload = tuple(e.payload for e in message.parts)  # sent back to back, never joined
-        outgoing = Outgoing(self.header(outer_step, specs, "outer"), payload)
+        outgoing = self._outgoing(outer_step, message)
         self._current = message
         self.heard = {}
         return Prepared(outer_step, theta, outgoing, message)
+
+    def _outgoing(self, outer_step: int, message: Message) -> Outgoing:
+        specs = tuple(_spec(e, e.name) for e in message.parts)
+        payload = tuple(e.payload for e in message.parts)  # sent back to back, never joined
+        return Outgoing(self.header(outer_step, specs, "outer"), payload)
+
+    def poisoned(self, prepared: Prepared, theta: Tensor) -> None:
+        """Test seam (a bad peer): send the message of ``theta`` instead of ours; our own round
+        goes on with our honest message."""
+        message = rounds.prepare(self.rc, self.state, theta, round=prepared.outer_step)
+        prepared.outgoing = self._outgoing(prepared.outer_step, message)
 
     def decode(self, received: Received, names: tuple[str, ...] | None = None) -> list[Tensor]:
         """A partner's message for our open round (``names`` None), or a state message, checked
@@ -212,14 +224,19 @@ class OuterStep:
         self._current = None
         return new.phi
 
-    def apply(self, prepared: Prepared, partner: list[Tensor]) -> tuple[Tensor, float | None]:
-        """Finish the round with one partner's decoded message; returns the new phi and how far
-        apart we were (``rounds.disagreement``)."""
+    def apply(
+        self, prepared: Prepared, partner: list[Tensor]
+    ) -> tuple[Tensor, float | None, list[Clip]]:
+        """Finish the round with one partner's decoded message, clipped toward ours first;
+        returns the new phi, how far apart we were (``rounds.disagreement``, after clipping) and
+        each tensor's clipping."""
         msg = prepared.message
-        theirs = dict(zip(msg.names, partner, strict=True))
+        theirs, clips = self.clipper.clip(
+            msg.own, dict(zip(msg.names, partner, strict=True)), self.state.phi
+        )
         means = rounds.pair_mean_into(msg.own, theirs)  # the decoded message is ours to reuse
         new = rounds.combine(self.rc, self.state, msg, means)
-        return self._commit(prepared, new), rounds.disagreement(msg, means)
+        return self._commit(prepared, new), rounds.disagreement(msg, means), clips
 
     def group_vector(self, prepared: Prepared) -> Tensor:
         """Our entry of a group's mean, flat (every named tensor, in message order)."""
@@ -258,7 +275,8 @@ class OuterStep:
 
     def state_dict(self) -> dict[str, Any]:
         next_round, state = self._snapshot
-        return {"state": state.tensors(), "next_round": next_round}
+        return {"state": state.tensors(), "next_round": next_round, "clip": self.clipper.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.restore(int(state.get("next_round", 0)), OuterState.from_tensors(state["state"]))
+        self.clipper.load(state.get("clip", {}))

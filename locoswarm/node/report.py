@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import shlex
 import time
 from collections.abc import Callable
@@ -108,6 +109,24 @@ class Reporter:
             self.val_loss = b.val_loss
         if outcome.distance is not None:
             self.metrics.distance.observe(outcome.distance)
+        for clip in outcome.clips:
+            if clip.threshold > 0 and not math.isinf(clip.threshold):
+                self.metrics.clip_ratio.observe(clip.distance / clip.threshold)
+        clipped = [c for c in outcome.clips if c.clipped]
+        if clipped:
+            self.metrics.clipped.inc()
+            log.warning(
+                "round %d: %s's message was clipped toward ours (%s)%s%s",
+                outcome.round,
+                outcome.partners[0] if outcome.partners else "?",
+                ", ".join(
+                    f"{c.name} at {c.distance:.2e}, limit {c.threshold:.2e}" for c in clipped
+                ),
+                "; a violation" if any(c.violation for c in clipped) else "",
+                "; the peer is banned" if outcome.banned else "",
+            )
+        if outcome.banned:
+            self.metrics.banned.labels(cause="clipped").inc()
         theta, phi = await asyncio.to_thread(
             lambda: (weights_digest(b.theta), weights_digest(outcome.phi))
         )
@@ -135,6 +154,9 @@ class Reporter:
             "loss": b.loss,
             "val_loss": b.val_loss,
             "distance": outcome.distance,
+            "clipped": [c.name for c in clipped],
+            "blamed": any(c.violation for c in clipped),
+            "banned": outcome.banned,
             "seconds": round(outcome.seconds, 4),
             "theta": theta,
             "phi": phi,

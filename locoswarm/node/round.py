@@ -35,6 +35,7 @@ from locoswarm.peers import Match, Matchmaker, PeerRecord
 from locoswarm.protocol import LocalView, PeerClient, Received
 from locoswarm.protocol.frames import payload_bytes
 from locoswarm.protocol.reasons import REASONS
+from locoswarm.sync.robust import ATTACKS, Clip, poison
 
 log = logging.getLogger("locoswarm.node")
 
@@ -62,6 +63,10 @@ class RoundOutcome:
     distance: float | None = None
     """Relative distance to the partners' outer weights (``rounds.disagreement``); None when
     there was no exchange or its messages carried no weights."""
+    clips: tuple[Clip, ...] = ()
+    """A pair partner's tensors, each with its distance from ours and whether it was clipped."""
+    banned: bool = False
+    """The partner's clipped message got it banned."""
 
 
 @dataclass(slots=True)
@@ -116,7 +121,7 @@ class RoundRunner:
         records = await self.view.refresh()
         r = self.view.catch_up(b.outer_step, self.outer)
         prepared = await asyncio.to_thread(self.outer.prepare, r, b.theta)
-        await self._round_faults(r, prepared)
+        await self._round_faults(r, prepared, b.theta)
         attempt = _Attempt(r, prepared, self.handler.open_round(prepared, group=self.grouped))
         try:
             async with asyncio.timeout(sync.match_deadline_s + sync.exchange_timeout_s):
@@ -166,12 +171,17 @@ class RoundRunner:
         outer, prepared = self.outer, attempt.prepared
         partners: tuple[str, ...] = ()
         distance = None
+        clips: list[Clip] = []
+        banned = False
         if attempt.result == "ok" and attempt.mean is not None:
             partners = attempt.partners
             phi, distance = await asyncio.to_thread(outer.apply_mean, prepared, attempt.mean)
         elif attempt.result == "ok" and attempt.partner is not None:
             partners = attempt.partners
-            phi, distance = await asyncio.to_thread(outer.apply, prepared, attempt.partner)
+            phi, distance, clips = await asyncio.to_thread(outer.apply, prepared, attempt.partner)
+            if any(c.violation for c in clips):  # repeated violations get the peer banned
+                health = self.matchmaker.health
+                banned = health.violated(partners[0], asyncio.get_running_loop().time())
         else:
             phi = await asyncio.to_thread(outer.solo, prepared)
         r = attempt.round
@@ -183,16 +193,23 @@ class RoundRunner:
             partner_rounds=tuple(outer.heard.get(p, r) for p in partners),
             seconds=time.perf_counter() - start,
             distance=distance,
+            clips=tuple(clips),
+            banned=banned,
         )
 
-    async def _round_faults(self, r: int, prepared: Prepared) -> None:
-        """Test seam: stall or kill at a round boundary; poison our message with a NaN."""
+    async def _round_faults(self, r: int, prepared: Prepared, theta: Tensor) -> None:
+        """Test seam: stall or kill at a round boundary; poison our message with a NaN, or send
+        scaled, inverted or noisy weights (a bad peer)."""
         fault = self.faults.fire("round", outer_step=r)
         if fault is not None and fault.action in ("delay", "stall"):
             await asyncio.sleep(fault.seconds)
         elif fault is not None and fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.faults.fire("prepare", outer_step=r) is not None:
+        fault = self.faults.fire("prepare", outer_step=r)
+        if fault is not None and fault.action in ATTACKS:
+            bad = poison(theta, fault.action, fault.factor, seed=r)
+            await asyncio.to_thread(self.outer.poisoned, prepared, bad)
+        elif fault is not None:
             data = payload_bytes(prepared.outgoing.payload)
             if data:
                 prepared.outgoing.payload = struct.pack("<f", float("nan")) + data[4:]

@@ -1,10 +1,10 @@
 """One node's matchmaking over rounds: propose as the dialler, accept at most one proposal.
 
 The transport is injected: ``propose(peer, outer_step)`` returns a session (accepted), None
-(refused: busy, another round; no penalty) or raises a ``PeerError`` (unreachable, timed out,
-misbehaved: the peer backs off, and repeated violations get it banned). In the daemon it opens
-the Exchange call, whose reply frame is the acceptance; in tests it is a call on another
-in-process ``Matchmaker``.
+(refused: busy, a round the peer already finished, another round; no penalty) or raises a
+``PeerError`` (unreachable, timed out, misbehaved: the peer backs off, and repeated violations
+get it banned). In the daemon it opens the Exchange call, whose reply frame is the acceptance;
+in tests it is a call on another in-process ``Matchmaker``.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class Matchmaker(Generic[S]):
         self.clock = clock
         self._step: int | None = None
         self._open = False  # inside match(): proposals may be decided now
+        self._finished: int | None = None  # the last step whose match() returned
+        self._started_at: float | None = None  # when our last round's match() began
+        self._period: float | None = None  # the time between our last two rounds' starts
         self._waiting = 0  # proposals waiting for our next round boundary
         self._matched = False
         self._dialling = False
@@ -75,8 +78,14 @@ class Matchmaker(Generic[S]):
         compatible: Callable[[int], bool] = lambda _ours: True,
     ) -> tuple[bool, str]:
         """Decide on a peer's proposal for ``outer_step``; wait up to ``wait_s`` for our round.
-        ``compatible(our_step)`` says whether the two rounds' messages can be combined."""
+        ``compatible(our_step)`` says whether the two rounds' messages can be combined.
+
+        Between rounds, a proposal for a step we have not reached waits for our next round; one
+        for a step whose matching we finished (or passed) is refused at once when our next round
+        is not expected before ``wait_s`` is over (from the time between our last two rounds),
+        and waits for it otherwise (a short inner phase: our next round may still take it)."""
         deadline = self.clock() + wait_s
+        hopeless = self._next_round_after(deadline)
         while True:
             ok = self.health.available(proposer, self.clock())[0]
             step = self._step if self._open else None
@@ -84,7 +93,12 @@ class Matchmaker(Generic[S]):
                 return False, f"outer step {outer_step} is in another phase than ours ({step})"
             mutual = self._dialling_to == {proposer} and proposer < self.peer_id
             state = ResponderState(
-                step, self._matched, self._dialling, proposer_ok=ok, mutual_and_lower=mutual
+                step,
+                self._matched,
+                self._dialling,
+                proposer_ok=ok,
+                mutual_and_lower=mutual,
+                finished_step=self._finished if hopeless else None,
             )
             accept, reason = decide_proposal(state, outer_step, self.config.lag_window)
             if accept is not None:
@@ -151,6 +165,13 @@ class Matchmaker(Generic[S]):
         assert self._accepted is not None  # set together with _picked
         return Match(outer_step, "responder", (self._accepted,), "accepted a proposal")
 
+    def _next_round_after(self, deadline: float) -> bool:
+        """Whether our next round is expected to begin after ``deadline`` (one round period
+        after the last began); False while no period is known."""
+        if self._period is None or self._started_at is None:
+            return False
+        return self._started_at + self._period > deadline
+
     async def match(
         self,
         me: PeerRecord,
@@ -161,11 +182,18 @@ class Matchmaker(Generic[S]):
     ) -> Match[S]:
         """Find this round's partners within ``deadline_s``, or settle for a solo step."""
         step = me.outer_step
+        now = self.clock()
+        if self._started_at is not None:
+            self._period = now - self._started_at
+        self._started_at = now
         await self._start(step)
         try:
             return await self._match(me, view, propose, deadline_s)
         finally:
+            # Whatever ended the round (a match, a solo step, cancellation), no later round of
+            # ours is for this step: proposals for it are refused from now on, not held.
             self._open = False
+            self._finished = step
 
     async def _match(
         self, me: PeerRecord, view: Sequence[PeerRecord], propose: Propose[S], deadline_s: float

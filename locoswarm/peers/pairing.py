@@ -177,6 +177,11 @@ class ResponderState:
     mutual_and_lower: bool = False
     """Our one proposal in flight is to this same proposer, whose id is lower than ours: two
     nodes dialled each other at once, and the lower id's proposal wins."""
+    finished_step: int | None = None
+    """The last outer step whose matching it finished (matched, or settled for a solo step),
+    or None before its first round. Between rounds it tells a proposal that is early (for a
+    step it has not reached: worth waiting for its boundary) from one that is late (for a
+    step it is done with: no boundary of ours will serve it)."""
 
 
 def decide_proposal(
@@ -186,11 +191,17 @@ def decide_proposal(
 
     Partners meet at their own round boundaries: a node that is still training when a proposal
     comes makes the proposer wait (boundedly) for its boundary. Their outer steps may differ by
-    up to ``lag_window`` (nodes drift apart when training overlaps the network).
+    up to ``lag_window`` (nodes drift apart when training overlaps the network). Between rounds,
+    a proposal for a step the node has already finished is refused at once, not held: holding
+    it would only keep the proposer from its other candidates until its deadline.
     """
     if not state.proposer_ok:
         return False, "proposer is incompatible, backing off or banned"
     if state.outer_step is None:
+        if state.finished_step is not None and proposal_step <= state.finished_step:
+            return False, (
+                f"outer step {proposal_step} is over here (our last was {state.finished_step})"
+            )
         return None, "not at a round boundary yet"
     if abs(proposal_step - state.outer_step) > lag_window:
         return False, f"outer step {proposal_step} is too far from ours ({state.outer_step})"

@@ -11,6 +11,7 @@ from typing import Literal
 
 from locoswarm.errors import ConfigError
 from locoswarm.peers.config import PAIRINGS, Pairing, default_pairing
+from locoswarm.sync.robust import ATTACKS
 from locoswarm.sync.round_config import RoundConfig, default_round_config
 from locoswarm.tasks.inner import InnerConfig
 from locoswarm.tasks.task import TaskConfig
@@ -79,6 +80,12 @@ class SimConfig:
     """Evaluate every this many rounds (and always after the last)."""
     run_id: str = "sim"
     """Seeds the pairing shuffle, as the daemon's run id does."""
+    attack: str | None = None
+    """Bad replicas (``attackers``) send poisoned weights every round: scale, invert or noise
+    (``sync/robust.py``); None: every replica is honest."""
+    attackers: tuple[int, ...] = ()
+    attack_factor: float = 10.0
+    """scale: the factor; noise: the noise's RMS in units of the weights' RMS."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -103,6 +110,10 @@ class SimConfig:
             )
         if self.pairing not in (None, "random") and self.group_size != 2:
             raise ConfigError(f"sim.pairing {self.pairing} pairs nodes: group_size must be 2")
+        if self.attack is not None and self.attack not in ATTACKS:
+            raise ConfigError(f"sim.attack must be one of {ATTACKS}, got {self.attack!r}")
+        if any(not 0 <= i < self.num_replicas for i in self.attackers):
+            raise ConfigError(f"sim.attackers must be replica indices, got {self.attackers}")
         rc = self.round_config
         if rc is not None and rc.mode != self.strategy:
             raise ConfigError(f"sim.sync.mode {rc.mode!r} differs from strategy {self.strategy!r}")

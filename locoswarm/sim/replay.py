@@ -23,6 +23,7 @@ from torch import Tensor
 
 from locoswarm.sim.swarm import Replica
 from locoswarm.sync import rounds
+from locoswarm.sync.robust import Clipper
 from locoswarm.sync.round_config import RoundConfig
 from locoswarm.sync.rounds import Message, OuterState
 from locoswarm.tasks.inner import InnerConfig, set_flat, weights_digest
@@ -116,6 +117,7 @@ def replay(
         torch.manual_seed(seed)  # every node's initial weights (the daemon seeds before build)
         built = TaskFactory(task).build(replica=0, num_replicas=1, seed=node_data_seed(log.peer))
         replica = Replica(log.peer, built, inner, total)
+        replica.clipper = Clipper(rc)
         nodes[log.peer] = _Node(log, replica, history=[replica.state])
     rows: list[ReplayRow] = []
     progress = True
@@ -199,5 +201,7 @@ def _finish(rc: RoundConfig, node: _Node, theirs: list[Message], partners: list[
     by_id = {node.log.peer: msg.own}
     for peer, other in zip(partners, theirs, strict=True):
         by_id[peer] = rounds.read(rc, msg, other.parts).tensors
+        if len(theirs) == 1 and node.replica.clipper is not None:  # pairs, as the daemon
+            by_id[peer], _ = node.replica.clipper.clip(msg.own, by_id[peer], node.replica.state.phi)
     members = [by_id[p] for p in sorted(by_id)]
     return rounds.combine(rc, node.replica.state, msg, rounds.member_mean(members))

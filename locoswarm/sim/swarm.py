@@ -28,6 +28,7 @@ from locoswarm.peers.pairing import round_groups
 from locoswarm.sim.clock import SimClock
 from locoswarm.sim.config import SimConfig
 from locoswarm.sync import rounds
+from locoswarm.sync.robust import Clipper, poison
 from locoswarm.sync.round_config import RoundConfig
 from locoswarm.sync.rounds import Message, OuterState
 from locoswarm.tasks.inner import InnerConfig, InnerLoop, add_difference, flat_params, set_flat
@@ -68,6 +69,8 @@ class SimResult:
     rounds_missed_per_replica: list[int] = field(default_factory=list)
     tokens_per_replica: int = 0
     wrapped_blocks: int = 0
+    clipped_per_replica: list[int] = field(default_factory=list)
+    """Partner tensors each replica clipped (``sync/robust.py``)."""
     wall_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +91,7 @@ class SimResult:
                 "sim_time_s": final.sim_time_s,
                 "tokens_per_replica": self.tokens_per_replica,
                 "wrapped_blocks": self.wrapped_blocks,
+                "clipped_per_replica": self.clipped_per_replica,
             },
             "curve": [asdict(p) for p in self.curve],
             "wall_s": self.wall_s,
@@ -110,6 +114,10 @@ class Replica:
         self.delay = 0
         """Steps of the next phase run before ``pending`` lands (overlap)."""
         self.losses: list[float] = []
+        self.clipper: Clipper | None = None
+        """Pairs: clips partners' messages (the daemon's ``OuterStep`` keeps one too)."""
+        self.clipped = 0
+        """Partner tensors clipped so far."""
         self.bytes_sent = 0.0
         self.bytes_received = 0.0
         self.missed = 0
@@ -167,6 +175,9 @@ class Swarm:
             ]
         self.replicas = list(replicas)
         self.rc: RoundConfig | None = cfg.round_config
+        if self.rc is not None:
+            for rep in self.replicas:
+                rep.clipper = Clipper(self.rc)
         self.num_parameters = int(self.replicas[0].state.phi.numel())
         self.clock = SimClock(n, cfg.network)
         self._fault_rng = random.Random(f"miss/{cfg.seed}")
@@ -205,6 +216,7 @@ class Swarm:
         result.idle_fraction_per_replica = [self.clock.idle_fraction(i) for i in range(n)]
         result.rounds_missed_per_replica = [rep.missed for rep in self.replicas]
         result.wrapped_blocks = self.wrapped_blocks
+        result.clipped_per_replica = [rep.clipped for rep in self.replicas]
         result.tokens_per_replica = cfg.total_steps * cfg.task.batch_size * cfg.task.seq_len
         result.wall_s = time.perf_counter() - started
         return result
@@ -242,14 +254,25 @@ class Swarm:
             for i, rep in enumerate(self.replicas)
             if any(i in g for g in groups)
         }
+        wire = dict(messages)
+        if self.cfg.attack is not None:  # bad replicas send poisoned weights, keep their own
+            for i in set(self.cfg.attackers) & set(messages):
+                bad = poison(thetas[i], self.cfg.attack, self.cfg.attack_factor, seed=r * 1009 + i)
+                wire[i] = rounds.prepare(rc, self.replicas[i].state, bad, round=labels[i])
         for group in groups:
-            self.exchange(group, messages, thetas)
+            self.exchange(group, messages, thetas, wire)
         return messages
 
     def exchange(
-        self, group: Sequence[int], messages: dict[int, Message], thetas: Sequence[Tensor]
+        self,
+        group: Sequence[int],
+        messages: dict[int, Message],
+        thetas: Sequence[Tensor],
+        wire: dict[int, Message] | None = None,
     ) -> None:
-        """One group's exchange, as each member's daemon computes it."""
+        """One group's exchange, as each member's daemon computes it. ``wire``: what each
+        member sends, where it differs from its own message (a bad replica)."""
+        wire = messages if wire is None else wire
         rc = self.rc
         assert rc is not None
         if len(group) == 1:
@@ -268,9 +291,13 @@ class Swarm:
                 if j == i:
                     members.append(messages[i].own)
                     continue
-                partner = rounds.read(rc, messages[i], messages[j].parts)
+                partner = rounds.read(rc, messages[i], wire[j].parts)
                 self.wrapped_blocks += partner.wrapped_blocks
-                members.append(partner.tensors)
+                tensors = partner.tensors
+                if len(group) == 2 and rep.clipper is not None:
+                    tensors, clips = rep.clipper.clip(messages[i].own, tensors, rep.state.phi)
+                    rep.clipped += sum(c.clipped for c in clips)
+                members.append(tensors)
             new[i] = rounds.combine(rc, rep.state, messages[i], rounds.member_mean(members))
         k = len(group)
         net = self.cfg.network

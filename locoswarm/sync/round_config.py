@@ -69,6 +69,19 @@ class RoundConfig:
     codec: str = "int4"
     """ef ``pull``: the step's codec."""
     codec_block: int = 4096
+    clip: bool = True
+    """Pairs: clip a partner's message toward our own (``robust.py``) before the mean."""
+    clip_factor: float = 3.0
+    """A partner's tensor may lie at most this many times the median of recent partner
+    distances from ours (relative distance)."""
+    clip_violation: float = 2.0
+    """A partner beyond this many thresholds is blamed (counted toward a ban)."""
+    clip_window: int = 16
+    """Partner distances the median is taken over."""
+    clip_warmup: int = 4
+    """Until this many distances are known, the threshold is ``clip_initial``."""
+    clip_initial: float = 0.25
+    """The threshold (relative distance) before the median is known."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,6 +97,12 @@ class RoundConfig:
             raise ConfigError("ef sends compressed proposals: sync.bits must be below 32")
         if self.block_size < 1 or self.pull_every < 1 or self.rotate < 1:
             raise ConfigError("sync.block_size, sync.pull_every and sync.rotate must be >= 1")
+        if not (self.clip_factor > 1 and self.clip_initial > 0 and self.clip_violation >= 1):
+            raise ConfigError(
+                "sync.clip_factor must be > 1, sync.clip_initial > 0, sync.clip_violation >= 1"
+            )
+        if self.clip_window < 1 or not 1 <= self.clip_warmup <= self.clip_window:
+            raise ConfigError("sync.clip_window must be >= 1, sync.clip_warmup in 1..clip_window")
         if self.design not in ("siq", "pull"):
             raise ConfigError(f"sync.design must be siq or pull, got {self.design!r}")
 

@@ -10,6 +10,7 @@ there (``python -m tests.faults.report`` turns that into docs/RELIABILITY.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -28,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from locoswarm.protocol import LocalView, Outgoing, PeerClient, ProtocolConfig
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.frames import Header, TensorSpec, frame_messages
+from locoswarm.sim.replay import round_events
 from tests.faults.proxy import Proxy
 from tests.integration.conftest import Node, Nodes
 
@@ -608,3 +610,76 @@ def test_oversized_declarations_allocate_nothing(nodes: Nodes) -> None:
         f"1 TiB refused as too_large; 3 GiB declared: {under}; resident memory "
         f"{before / 2**20:.0f} -> {after / 2**20:.0f} MiB; the node kept training",
     )
+
+
+POISON_ROUNDS = 17  # validation loss every 4 rounds: the last at round 16
+POISON = (  # the bad peer's plan: scaled, then inverted, then noisy weights, every round
+    {"action": "scale", "phase": "prepare", "times": 3, "factor": 10.0},
+    {"action": "invert", "phase": "prepare", "times": 3},
+    {"action": "noise", "phase": "prepare", "times": -1, "factor": 1.0},
+)
+
+
+def _four_node_swarm(
+    nodes: Nodes, bad: list[str] | None
+) -> tuple[list[Node], Node, dict[str, float]]:
+    """Four noloco nodes for ``POISON_ROUNDS`` rounds; the last one runs ``bad`` (a fault plan).
+    Returns the three honest nodes, the last one, and the largest value each clipping metric
+    reached on an honest node while they ran."""
+    flags = ["--rounds", str(POISON_ROUNDS), "--eval-every", "4"]
+    first = nodes.start(*flags)
+    join = nodes.join_address(first)
+    first.wait_for(r"round 0: ")
+    honest = [first, *(nodes.start(*flags, "--join", join) for _ in range(2))]
+    last = nodes.start(*flags, "--join", join, *(bad or []))
+    seen = {"clipped": 0.0, "banned": 0.0}
+    deadline = time.monotonic() + 200
+    while any(n.proc.poll() is None for n in honest) and time.monotonic() < deadline:
+        for node in honest:
+            with contextlib.suppress(OSError):  # a node that just finished serves no metrics
+                seen["clipped"] = max(seen["clipped"], metric(node, "locoswarm_sync_clipped_total"))
+                seen["banned"] = max(
+                    seen["banned"],
+                    metric(node, "locoswarm_peers_banned_total", 'cause="clipped"'),
+                )
+        time.sleep(0.5)
+    for node in [*honest, last]:
+        assert node.proc.wait(timeout=60) == 0, node.text()
+    return honest, last, seen
+
+
+def _final_val_loss(node: Node) -> float:
+    losses = [e["val_loss"] for e in round_events(node.text()) if e["val_loss"] is not None]
+    assert losses, node.text()
+    return float(losses[-1])
+
+
+@pytest.mark.timeout(600)
+def test_a_poisoned_peer_is_clipped_counted_and_banned(nodes: Nodes, tmp_path: Path) -> None:
+    """One of four nodes sends scaled, inverted, then noisy weights every round: the honest
+    nodes clip it, count it, ban it, and end within 5% of a clean swarm's loss."""
+    clean, _, clean_seen = _four_node_swarm(nodes, None)
+    clean_loss = sum(_final_val_loss(n) for n in clean) / len(clean)
+    assert clean_seen["banned"] == 0  # honest partners may be clipped a little, never blamed
+    assert not any(e["blamed"] for n in clean for e in round_events(n.text()))
+    honest, bad, seen = _four_node_swarm(nodes, plan(tmp_path, "poison", *POISON))
+    losses = [_final_val_loss(n) for n in honest]
+    bad_id = str(bad.info()["peer_id"])
+    events = [e for n in honest for e in round_events(n.text())]
+    blamed = {p for e in events if e["blamed"] for p in e["partners"]}
+    banned = {p for e in events if e["banned"] for p in e["partners"]}
+    record(
+        "poisoned peer",
+        "one of 4 nodes sends 10x-scaled, inverted, then noisy weights every round",
+        f"honest nodes' final validation loss {sum(losses) / 3:.4f} against {clean_loss:.4f} "
+        f"in a clean swarm; {seen['clipped']:.0f} messages clipped on one node, banned "
+        f"{seen['banned']:.0f} time(s)",
+    )
+    # The bad peer is blamed and banned; an honest node it dragged off before the thresholds
+    # were known may be blamed once by another, but no honest node is banned.
+    assert bad_id in blamed
+    assert banned == {bad_id}
+    assert seen["clipped"] >= 1
+    assert seen["banned"] >= 1
+    for loss in losses:
+        assert loss <= 1.05 * clean_loss, (losses, clean_loss)

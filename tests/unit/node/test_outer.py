@@ -47,7 +47,7 @@ def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
         got_a, got_b = a.decode(_wire(pb)), b.decode(_wire(pa))
         assert a.heard == {"b": r}
         assert b.heard == {"a": r}
-        (phi_a, far_a), (phi_b, far_b) = a.apply(pa, got_a), b.apply(pb, got_b)
+        (phi_a, far_a, _), (phi_b, far_b, _) = a.apply(pa, got_a), b.apply(pb, got_b)
         # What the shared round computes from the same states and thetas.
         msg_a = rounds.prepare(a.rc, before[0], thetas[0], round=r)
         msg_b = rounds.prepare(a.rc, before[1], thetas[1], round=r)
@@ -104,7 +104,7 @@ def test_checkpoints_hold_the_whole_outer_state(mode: str) -> None:
     pb = b.prepare(0, b.phi - _randn(51, 0.01))
     a.apply(pa, a.decode(_wire(pb)))
     saved = a.state_dict()
-    assert set(saved) == {"state", "next_round"}
+    assert set(saved) == {"state", "next_round", "clip"}
     assert saved["next_round"] == 1
     assert set(saved["state"]) == set(a.state.tensors())
     assert {"phi", "momentum"} <= set(saved["state"])

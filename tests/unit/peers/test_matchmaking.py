@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import pytest
 
 from locoswarm.peers import Match, Matchmaker, PeerRecord, PeersConfig, plan_round
-from locoswarm.peers.pairing import cut_groups, hypercube_groups, round_groups, shuffled
+from locoswarm.peers.pairing import (
+    ResponderState,
+    cut_groups,
+    decide_proposal,
+    hypercube_groups,
+    round_groups,
+    shuffled,
+)
 
 # Virtual time for the async tests of this module; the sync ones have no loop and ignore it.
 pytestmark = pytest.mark.looptime
@@ -215,10 +222,114 @@ async def test_a_proposal_waits_for_our_round_then_is_accepted() -> None:
     assert await pending == (True, "ok")
     assert (match.role, match.partners) == ("responder", ("n00",))
     assert loop.time() - t0 == pytest.approx(1.0)  # accepted as our round opened, not later
-    # Between rounds, a proposal waits for the next boundary (here: none comes in time).
+    # Between rounds, a proposal for a step we have not reached waits for the next boundary
+    # (here: none comes in time).
     start = loop.time()
-    assert await n01.on_proposal("n02", 3, wait_s=1.5) == (False, "not at a round boundary yet")
+    assert await n01.on_proposal("n02", 4, wait_s=1.5) == (False, "not at a round boundary yet")
     assert loop.time() - start == pytest.approx(1.5)  # it waited exactly its wait_s
+
+
+def test_between_rounds_a_proposal_for_a_finished_step_is_refused_an_early_one_held() -> None:
+    def between(finished: int | None) -> ResponderState:
+        return ResponderState(None, False, False, finished_step=finished)
+
+    over = (False, "outer step 3 is over here (our last was 3)")
+    assert decide_proposal(between(3), 3, lag_window=2) == over
+    assert decide_proposal(between(3), 1, lag_window=2)[0] is False  # passed, not only finished
+    assert decide_proposal(between(3), 4, lag_window=2) == (None, "not at a round boundary yet")
+    assert decide_proposal(between(None), 3, lag_window=2) == (None, "not at a round boundary yet")
+    assert decide_proposal(ResponderState(None, False, False), 0, 2)[0] is None  # the default
+    # Backoff is still checked first; during a round the step does not matter.
+    bad = ResponderState(None, False, False, proposer_ok=False, finished_step=3)
+    assert decide_proposal(bad, 4, 2)[0] is False
+    assert decide_proposal(ResponderState(4, False, False, finished_step=3), 3, 2) == (True, "ok")
+
+
+async def never(peer: str, step: int) -> Session | None:
+    return None
+
+
+ROUND_PERIOD_S = 60.0
+"""A round period far longer than a proposer waits (a GPU's inner phase)."""
+
+
+async def rounds_before(n: Matchmaker[Session], me: str, step: int) -> None:
+    """Round ``step - 1`` alone, then a wait of ``ROUND_PERIOD_S`` before round ``step``: the
+    node knows its rounds come that far apart."""
+    await n.match(record(me, step - 1), [record(me, step - 1)], never, deadline_s=DEADLINE_S)
+    await asyncio.sleep(ROUND_PERIOD_S)
+
+
+async def test_a_proposal_for_a_round_we_finished_is_refused_at_once() -> None:
+    loop = asyncio.get_running_loop()
+    n01 = node(PeersConfig(run_id="x"), "n01")
+    me = record("n01", 3)
+    await rounds_before(n01, "n01", 3)
+    match = await n01.match(me, [me], never, deadline_s=DEADLINE_S)
+    assert match.role == "solo"
+    start = loop.time()
+    assert await n01.on_proposal("n00", 3, wait_s=DEADLINE_S) == (
+        False,
+        "outer step 3 is over here (our last was 3)",
+    )
+    assert (await n01.on_proposal("n02", 2, wait_s=DEADLINE_S))[0] is False  # an older step
+    assert loop.time() == start  # at once: the proposers are free to try someone else
+    # A proposal for the next step still waits for it, and that round still accepts one only.
+    early = asyncio.create_task(n01.on_proposal("n00", 4, wait_s=DEADLINE_S))
+    other = asyncio.create_task(n01.on_proposal("n02", 4, wait_s=DEADLINE_S))
+    await asyncio.sleep(1.0)
+    assert not early.done()
+    assert not other.done()
+    match = await n01.match(record("n01", 4), [me], never, deadline_s=DEADLINE_S)
+    assert (match.role, match.partners) == ("responder", ("n00",))
+    assert await early == (True, "ok")
+    assert await other == (False, "already in an exchange this outer step")
+    # Rounds 3 and 4 came 1 s apart: a proposal for step 4 now waits for round 5 (which does
+    # not come) and is refused at the proposer's deadline.
+    assert (await n01.on_proposal("n02", 4, wait_s=DEADLINE_S))[0] is False
+    assert loop.time() == pytest.approx(start + 1.0 + DEADLINE_S)
+
+
+async def test_a_cancelled_round_counts_as_finished() -> None:
+    n01 = node(PeersConfig(run_id="x"), "n01")
+    me, other = record("n01", 3), record("n00", 3)  # n00 dials; n01 listens
+    await rounds_before(n01, "n01", 3)
+    task = asyncio.create_task(n01.match(me, [me, other], never, deadline_s=DEADLINE_S))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    start = asyncio.get_running_loop().time()
+    assert (await n01.on_proposal("n00", 3, wait_s=DEADLINE_S))[0] is False
+    assert asyncio.get_running_loop().time() == start  # refused at once, not held
+
+
+async def test_a_dialler_refused_by_a_finished_partner_pairs_with_a_free_peer() -> None:
+    loop = asyncio.get_running_loop()
+    config = PeersConfig(run_id="late")  # n00's plan: dial n01, then fallbacks n01, n02
+    nodes = {p: node(config, p) for p in ("n00", "n01", "n02")}
+
+    def transport(me: str):
+        async def propose(peer: str, s: int) -> Session | None:
+            accepted, _ = await nodes[peer].on_proposal(me, s, wait_s=DEADLINE_S)
+            return Session(me, peer) if accepted else None
+
+        return propose
+
+    n01 = record("n01", 3)
+    await rounds_before(nodes["n01"], "n01", 3)
+    await nodes["n01"].match(n01, [n01], never, deadline_s=DEADLINE_S)  # solo, done for step 3
+    view = [record(p, 3) for p in ("n00", "n01", "n02")]
+    t0 = loop.time()
+    # n02 sees only n00 (views disagree) and listens for it.
+    m00, m02 = await asyncio.gather(
+        nodes["n00"].match(view[0], view, transport("n00"), deadline_s=DEADLINE_S),
+        nodes["n02"].match(view[2], [view[0], view[2]], transport("n02"), deadline_s=DEADLINE_S),
+    )
+    # Before: n01 held n00's proposal to n00's deadline, and both went solo.
+    assert (m00.role, m00.partners, m00.reason) == ("dialler", ("n02",), "a free peer accepted")
+    assert (m02.role, m02.partners) == ("responder", ("n00",))
+    assert loop.time() == t0  # no timer ran out on the way
 
 
 async def test_proposals_are_decided_against_the_lag_window() -> None:
@@ -436,3 +547,18 @@ async def test_matchmaker_with_hypercube_pairing_forms_the_cube_pairs() -> None:
         "n02": ("responder", ("n00",)),
         "n03": ("responder", ("n01",)),
     }
+
+
+async def test_with_short_rounds_a_proposal_for_a_finished_step_waits_for_the_next() -> None:
+    """Rounds that come faster than a proposer waits (a short inner phase): a proposal for the
+    step we just finished is held, and our next round (within the lag window) takes it."""
+    n01 = node(PeersConfig(run_id="x"), "n01")
+    await n01.match(record("n01", 2), [record("n01", 2)], never, deadline_s=DEADLINE_S)
+    await asyncio.sleep(1.0)
+    await n01.match(record("n01", 3), [record("n01", 3)], never, deadline_s=DEADLINE_S)
+    held = asyncio.create_task(n01.on_proposal("n00", 3, wait_s=DEADLINE_S))
+    await asyncio.sleep(0.5)
+    assert not held.done()
+    match = await n01.match(record("n01", 4), [record("n01", 4)], never, deadline_s=DEADLINE_S)
+    assert (match.role, match.partners) == ("responder", ("n00",))
+    assert await held == (True, "ok")

@@ -112,7 +112,9 @@ def test_a_block_out_of_reach_is_counted_and_falls_back_to_each_members_own_valu
     """Two replicas far apart in one block: each member's decode of the other fails that
     block's checksum, so there each keeps its own entry of the mean (its own proposal); every
     other block is averaged to identical bits. The count reaches the result's JSON."""
-    swarm = Swarm(_cfg("ef", num_replicas=2, rounds=1, overlap=False))
+    # Clipping off: this is about the lattice (clipping would pull the far member in first).
+    unclipped = replace(EF, clip=False)
+    swarm = Swarm(_cfg("ef", num_replicas=2, rounds=1, overlap=False, sync=unclipped))
     block = EF.block_size
     far = swarm.replicas[1].state.phi.clone()
     far[3 * block : 4 * block] += 100.0
@@ -135,7 +137,7 @@ def test_a_block_out_of_reach_is_counted_and_falls_back_to_each_members_own_valu
     # The same through a whole run: the count is in the result.
     fresh = Swarm(_cfg("ef", num_replicas=2, rounds=1, overlap=False))
     assert fresh.run().to_dict()["final"]["wrapped_blocks"] == 0
-    shifted = Swarm(_cfg("ef", num_replicas=2, rounds=1, overlap=False))
+    shifted = Swarm(_cfg("ef", num_replicas=2, rounds=1, overlap=False, sync=unclipped))
     rep = shifted.replicas[1]
     set_flat(rep.model, far)
     rep.state = OuterState(phi=far)
