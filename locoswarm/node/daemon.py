@@ -33,6 +33,7 @@ from locoswarm.node.diagnosis import Diagnosis
 from locoswarm.node.handler import NodeHandler
 from locoswarm.node.metrics import CAUSES, NodeMetrics
 from locoswarm.node.outer import OuterStep, fingerprint
+from locoswarm.node.reachability import self_test
 from locoswarm.node.report import Reporter
 from locoswarm.node.round import RoundRunner
 from locoswarm.node.trainer import Boundary, Trainer, flat_params, pick_device
@@ -40,6 +41,7 @@ from locoswarm.node.view import SwarmView
 from locoswarm.peers import Matchmaker, PeerHealth, PeerRecord
 from locoswarm.peers.config import default_pairing
 from locoswarm.peers.membership import Membership, check_join_addresses
+from locoswarm.peers.reach import ProbeService
 from locoswarm.peers.records import PeerStats
 from locoswarm.protocol import PeerClient, PeerServer, ProtocolConfig
 from locoswarm.tasks.task import TaskFactory, node_data_seed
@@ -176,6 +178,8 @@ class Daemon:
                 faults=self.faults,
             )
             stack.push_async_callback(client.close)
+            # Every node dials the addresses peers ask it to test (their reachability probes).
+            await ProbeService(client.reachable).start(await membership.p2p())
             if peers_cfg.initial_peers and (
                 restored is None or await view.far_behind(self.next_round, outer)
             ):
@@ -222,6 +226,7 @@ class Daemon:
                             name="progress",
                         ),
                         tasks.create_task(self.reporter.watch_loop_lag(), name="loop-lag"),
+                        tasks.create_task(self._reach_test(membership, address), name="reach"),
                     ]
                     await self._train(trainer, runner)
                     for task in background:
@@ -229,6 +234,19 @@ class Daemon:
             finally:
                 handler.stopping = True
                 await asyncio.to_thread(self._final_checkpoint, trainer, outer)
+
+    async def _reach_test(self, membership: Membership, address: str | None) -> None:
+        """The reachability self-test; its answer goes to the log, the gauge and the ready
+        file. Never fails the node."""
+        try:
+            reachable = await self_test(
+                membership, address, self.config.peers.initial_peers, self.metrics
+            )
+        except Exception:  # a diagnosis must not stop training
+            log.exception("reachability: the self-test failed")
+            return
+        self.info["reachable"] = reachable
+        self.reporter.write_ready()
 
     def _build(self) -> tuple[Trainer, OuterStep]:
         cfg = self.config

@@ -126,6 +126,13 @@ class NodeMetrics:
             self.misconfigured.labels(cause=cause).set(0)
             self.excluded.labels(cause=cause).set(0)
         self.outer_step = Gauge("locoswarm_sync_outer_step", "Outer steps completed", registry=r)
+        self.reachable = Gauge(
+            "locoswarm_node_reachable",
+            "1 when a peer dialled this node's gRPC address at start, 0 when none could (or in "
+            "client mode), -1 untested",
+            registry=r,
+        )
+        self.reachable.set(-1)
         self.loop_lag = Histogram(
             "locoswarm_node_event_loop_lag_seconds",
             "How late the event loop woke a timer (work that blocks the loop shows here)",

@@ -66,8 +66,14 @@ class Reporter:
             + ("\n    (with copies of these files; the paths are this node's)" if needs else ""),
             flush=True,
         )
-        if cfg.ready_file is not None:
-            Path(cfg.ready_file).write_text(json.dumps(self.info) + "\n")
+        self.write_ready()
+
+    def write_ready(self) -> None:
+        """The ready file (what tools and tests read): the node's info, rewritten in place."""
+        if self.config.ready_file is not None:
+            tmp = Path(f"{self.config.ready_file}.tmp")
+            tmp.write_text(json.dumps(self.info) + "\n")
+            tmp.replace(self.config.ready_file)  # a reader never sees half a file
 
     def join_needs(self) -> str:
         """The flags a joiner needs beyond the address: the swarm secret and the TLS CA (each

@@ -23,6 +23,7 @@ from typing import Any
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from locoswarm.errors import ConfigError, PeerUnavailable
@@ -86,6 +87,7 @@ class Membership:
     dropped: dict[str, int] = field(default_factory=dict)
     """Records from the DHT that failed validation, counted by reason."""
     _expiry: float = 0.0
+    _p2p: P2P | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -110,11 +112,24 @@ class Membership:
                 try:
                     await membership.withdraw()
                 finally:
+                    if membership._p2p is not None:
+                        await membership._p2p.shutdown()  # a replica: closes our client only
                     await asyncio.to_thread(dht.shutdown)
 
     @property
     def dht_peer_id(self) -> str:
         return str(self.dht.peer_id)
+
+    async def p2p(self) -> P2P:
+        """The DHT's libp2p daemon, from this process (made once; the daemon address is asked
+        of the DHT process in a thread, so the loop never blocks)."""
+        if self._p2p is None:
+            maddr = await asyncio.to_thread(
+                self.dht.run_coroutine,
+                hivemind.DHT._get_p2p_daemon_listen_maddr,  # what dht.replicate_p2p() asks
+            )
+            self._p2p = await P2P.replicate(maddr)
+        return self._p2p
 
     def visible_maddrs(self) -> list[str]:
         """Multiaddrs other nodes can join through."""

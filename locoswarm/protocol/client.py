@@ -255,6 +255,27 @@ class PeerClient:
         )
         return await self._settle(address, call, work)
 
+    async def reachable(self, address: str, *, timeout_s: float = 5.0) -> str | None:
+        """Whether a node answers on ``address``: None when its health service says SERVING,
+        else what went wrong (a fresh channel each time: a probe of somebody else's address)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        options = list(self.config.channel_options())
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            channel = grpc.aio.secure_channel(address, self._credentials, options=options)
+        try:
+            async with channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE.strip("/")), timeout=timeout_s
+                )
+        except grpc.aio.AioRpcError as err:
+            return f"{err.code().name}: {(err.details() or '')[:120]}"
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return f"health status {reply.status}"
+        return None
+
     async def status(
         self, address: str, *, timeout_s: float | None = None, target: str = ANY_TARGET
     ) -> StatusInfo:

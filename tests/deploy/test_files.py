@@ -492,6 +492,8 @@ def test_dashboard_queries_cover_the_issue_and_use_existing_metrics() -> None:
         "locoswarm_sync_partner_distance_bucket",
         "locoswarm_node_misconfigured",
         "locoswarm_peers_excluded",
+        "locoswarm_sync_clipped_total",
+        "locoswarm_peers_banned_total",
     ):
         assert needle in text, needle
     for _name, query in tools.variable_queries(dashboard):

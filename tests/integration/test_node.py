@@ -270,3 +270,23 @@ def test_a_diloco_group_of_three_ends_each_round_with_identical_weights(nodes: N
                 assert e["phi"] in theirs, (e, partner)
                 compared += 1
     assert compared >= 6, threes
+
+
+def test_the_reachability_self_test_says_who_can_be_dialled(nodes: Nodes) -> None:
+    """A joiner asks the peer it joined through to dial its gRPC address: reached when it
+    announces its real address; not reached, with what to do, when it announces a dead port."""
+    first = nodes.start()
+    join = nodes.join_address(first)
+    good = nodes.start("--join", join)
+    dead = nodes.start("--join", join, "--announce", "127.0.0.1:1")
+    good.wait_for(r"reachability: \S+ reached our gRPC address 127\.0\.0\.1:\d+ directly")
+    found = dead.wait_for(r"reachability: \S+ could not reach 127\.0\.0\.1:1 \((.*)\); (.*)")
+    assert "unreachable" in found.group(1)
+    assert "forward TCP port 1" in found.group(2)
+    assert "--client-mode" in found.group(2)
+    first.wait_for(r"reachability: no peer to ask yet")
+    for node, want in ((good, True), (dead, False)):
+        deadline = time.monotonic() + 30
+        while node.info().get("reachable") is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert node.info()["reachable"] is want
