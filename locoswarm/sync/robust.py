@@ -12,8 +12,8 @@ own norm. ``tau`` is ``clip_factor`` times the median of the last ``clip_window`
 distances of that tensor (the swarm's own scale of disagreement, which shrinks as replicas
 agree; a clipped distance enters as ``tau``); until ``clip_warmup`` distances are known it is
 ``clip_initial``. Honest partners sit near the median and are rarely touched; a bad partner is
-clipped every time it exchanges, and an exchange beyond ``clip_violation`` times ``tau`` counts
-toward its ban.
+clipped every time it exchanges, and an exchange beyond ``clip_violation`` times ``tau`` (before
+the median is known, times ``clip_initial``) counts toward its ban.
 
 Pure torch and deterministic: the daemon, the simulator and the replay each keep one ``Clipper``
 per node and call it on every pair's decoded message, so all three compute the same round.
@@ -106,6 +106,7 @@ class Clipper:
                 clips.append(Clip(name, d, math.inf, False))
                 continue
             tau = self.threshold(name, step if name in WEIGHTS else None)
+            known = len(self._seen.get(name, ())) >= self.cfg.clip_warmup
             clipped = d > tau
             if clipped:
                 out[name] = torch.lerp(ours, t, tau / d)
@@ -113,7 +114,11 @@ class Clipper:
             # up, while a swarm whose honest distances grow moves it up within half a window.
             seen = self._seen.setdefault(name, deque(maxlen=self.cfg.clip_window))
             seen.append(min(d, tau))
-            violation = d > self.cfg.clip_violation * tau
+            # Before the median is known, blame against clip_initial only: a late joiner's first
+            # exchanges (weights of another round) are clipped to our own step's scale, but not
+            # held against it.
+            blame_at = tau if known else self.cfg.clip_initial
+            violation = d > self.cfg.clip_violation * blame_at
             clips.append(Clip(name, d, tau, clipped, violation))
         return out, clips
 

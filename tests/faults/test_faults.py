@@ -612,7 +612,7 @@ def test_oversized_declarations_allocate_nothing(nodes: Nodes) -> None:
     )
 
 
-POISON_ROUNDS = 17  # validation loss every 4 rounds: the last at round 16
+POISON_ROUNDS = 13
 POISON = (  # the bad peer's plan: scaled, then inverted, then noisy weights, every round
     {"action": "scale", "phase": "prepare", "times": 3, "factor": 10.0},
     {"action": "invert", "phase": "prepare", "times": 3},
@@ -626,7 +626,15 @@ def _four_node_swarm(
     """Four noloco nodes for ``POISON_ROUNDS`` rounds; the last one runs ``bad`` (a fault plan).
     Returns the three honest nodes, the last one, and the largest value each clipping metric
     reached on an honest node while they ran."""
-    flags = ["--rounds", str(POISON_ROUNDS), "--eval-every", "4"]
+    # Two blames ban (the default is 3): the run is short.
+    flags = [
+        "--rounds",
+        str(POISON_ROUNDS),
+        "--eval-every",
+        "1",  # every round: every node's loss at the same last round
+        "--set",
+        "peers.ban_after_violations=2",
+    ]
     first = nodes.start(*flags)
     join = nodes.join_address(first)
     first.wait_for(r"round 0: ")
@@ -649,9 +657,11 @@ def _four_node_swarm(
 
 
 def _final_val_loss(node: Node) -> float:
-    losses = [e["val_loss"] for e in round_events(node.text()) if e["val_loss"] is not None]
-    assert losses, node.text()
-    return float(losses[-1])
+    """The validation loss of the node's last round (the same round on every node)."""
+    last = round_events(node.text())[-1]
+    assert last["round"] == POISON_ROUNDS - 1, last
+    assert last["val_loss"] is not None, last
+    return float(last["val_loss"])
 
 
 @pytest.mark.timeout(600)

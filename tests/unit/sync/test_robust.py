@@ -118,3 +118,14 @@ def test_until_the_median_is_known_our_own_step_bounds_the_weights_threshold() -
     assert by_name["theta"].clipped
     assert by_name["momentum"].threshold == 0.5  # not weights: clip_initial
     assert not by_name["momentum"].clipped
+
+
+def test_before_the_median_is_known_blame_is_against_clip_initial() -> None:
+    clipper = Clipper(CFG)  # warmup 2, initial 0.5, violation beyond 2 thresholds
+    ours = {"theta": torch.tensor([3.0, 4.0])}
+    phi = torch.tensor([3.0, 4.05])  # our own step 0.01: the threshold is 0.02
+    _, clips = clipper.clip(ours, {"theta": torch.tensor([3.0, 8.0])}, phi)  # 0.8
+    assert clips[0].clipped
+    assert not clips[0].violation  # a late joiner's first exchange may look like this
+    _, clips = clipper.clip(ours, {"theta": torch.tensor([-30.0, -40.0])}, phi)  # 11
+    assert clips[0].violation
