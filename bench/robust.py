@@ -28,7 +28,7 @@ from bench.common import finite, print_checks
 from locoswarm.sim.config import SimConfig
 from locoswarm.sim.swarm import run_sim
 from locoswarm.sync.robust import ATTACKS
-from locoswarm.sync.round_config import MODES, default_round_config
+from locoswarm.sync.round_config import MODES, RoundConfig, default_round_config
 from locoswarm.tasks.task import TaskConfig
 
 TASK = TaskConfig(name="tiny", batch_size=2, seq_len=16, val_batches=2, max_bytes=50_000)
@@ -37,8 +37,10 @@ HONEST = 3
 TOLERANCE = 1.05
 
 
-def run_one(mode: str, attack: str | None, clip: bool, rounds: int, h: int) -> dict[str, Any]:
-    rc = replace(default_round_config(mode), clip=clip)  # type: ignore[arg-type]
+def run_one(
+    mode: str, attack: str | None, clip: bool, rounds: int, h: int, factor: float
+) -> dict[str, Any]:
+    rc = replace(default_round_config(mode), clip=clip, clip_factor=factor)  # type: ignore[arg-type]
     cfg = SimConfig(
         strategy=mode,  # type: ignore[arg-type]
         num_replicas=HONEST + 1,
@@ -55,6 +57,7 @@ def run_one(mode: str, attack: str | None, clip: bool, rounds: int, h: int) -> d
         "mode": mode,
         "attack": attack,
         "clip": clip,
+        "clip_factor": factor,
         "honest_val_loss": result.val_loss_per_replica[:HONEST],
         "clipped_per_replica": result.clipped_per_replica,
         "wall_s": time.perf_counter() - started,
@@ -66,19 +69,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--inner-steps", type=int, default=10)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    p.add_argument(
+        "--clip-factor", type=float, default=RoundConfig().clip_factor, help="sync.clip_factor"
+    )
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--png", type=Path)
     a = p.parse_args(argv)
     runs: list[dict[str, Any]] = []
     checks: dict[str, bool | None] = {}
     for mode in a.modes:
-        clean = run_one(mode, None, True, a.rounds, a.inner_steps)
+        clean = run_one(mode, None, True, a.rounds, a.inner_steps, a.clip_factor)
         runs.append(clean)
         base = sum(clean["honest_val_loss"]) / HONEST
         clean["worst_over_clean"] = max(clean["honest_val_loss"]) / base
-        for attack in ATTACKS:
+        # What clipping costs an honest swarm: the same clean run without it.
+        unclipped = run_one(mode, None, False, a.rounds, a.inner_steps, a.clip_factor)
+        runs.append(unclipped)
+        unclipped["worst_over_clean"] = max(unclipped["honest_val_loss"]) / base
+        unclipped["mean_over_clean"] = sum(unclipped["honest_val_loss"]) / HONEST / base
+        print(
+            f"{mode} clean: clipping {base:.4f}, without {unclipped['mean_over_clean'] * base:.4f}"
+            f" (honest tensors clipped {clean['clipped_per_replica']})",
+            file=sys.stderr,
+        )
+        for attack in a.attacks:
             for clip in (True, False):
-                run = run_one(mode, attack, clip, a.rounds, a.inner_steps)
+                run = run_one(mode, attack, clip, a.rounds, a.inner_steps, a.clip_factor)
                 worst = max(run["honest_val_loss"])
                 run["worst_over_clean"] = worst / base if math.isfinite(worst) else math.inf
                 runs.append(run)
@@ -98,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             "attacker": HONEST,
             "rounds": a.rounds,
             "inner_steps": a.inner_steps,
+            "clip_factor": a.clip_factor,
+            "bans": "none: the simulator has no peer health (the daemon bans a blamed partner)",
             "task": asdict(TASK),
             "attack_factor": SimConfig().attack_factor,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),

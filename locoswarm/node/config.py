@@ -63,7 +63,7 @@ class SyncConfig:
     clip: bool = True
     """Pairs: clip a partner's message toward ours before the mean (self-centred clipping), so
     one bad partner cannot wreck our weights; clipped partners count toward a ban."""
-    clip_factor: float = 3.0
+    clip_factor: float = 2.0
     """A partner may lie at most this many times the median of recent partner distances away."""
     clip_window: int = 16
     """Recent partner distances the median is taken over."""

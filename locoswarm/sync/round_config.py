@@ -71,7 +71,7 @@ class RoundConfig:
     codec_block: int = 4096
     clip: bool = True
     """Pairs: clip a partner's message toward our own (``robust.py``) before the mean."""
-    clip_factor: float = 3.0
+    clip_factor: float = 2.0
     """A partner's tensor may lie at most this many times the median of recent partner
     distances from ours (relative distance)."""
     clip_violation: float = 2.0

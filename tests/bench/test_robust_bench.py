@@ -17,6 +17,7 @@ def test_a_short_run_writes_every_attack_with_and_without_clipping(tmp_path: Pat
     runs = data["runs"]
     assert [(r["attack"], r["clip"]) for r in runs] == [
         (None, True),
+        (None, False),
         *((attack, clip) for attack in ATTACKS for clip in (True, False)),
     ]
     for run in runs:
