@@ -14,7 +14,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 Action = Literal[
     "drop",
@@ -29,19 +29,7 @@ Action = Literal[
     "invert",
     "noise",
 ]
-ACTIONS: tuple[str, ...] = (
-    "drop",
-    "delay",
-    "corrupt",
-    "truncate",
-    "stall",
-    "kill",
-    "nan",
-    "raise",
-    "scale",
-    "invert",
-    "noise",
-)
+ACTIONS: tuple[str, ...] = get_args(Action)
 PHASES: tuple[str, ...] = (
     "send_chunk",  # protocol: before a payload chunk goes out (drop, delay, corrupt, truncate,
     #               stall, kill)
