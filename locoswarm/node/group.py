@@ -101,16 +101,16 @@ class GroupRound:
 
 
 def dials(members: list[tuple[str, str | None]], me: int, other: int) -> bool:
-    """Who opens the call between two members: the lower index, unless only the other one can
-    be dialled (a client-mode member always dials)."""
+    """Who opens the call between two members: the one without a gRPC address when the other
+    has one (direct gRPC); else the lower index (gRPC, or libp2p when neither has one)."""
     my_address, other_address = members[me][1], members[other][1]
-    if other_address is None:
-        return False
-    return my_address is None or me < other
+    if (my_address is None) != (other_address is None):
+        return my_address is None
+    return me < other
 
 
-SwapShard = Callable[[str, str, str, Tensor], Awaitable[Tensor]]
-"""``swap(phase, peer_id, address, our_shard) -> their shard`` (a dialled Exchange)."""
+SwapShard = Callable[[str, str, Tensor], Awaitable[Tensor]]
+"""``swap(phase, peer_id, our_shard) -> their shard`` (a dialled Exchange)."""
 
 
 async def group_average(
@@ -126,9 +126,7 @@ async def group_average(
     async def pairwise(phase: str, ours: Callable[[int], Tensor]) -> dict[int, Tensor]:
         async def one(j: int) -> Tensor:
             if dials(members, me, j):
-                address = members[j][1]
-                assert address is not None  # dials() checked it
-                return await swap(phase, ids[j], address, ours(j))
+                return await swap(phase, ids[j], ours(j))
             return await group.received(phase, ids[j])
 
         others = [j for j in range(len(ids)) if j != me]

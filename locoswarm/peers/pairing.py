@@ -107,18 +107,24 @@ def round_groups(
 
 
 def can_dial(caller: PeerRecord, callee: PeerRecord) -> bool:
-    """Anyone may dial a node with an address; nobody can dial a client-mode node."""
-    return callee.address is not None and callee.peer_id != caller.peer_id
+    """Anyone may dial a node with an address; a node without one over libp2p, when both speak
+    it (relayed or hole-punched by the DHT's daemon)."""
+    if callee.peer_id == caller.peer_id:
+        return False
+    return callee.address is not None or (caller.over_libp2p and callee.over_libp2p)
 
 
 def dialler(group: Sequence[PeerRecord]) -> PeerRecord | None:
-    """The group member that proposes: the lowest reachable id, or None if none is reachable."""
+    """The group member that proposes: the lowest reachable id; where none has an address, the
+    lowest id over libp2p (when every member speaks it); None when nobody can be dialled."""
     reachable = [r for r in group if r.address is not None]
     if not reachable:
+        if all(r.over_libp2p for r in group):
+            return min(group, key=lambda r: r.peer_id)
         return None
     lowest = min(reachable, key=lambda r: r.peer_id)
     if len(group) == 2 and group[0].client_mode != group[1].client_mode:
-        # A client-mode member and a reachable one: the client dials (it cannot be dialled).
+        # A client-mode member and a reachable one: the client dials (direct gRPC).
         return next(r for r in group if r.client_mode)
     return lowest
 

@@ -43,6 +43,11 @@ class PeerStats:
 _STAT_TYPES = {f.name: (int if f.name.endswith("_bytes") else float) for f in fields(PeerStats)}
 
 
+LIBP2P = "libp2p"
+"""Capability: exchanges over libp2p streams of the DHT's daemon (the path to a node with no
+gRPC address)."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PeerRecord:
     """What a node tells the swarm about itself."""
@@ -64,6 +69,12 @@ class PeerRecord:
     @property
     def client_mode(self) -> bool:
         return self.address is None
+
+    @property
+    def over_libp2p(self) -> bool:
+        """It serves exchanges over its DHT's libp2p streams (dialled by peer id, relayed or
+        hole-punched where it has no reachable address)."""
+        return LIBP2P in self.capabilities
 
     def to_wire(self) -> dict[str, Any]:
         """Plain msgpack-able dict (hivemind serialises DHT values with msgpack, never pickle)."""

@@ -18,12 +18,14 @@ from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
 from locoswarm.protocol.auth import ANY_TARGET, SERVICE, call_metadata
+from locoswarm.protocol.bytestream import StreamRoute, call_exchange
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
 from locoswarm.protocol.frames import (
     LocalView,
     OutFrame,
     PayloadReader,
     Received,
+    payload_size,
     serialize,
     truncated,
 )
@@ -157,7 +159,7 @@ class PeerClient:
 
     async def exchange(
         self,
-        address: str,
+        route: str | StreamRoute,
         outgoing: Outgoing,
         *,
         view: LocalView,
@@ -165,7 +167,8 @@ class PeerClient:
         check: Callable[[Received], Awaitable[object]] | None = None,
         target: str = ANY_TARGET,
     ) -> Received:
-        """Swap payloads with the node at ``address``; return its validated payload.
+        """Swap payloads with the node at ``route`` (``host:port`` of its gRPC server, or a byte
+        stream the node opens: the libp2p path); return its validated payload.
 
         Only the header goes out before the peer accepts; then both payloads cross at once.
         ``check`` (e.g. decoding) runs on the peer's payload before we confirm receipt with a
@@ -175,6 +178,7 @@ class PeerClient:
         deadline passes.
         """
         timeout_s = timeout_s or self.config.call_timeout_s
+        address = route.name if isinstance(route, StreamRoute) else route
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future[bool] = loop.create_future()
         confirm: asyncio.Future[bool] = loop.create_future()
@@ -197,7 +201,7 @@ class PeerClient:
             if await confirm:
                 yield pb.Frame(reply=pb.Reply(accepted=True))
 
-        async def reply(call: Any) -> Received:
+        async def reply(call: AsyncIterator[pb.Frame]) -> Received:
             frames = aiter(call)
             first = await next_frame(frames, address, self.config.frame_timeout_s)
             if first is None:
@@ -224,11 +228,22 @@ class PeerClient:
                 raise error_for("out_of_order", address, "a frame after the payload")
             return received
 
-        call = self._exchange_method(address)(
-            requests(), timeout=timeout_s, metadata=self._metadata("Exchange", target)
-        )
         try:
-            return await self._settle(address, call, reply(call))
+            if isinstance(route, StreamRoute):
+                received: Received = await call_exchange(
+                    route,
+                    self._metadata("Exchange", target),
+                    requests(),
+                    reply,
+                    timeout_s=timeout_s,
+                    max_frame_bytes=self.config.limits.max_chunk_bytes,
+                    payload_bytes=payload_size(outgoing.payload),
+                )
+                return received
+            call = self._exchange_method(route)(
+                requests(), timeout=timeout_s, metadata=self._metadata("Exchange", target)
+            )
+            return await self._settle(route, call, reply(call))
         finally:
             for future in (accepted, confirm):
                 if not future.done():

@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from locoswarm.errors import PeerError, PeerUnavailable
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
-from locoswarm.protocol.auth import PEER_KEY, AuthInterceptor
+from locoswarm.protocol.auth import PEER_KEY, AuthInterceptor, TokenVerifier
+from locoswarm.protocol.bytestream import StreamServer
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
 from locoswarm.protocol.frames import Header, PayloadReader, serialize, truncated
 from locoswarm.protocol.handler import ExchangeHandler, Outgoing
@@ -64,7 +65,10 @@ def peer_of(context: Context, max_chars: int) -> str:
     return text
 
 
-class _Servicer:
+class Servicer:
+    """The Peer service's calls; a ``PeerServer`` serves them over gRPC, ``streams()`` over byte
+    streams."""
+
     def __init__(
         self,
         config: ProtocolConfig,
@@ -249,6 +253,19 @@ class _Servicer:
             self.handler.on_reject("internal")
             await self._abort(context, "internal", "internal error")
 
+    def streams(self, peer_id: str | None = None) -> StreamServer:
+        """Exchange calls over byte streams (the libp2p path), served by this servicer: the same
+        slots, limits, validation and handler; with a secret, tokens aimed at ``peer_id``."""
+        auth = self.config.auth
+        return StreamServer(
+            self.Exchange,
+            verifier=None if auth.secret is None else TokenVerifier(auth, peer_id),
+            max_frame_bytes=self.limits.max_chunk_bytes,
+            call_timeout_s=self.config.call_timeout_s,
+            frame_timeout_s=self.config.frame_timeout_s,
+            on_reject=self.handler.on_reject,
+        )
+
     async def FetchState(self, request: pb.FetchStateRequest, context: Context) -> None:
         peer = "?"
         try:
@@ -275,7 +292,7 @@ class _Servicer:
         return pb.StatusReply(**dataclasses.asdict(self.handler.status()))
 
 
-def _method_handlers(servicer: _Servicer) -> grpc.GenericRpcHandler:
+def _method_handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
     """The Peer service with a serializer that passes pre-serialised chunk frames through."""
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
@@ -306,7 +323,7 @@ class PeerServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
-    servicer: _Servicer
+    servicer: Servicer
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -318,12 +335,15 @@ class PeerServer:
         bucket: TokenBucket | None = None,
         faults: FaultPlan = NO_FAULTS,
         peer_id: str | None = None,
+        servicer: Servicer | None = None,
     ) -> AsyncIterator[PeerServer]:
         """Bind, serve, and on exit stop within ``config.shutdown_grace_s``.
 
         ``bucket`` caps what this node sends; give the server and the client the same one
         (``config.make_bucket()``) so the cap holds for the node as a whole. With ``peer_id``
-        (a node's), a token must be aimed at that id (``auth.TokenVerifier``).
+        (a node's), a token must be aimed at that id (``auth.TokenVerifier``). ``servicer``:
+        one the node also serves over byte streams (``Servicer.streams``), so both paths share
+        its transfer slots and byte budget.
         """
         interceptors = []
         if config.auth.secret is not None:
@@ -336,9 +356,10 @@ class PeerServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             compression=grpc.Compression.NoCompression,  # gzip of float bytes: 19 MB/s (ops.md)
         )
-        servicer = _Servicer(
-            config, handler, bucket if bucket is not None else config.make_bucket(), faults
-        )
+        if servicer is None:
+            servicer = Servicer(
+                config, handler, bucket if bucket is not None else config.make_bucket(), faults
+            )
         server.add_generic_rpc_handlers((_method_handlers(servicer),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

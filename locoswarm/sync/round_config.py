@@ -74,8 +74,9 @@ class RoundConfig:
     clip_factor: float = 2.0
     """A partner's tensor may lie at most this many times the median of recent partner
     distances from ours (relative distance)."""
-    clip_violation: float = 2.0
-    """A partner beyond this many thresholds is blamed (counted toward a ban)."""
+    clip_violation: float = 4.0
+    """A partner beyond this many thresholds is blamed (counted toward a ban); an honest partner
+    that took several solo rounds lies a few thresholds away, an attacker tens."""
     clip_window: int = 16
     """Partner distances the median is taken over."""
     clip_warmup: int = 4

@@ -175,3 +175,30 @@ class StatusReply(_message.Message):
     problems: _containers.RepeatedScalarFieldContainer[str]
     val_loss: float
     def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., outer_step: _Optional[int] = ..., strategy: _Optional[str] = ..., version: _Optional[str] = ..., num_peers: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ..., val_loss: _Optional[float] = ...) -> None: ...
+
+class StreamOpen(_message.Message):
+    __slots__ = ("method", "metadata", "timeout_s")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    metadata: _containers.ScalarMap[str, str]
+    timeout_s: float
+    def __init__(self, method: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class StreamEnd(_message.Message):
+    __slots__ = ("ok", "reason", "detail")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    reason: Reason
+    detail: str
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -35,11 +35,13 @@ def test_roster_entries_are_checked() -> None:
 
 
 def test_the_lower_index_dials_unless_only_the_other_can_be_dialled() -> None:
-    members = [("a", "h:1"), ("b", "h:2"), ("c", None)]
+    members = [("a", "h:1"), ("b", "h:2"), ("c", None), ("d", None)]
     assert dials(members, 0, 1)
     assert not dials(members, 1, 0)
-    assert not dials(members, 0, 2)  # nobody can dial a client-mode member...
-    assert dials(members, 2, 0)  # ...so it dials
+    assert not dials(members, 0, 2)  # a member without an address dials one with (gRPC)...
+    assert dials(members, 2, 0)
+    assert dials(members, 2, 3)  # ...and between two without, the lower index (libp2p)
+    assert not dials(members, 3, 2)
 
 
 async def _group(vectors: list[torch.Tensor], fail: str | None = None) -> list[torch.Tensor]:
@@ -51,7 +53,7 @@ async def _group(vectors: list[torch.Tensor], fail: str | None = None) -> list[t
     bounds = shard_bounds(vectors[0].numel(), len(ids))
 
     def swapper(me: str):
-        async def swap(phase: str, peer: str, address: str, ours: torch.Tensor) -> torch.Tensor:
+        async def swap(phase: str, peer: str, ours: torch.Tensor) -> torch.Tensor:
             if fail in (me, peer):
                 raise PeerError(peer, "link down")
             other = groups[peer]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from locoswarm.peers import Match, Matchmaker, PeerRecord, PeersConfig, plan_round
+from locoswarm.peers.records import LIBP2P
 from locoswarm.peers.pairing import (
     ResponderState,
     cut_groups,
@@ -49,7 +50,9 @@ def node(config: PeersConfig, peer_id: str) -> Matchmaker[Session]:
     return Matchmaker[Session](config, peer_id, clock=asyncio.get_running_loop().time)
 
 
-def record(peer: str, step: int, *, client: bool = False, fp: str = "fp") -> PeerRecord:
+def record(
+    peer: str, step: int, *, client: bool = False, fp: str = "fp", libp2p: bool = False
+) -> PeerRecord:
     return PeerRecord(
         peer_id=peer,
         address=None if client else f"127.0.0.1:{1000 + int(peer[1:])}",
@@ -57,6 +60,7 @@ def record(peer: str, step: int, *, client: bool = False, fp: str = "fp") -> Pee
         model_fingerprint=fp,
         sync="noloco",
         version="t",
+        capabilities=(LIBP2P,) if libp2p else (),
     )
 
 
@@ -75,7 +79,9 @@ class Swarm:
         clients: AbstractSet[int] = frozenset(),
         dead: AbstractSet[int] = frozenset(),
         group_size: int = 2,
+        libp2p: bool = False,
     ) -> None:
+        self.libp2p = libp2p
         self.rng = random.Random(seed)
         self.ids = [f"n{i:02d}" for i in range(n)]
         self.clients = {self.ids[i] for i in clients}
@@ -90,7 +96,7 @@ class Swarm:
     def view_of(self, me: str, step: int) -> list[PeerRecord]:
         # Each node misses a random ~25% of the others: views disagree.
         return [
-            record(p, step, client=p in self.clients)
+            record(p, step, client=p in self.clients, libp2p=self.libp2p)
             for p in self.ids
             if p == me or self.rng.random() > 0.25
         ]
@@ -112,7 +118,7 @@ class Swarm:
 
         async def one(peer: str) -> Match[Session]:
             await asyncio.sleep(self.rng.uniform(0, ARRIVAL_JITTER_S))  # nodes arrive apart
-            me = record(peer, step, client=peer in self.clients)
+            me = record(peer, step, client=peer in self.clients, libp2p=self.libp2p)
             began = loop.time()
             match = await self.nodes[peer].match(
                 me, self.view_of(peer, step), self.transport(peer), deadline_s=DEADLINE_S
@@ -133,7 +139,13 @@ class Swarm:
         return results
 
 
-def check_round(results: dict[str, Match[Session]], clients: set[str], group_size: int = 2) -> None:
+def check_round(
+    results: dict[str, Match[Session]],
+    clients: set[str],
+    group_size: int = 2,
+    *,
+    libp2p: bool = False,
+) -> None:
     exchanges: dict[str, int] = {p: 0 for p in results}
     for peer, match in results.items():
         if match.role == "dialler":
@@ -144,7 +156,7 @@ def check_round(results: dict[str, Match[Session]], clients: set[str], group_siz
                 assert other.role == "responder", (peer, partner)
                 assert other.partners == (peer,), (peer, partner)
                 exchanges[partner] += 1
-                assert not (peer in clients and partner in clients)
+                assert libp2p or not (peer in clients and partner in clients)
         elif match.role == "responder":
             (dialler,) = match.partners
             # Either the dialler holds the session, or it gave up at its deadline after we
@@ -191,6 +203,19 @@ async def test_an_all_client_swarm_goes_solo_with_a_reason() -> None:
         "dialled" in m.reason or "no proposal" in m.reason or "deadline" in m.reason
         for m in results.values()
     )
+
+
+@pytest.mark.parametrize("group_size", [2, 4])
+async def test_nodes_without_addresses_pair_over_libp2p(group_size: int) -> None:
+    """Where every node serves exchanges over libp2p, client-mode nodes pair with each other:
+    the lowest id of a group without addresses dials."""
+    swarm = Swarm(6, seed=2, clients={0, 1, 2, 3, 4, 5}, group_size=group_size, libp2p=True)
+    paired = 0
+    for step in range(4):
+        results = await swarm.round(step)
+        check_round(results, swarm.clients, group_size, libp2p=True)
+        paired += sum(m.role != "solo" for m in results.values())
+    assert paired >= 4 * 6 // 2
 
 
 async def test_diloco_groups_of_four() -> None:

@@ -11,7 +11,9 @@ from locoswarm.errors import ConfigError
 from locoswarm.sync.robust import Clipper, poison, relative_distance
 from locoswarm.sync.round_config import RoundConfig
 
-CFG = RoundConfig(clip_factor=2.0, clip_window=4, clip_warmup=2, clip_initial=0.5)
+CFG = RoundConfig(
+    clip_factor=2.0, clip_window=4, clip_warmup=2, clip_initial=0.5, clip_violation=2.0
+)
 
 
 def test_relative_distance_by_hand() -> None:
