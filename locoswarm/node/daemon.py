@@ -33,6 +33,7 @@ from locoswarm.node.diagnosis import Diagnosis
 from locoswarm.node.handler import NodeHandler
 from locoswarm.node.metrics import CAUSES, NodeMetrics
 from locoswarm.node.outer import OuterStep, fingerprint
+from locoswarm.node.paths import Paths
 from locoswarm.node.reachability import self_test
 from locoswarm.node.report import Reporter
 from locoswarm.node.round import RoundRunner
@@ -42,8 +43,9 @@ from locoswarm.peers import Matchmaker, PeerHealth, PeerRecord
 from locoswarm.peers.config import default_pairing
 from locoswarm.peers.membership import Membership, check_join_addresses
 from locoswarm.peers.reach import ProbeService
-from locoswarm.peers.records import PeerStats
+from locoswarm.peers.records import LIBP2P, PeerStats
 from locoswarm.protocol import PeerClient, PeerServer, ProtocolConfig
+from locoswarm.protocol.server import Servicer
 from locoswarm.tasks.task import TaskFactory, node_data_seed
 
 log = logging.getLogger("locoswarm.node")
@@ -162,10 +164,16 @@ class Daemon:
             )
             handler.outer_step = self.next_round
             address = None
+            servicer = Servicer(protocol, handler, bucket, self.faults)
             if not peers_cfg.client_mode:
                 server = await stack.enter_async_context(
                     PeerServer.start(
-                        protocol, handler, bucket=bucket, faults=self.faults, peer_id=self.peer_id
+                        protocol,
+                        handler,
+                        bucket=bucket,
+                        faults=self.faults,
+                        peer_id=self.peer_id,
+                        servicer=servicer,
                     )
                 )
                 address = cfg.announce or f"{_display_host(protocol.host)}:{server.port}"
@@ -178,8 +186,15 @@ class Daemon:
                 faults=self.faults,
             )
             stack.push_async_callback(client.close)
-            # Every node dials the addresses peers ask it to test (their reachability probes).
-            await ProbeService(client.reachable).start(await membership.p2p())
+            # Every node dials the addresses peers ask it to test (their reachability probes),
+            # and serves exchanges over libp2p streams (the path to nodes without an address).
+            p2p = await membership.p2p()
+            await ProbeService(client.reachable).start(p2p)
+            paths = Paths(
+                p2p, view.record_of, self.metrics, relay_budget=protocol.relay_budget_bytes
+            )
+            await paths.serve(servicer.streams(self.peer_id))
+            stack.callback(setattr, servicer, "stopping", True)
             if peers_cfg.initial_peers and (
                 restored is None or await view.far_behind(self.next_round, outer)
             ):
@@ -193,7 +208,7 @@ class Daemon:
                 model_fingerprint=outer.fingerprint,
                 sync=cfg.sync.mode,
                 version=__version__,
-                capabilities=CODEC_CHOICES,
+                capabilities=(*CODEC_CHOICES, LIBP2P),
                 secret_proof=view.proof(self.peer_id),
             )
             await membership.announce(record)
@@ -211,6 +226,7 @@ class Daemon:
                 record=record,
                 metrics=self.metrics,
                 faults=self.faults,
+                route=paths.route,
             )
             try:
                 async with asyncio.TaskGroup() as tasks:

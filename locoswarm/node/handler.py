@@ -17,10 +17,10 @@ from torch import Tensor
 
 from locoswarm.errors import IncompatiblePeer, PeerUnavailable, ProtocolViolation
 from locoswarm.node.group import GroupRound, parse_roster, shard_bounds
-from locoswarm.node.metrics import NodeMetrics
+from locoswarm.node.metrics import PATHS, NodeMetrics
 from locoswarm.node.outer import OuterStep, Prepared
 from locoswarm.peers import Matchmaker, PeerHealth
-from locoswarm.protocol import Header, LocalView, Outgoing, Received, StatusInfo
+from locoswarm.protocol import Header, LocalView, Outgoing, Received, StatusInfo, bytestream
 from locoswarm.sync.rounds import compatible_rounds
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,12 @@ class Round:
     responder_peer: str | None = None
     group: GroupRound | None = None
     """DiLoCo groups of more than 2: the group's shared state this round."""
+    path: str = "grpc"
+    """The slowest path this round's payloads took (grpc, libp2p, relayed)."""
+
+    def took(self, path: str) -> None:
+        if PATHS.index(path) > PATHS.index(self.path):
+            self.path = path
 
 
 class NodeHandler:
@@ -286,6 +292,10 @@ class NodeHandler:
         self.bytes[direction] += num_bytes
         counter = self.metrics.bytes_sent if direction == "sent" else self.metrics.bytes_received
         counter.labels(kind="exchange").inc(num_bytes)
+        via = bytestream.path.get()  # the call this chunk belongs to runs in its own context
+        self.metrics.path_bytes.labels(path=via, direction=direction).inc(num_bytes)
+        if self.round is not None:
+            self.round.took(via)
 
     def on_reject(self, reason: str) -> None:
         self.metrics.rejected.labels(reason=reason).inc()

@@ -28,6 +28,10 @@ DISTANCE_BUCKETS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.
 CLIP_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 100.0)
 
 
+PATHS = ("grpc", "libp2p", "relayed")
+"""How an exchange travels: direct gRPC, a libp2p stream (direct or hole-punched), or a relay."""
+
+
 class NodeMetrics:
     """One registry per daemon, so several nodes can live in one process (tests)."""
 
@@ -139,6 +143,18 @@ class NodeMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        self.path_bytes = Counter(
+            "locoswarm_protocol_path_bytes",
+            "Exchange payload bytes by path (grpc, libp2p, relayed) and direction",
+            ["path", "direction"],
+            registry=r,
+        )
+        self.exchange_paths = Counter(
+            "locoswarm_sync_exchange_paths",
+            "Completed exchanges by the path they took (grpc, libp2p, relayed)",
+            ["path"],
+            registry=r,
+        )
         self.exchanges = Counter(
             "locoswarm_sync_exchanges", "Outer steps by how they ended", ["result"], registry=r
         )
@@ -156,6 +172,10 @@ class NodeMetrics:
         for kind in ("exchange", "state"):
             self.bytes_sent.labels(kind=kind)
             self.bytes_received.labels(kind=kind)
+        for path in PATHS:
+            self.exchange_paths.labels(path=path)
+            for direction in ("sent", "received"):
+                self.path_bytes.labels(path=path, direction=direction)
         for reason in REASONS:  # every series exists from the start (dashboards, alerts)
             self.rejected.labels(reason=reason)
         self._server: Any = None

@@ -137,13 +137,19 @@ class Reporter:
             lambda: (weights_digest(b.theta), weights_digest(outcome.phi))
         )
         ok = outcome.result == "ok"
+        if ok:
+            self.metrics.exchange_paths.labels(path=outcome.path).inc()
         quality = "" if b.val_loss is None else f", validation loss {b.val_loss:.4f}"
         if outcome.distance is not None:
             quality += f", partner distance {outcome.distance:.2e}"
         log.info(
             "round %d: %s, train loss %.4f%s, %.2fs, phi %s",
             outcome.round,
-            "exchanged" if ok else f"solo ({outcome.result})",
+            "exchanged"
+            if ok and outcome.path == "grpc"
+            else f"exchanged over {outcome.path}"
+            if ok
+            else f"solo ({outcome.result})",
             b.loss,
             quality,
             outcome.seconds,
@@ -155,6 +161,7 @@ class Reporter:
             "round": outcome.round,
             "outcome": "exchanged" if ok else outcome.result,
             "partners": list(outcome.partners),
+            "path": outcome.path if ok else None,
             "partner_rounds": list(outcome.partner_rounds),
             "applied_after": b.applied_after,
             "loss": b.loss,

@@ -33,13 +33,14 @@ from locoswarm.node.trainer import Boundary
 from locoswarm.node.view import SwarmView
 from locoswarm.peers import Match, Matchmaker, PeerRecord
 from locoswarm.protocol import LocalView, PeerClient, Received
+from locoswarm.protocol.bytestream import StreamRoute
 from locoswarm.protocol.frames import payload_bytes
 from locoswarm.protocol.reasons import REASONS
 from locoswarm.sync.robust import ATTACKS, Clip, poison
 
 log = logging.getLogger("locoswarm.node")
 
-REFUSALS = ("busy", "stale_round", "shutting_down")
+REFUSALS = ("busy", "stale_round", "shutting_down", "relay_budget")
 """Reasons a peer declines an exchange without anything being wrong: no backoff."""
 
 Result = Literal["ok", "solo", "failed", "error"]
@@ -67,6 +68,8 @@ class RoundOutcome:
     """A pair partner's tensors, each with its distance from ours and whether it was clipped."""
     banned: bool = False
     """The partner's clipped message got it banned."""
+    path: str = "grpc"
+    """The slowest path the exchange's payloads took (grpc, libp2p, relayed)."""
 
 
 @dataclass(slots=True)
@@ -101,7 +104,11 @@ class RoundRunner:
         record: PeerRecord,
         metrics: NodeMetrics,
         faults: FaultPlan,
+        route: Callable[[str], str | StreamRoute | None] | None = None,
     ) -> None:
+        """``route(peer)``: how to reach a partner (``Paths.route``); by default its gRPC
+        address only."""
+        self.route = route or view.address_of
         self.config = config
         self.peer_id = peer_id
         self.outer = outer
@@ -195,6 +202,7 @@ class RoundRunner:
             distance=distance,
             clips=tuple(clips),
             banned=banned,
+            path=attempt.current.path,
         )
 
     async def _round_faults(self, r: int, prepared: Prepared, theta: Tensor) -> None:
@@ -233,12 +241,12 @@ class RoundRunner:
         """Group proposals: an Exchange of kind ``join`` without tensors."""
 
         async def propose(peer: str, outer_step: int) -> list[Tensor] | None:
-            address = self.view.address_of(peer)
-            if address is None:
+            route = self.route(peer)
+            if route is None:
                 return None
             try:
                 await self.client.exchange(
-                    address,
+                    route,
                     self.outer.control(outer_step, "join"),
                     view=self._local_view(outer_step),
                     timeout_s=self.config.sync.match_deadline_s,
@@ -259,8 +267,8 @@ class RoundRunner:
         outer = self.outer
 
         async def propose(peer: str, outer_step: int) -> list[Tensor] | None:
-            address = self.view.address_of(peer)
-            if address is None:
+            route = self.route(peer)
+            if route is None:
                 return None
             decoded: list[list[Tensor]] = []
 
@@ -274,7 +282,7 @@ class RoundRunner:
 
             try:
                 await self.client.exchange(
-                    address,
+                    route,
                     attempt.prepared.outgoing,
                     view=self._local_view(outer_step),
                     timeout_s=self.config.sync.exchange_timeout_s,
@@ -314,11 +322,11 @@ class RoundRunner:
             group.roster.set_result(roster)
 
             async def send(peer: str) -> None:
-                address = self.view.address_of(peer)
-                if address is not None:
+                route = self.route(peer)
+                if route is not None:
                     with contextlib.suppress(PeerError):
                         await self.client.exchange(
-                            address,
+                            route,
                             outer.control(r, "roster", roster),
                             view=view,
                             timeout_s=sync.match_deadline_s,
@@ -339,7 +347,7 @@ class RoundRunner:
         bounds = shard_bounds(vector.numel(), len(ids))
         me = ids.index(self.peer_id)
 
-        async def swap(phase: str, peer: str, address: str, shard: Tensor) -> Tensor:
+        async def swap(phase: str, peer: str, shard: Tensor) -> Tensor:
             # reduce-scatter brings back our own shard; all-gather the peer's
             lo, hi = bounds[me] if phase == "rs" else bounds[ids.index(peer)]
             got: list[Tensor] = []
@@ -347,8 +355,11 @@ class RoundRunner:
             async def check(received: Received) -> None:
                 got.append(await asyncio.to_thread(outer.decode_shard, received, hi - lo))
 
+            route = self.route(peer)
+            if route is None:
+                raise PeerUnavailable(peer, "no route to a member of our group")
             await self.client.exchange(
-                address,
+                route,
                 outer.shard_message(r, phase, shard, roster),
                 view=view,
                 timeout_s=sync.exchange_timeout_s,

@@ -40,7 +40,8 @@ class PeersConfig:
     identity_path: Path | None = None
     """Private key file that keeps this node's DHT peer id across restarts."""
     client_mode: bool = False
-    """Only dial out: no inbound DHT or gRPC connections (a node behind NAT)."""
+    """No gRPC server and no inbound DHT requests (a node behind NAT). Peers still reach it
+    over libp2p: relayed through the peers it joined through, then hole-punched."""
     record_ttl_s: float = 30.0
     """Records expire this long after their last refresh."""
     refresh_interval_s: float = 10.0

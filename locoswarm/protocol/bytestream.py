@@ -315,7 +315,7 @@ async def call_exchange(
                 raise PeerUnavailable(
                     route.name,
                     f"the stream is relayed, and our {payload_bytes}-byte payload is over the "
-                    f"relay budget of {budget} bytes (sync.relay_budget_bytes)",
+                    f"relay budget of {budget} bytes (protocol.relay_budget_bytes)",
                     reason="relay_budget",
                 )
             try:

@@ -155,6 +155,9 @@ class ProtocolConfig:
     """Cap on what this node sends (token bucket over all calls); None for no cap."""
     shutdown_grace_s: float = 5.0
     """How long the server lets calls in flight finish when it stops."""
+    relay_budget_bytes: int = 120 << 10
+    """The largest payload sent over a relayed libp2p stream (p2pd's relays cut a connection
+    after about 128 KiB); a larger one means a solo step until the connection is direct."""
     max_reconnect_backoff_s: float = 10.0
     """Longest wait before a channel retries a peer it could not reach (gRPC's default, 120 s,
     would hide a peer that came back for minutes)."""
@@ -162,6 +165,10 @@ class ProtocolConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"protocol.port must be in 0..65535, got {self.port}")
+        if self.relay_budget_bytes < 0:
+            raise ConfigError(
+                f"protocol.relay_budget_bytes must be >= 0, got {self.relay_budget_bytes}"
+            )
         if not MIN_CHUNK_BYTES <= self.chunk_bytes <= self.limits.max_chunk_bytes:
             raise ConfigError(
                 f"protocol.chunk_bytes must be in 16 KiB..limits.max_chunk_bytes "

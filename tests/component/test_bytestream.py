@@ -12,10 +12,16 @@ from collections.abc import AsyncIterator
 import pytest
 
 from locoswarm.errors import AuthFailed, IncompatiblePeer, PeerUnavailable
-from locoswarm.protocol import AuthConfig, LocalView, Outgoing, PeerClient, ProtocolConfig
+from locoswarm.protocol import (
+    AuthConfig,
+    LocalView,
+    Outgoing,
+    PeerClient,
+    ProtocolConfig,
+    bytestream,
+)
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.auth import call_metadata
-from locoswarm.protocol import bytestream
 from locoswarm.protocol.bytestream import EXCHANGE, StreamRoute, read_message, write_message
 from locoswarm.protocol.frames import serialize
 from locoswarm.protocol.server import Servicer
@@ -149,14 +155,18 @@ async def _raw_call(route: StreamRoute, messages: list[bytes]) -> pb.StreamEnd:
         async with asyncio.timeout(10):
             while await read_message(reader, 1 << 24, None):
                 pass
-            return pb.StreamEnd.FromString(await read_message(reader, 4096, None) or b"")
+            end: pb.StreamEnd = pb.StreamEnd.FromString(
+                await read_message(reader, 4096, None) or b""
+            )
+            return end
     finally:
         writer.close()
 
 
 def _open(method: str = EXCHANGE) -> bytes:
     metadata = dict(call_metadata(AuthConfig(), method, "client"))
-    return pb.StreamOpen(method=method, metadata=metadata).SerializeToString()
+    data: bytes = pb.StreamOpen(method=method, metadata=metadata).SerializeToString()
+    return data
 
 
 @pytest.mark.parametrize(

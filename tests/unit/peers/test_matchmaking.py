@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import pytest
 
 from locoswarm.peers import Match, Matchmaker, PeerRecord, PeersConfig, plan_round
-from locoswarm.peers.records import LIBP2P
 from locoswarm.peers.pairing import (
     ResponderState,
     cut_groups,
@@ -29,6 +28,7 @@ from locoswarm.peers.pairing import (
     round_groups,
     shuffled,
 )
+from locoswarm.peers.records import LIBP2P
 
 # Virtual time for the async tests of this module; the sync ones have no loop and ignore it.
 pytestmark = pytest.mark.looptime

@@ -1,0 +1,48 @@
+"""The libp2p path on loopback: nodes that cannot be dialled (client mode, no gRPC server) pair
+with each other over streams of the DHT's libp2p daemon. The NAT test (tests/nat) runs the same
+behind masquerading routers where the machine allows network namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+
+from locoswarm.sim.replay import round_events
+from tests.faults.test_faults import metric
+from tests.integration.conftest import Nodes
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def test_two_client_mode_nodes_exchange_over_libp2p(nodes: Nodes, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("a-swarm-secret-of-some-length\n")
+    # The bootstrap node trains another run: it is nobody's partner, only the DHT's entry.
+    boot = nodes.start("--run-id", "bootstrap-only", "--secret-file", str(secret))
+    join = nodes.join_address(boot)
+    flags = ["--client-mode", "--join", join, "--rounds", "8", "--secret-file", str(secret)]
+    pair = [nodes.start(*flags, name=f"client{i}") for i in range(2)]
+    seen = 0.0
+    deadline = time.monotonic() + 180
+    while any(n.proc.poll() is None for n in pair) and time.monotonic() < deadline:
+        for node in pair:
+            with contextlib.suppress(OSError, KeyError):  # not ready yet, or just finished
+                seen = max(
+                    seen, metric(node, "locoswarm_sync_exchange_paths_total", 'path="libp2p"')
+                )
+        time.sleep(0.5)
+    for node in pair:
+        assert node.proc.wait(timeout=60) == 0, node.text()
+    ids = [str(n.info()["peer_id"]) for n in pair]
+    for node, other in zip(pair, reversed(ids), strict=True):
+        assert "grpc_port" not in node.info()  # no server: it cannot be dialled
+        exchanged = [e for e in round_events(node.text()) if e["outcome"] == "exchanged"]
+        assert len(exchanged) >= 3, node.text()
+        assert {e["path"] for e in exchanged} == {"libp2p"}
+        assert {p for e in exchanged for p in e["partners"]} == {other}
+        assert "exchanged over libp2p" in node.text()
+    assert seen >= 1
+    assert boot.stop() == 0
