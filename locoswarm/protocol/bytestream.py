@@ -63,6 +63,8 @@ class StreamRoute:
     relay_budget: int | None = None
     """The largest payload sent through a relay (relays are slow and cut long transfers);
     None: no limit."""
+    after: Callable[[str], Awaitable[None]] | None = None
+    """Called with the stream's path once the call is over, whatever its result."""
 
 
 async def read_message(reader: Reader, max_bytes: int, peer: str | None) -> bytes | None:
@@ -330,6 +332,8 @@ async def call_exchange(
         raise PeerUnavailable(route.name, f"the stream broke: {exc}", reason="truncated") from None
     finally:
         if token is not None:
+            if route.after is not None:
+                await route.after(path.get())
             path.reset(token)
 
 
