@@ -26,7 +26,8 @@ def advice(address: str) -> str:
         f"peers cannot dial this node at {address}, so only nodes that can be dialled will "
         f"pair with it. To fix: forward TCP port {port} (gRPC) to this machine and set "
         f"--announce PUBLIC_HOST:{port}; or, behind a NAT you do not control, run with "
-        "--client-mode (the node dials out and pairs with reachable peers only)"
+        "--client-mode (no server: peers reach the node over libp2p, relayed through the "
+        "peers it joined through, then hole-punched)"
     )
 
 
@@ -36,7 +37,10 @@ async def self_test(
     """Ask up to ``MAX_ASKED`` of the peers in ``join`` to dial ``address``; log and return
     whether one reached it (None: no peer could be asked, or the node dials out only)."""
     if address is None:
-        log.info("reachability: client mode, the node dials out only")
+        log.info(
+            "reachability: client mode, no gRPC server: peers reach this node over libp2p "
+            "(relayed through the peers it joined through, then hole-punched)"
+        )
         metrics.reachable.set(0)
         return None
     peers = [p for p in dict.fromkeys(peer_of(m) for m in join) if p is not None][:MAX_ASKED]
