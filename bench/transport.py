@@ -11,6 +11,9 @@ Two processes swap N bytes each way (N = 100,000,000, i.e. 25M fp32; ``--quick``
   (gRPC, plaintext / TLS with a throw-away CA and a server certificate for 127.0.0.1 and
   localhost). Each side owns a 1-D fp32 torch tensor; its bytes are ``x.numpy().tobytes()``, the
   reply is read back with ``torch.frombuffer`` and averaged in place, on both sides, in the timing.
+- ``locoswarm_stream``: the same ``PeerClient.exchange`` and servicer over the byte-stream
+  carrier (``protocol/bytestream.py``, the libp2p path's framing) on one plain TCP connection
+  per call instead of gRPC: what the frames cost without gRPC-python.
 - ``hivemind``: ``DecentralizedAverager.step()`` with ``target_group_size=2`` on a 1-D fp32
   tensor of N/4 elements; each process owns a ``hivemind.DHT``, the second joins the first. The
   time is the whole step (matchmaking + all-reduce) after a warm-up step.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -69,7 +73,7 @@ RAW_RECV_BYTES = 1 << 20
 """Most bytes one ``recv_into`` asks for (raw TCP)."""
 TLS_SEND_BYTES = 256 << 10
 """Bytes handed to one ``SSLSocket.send`` (raw TCP over TLS)."""
-METHODS = ("raw_tcp", "raw_tcp_tls", "locoswarm", "locoswarm_tls", "hivemind")
+METHODS = ("raw_tcp", "raw_tcp_tls", "locoswarm", "locoswarm_tls", "locoswarm_stream", "hivemind")
 ROLES = ("listen", "dial")
 HOST = "127.0.0.1"
 RUN_ID = "bench"
@@ -106,6 +110,8 @@ INCLUDES = {
     "received bytes and an in-place average x.add_(y).mul_(0.5) on both sides; the channel is "
     "opened in the warm-up round; tensor_ops_s gives the torch part of each side",
     "locoswarm_tls": "as locoswarm with TLS on (gRPC ssl credentials, CA-verified server cert)",
+    "locoswarm_stream": "as locoswarm, the frames over the byte-stream carrier (varint-framed "
+    "on an asyncio TCP stream, a new connection per call) instead of gRPC",
     "hivemind": "averager.step(): matchmaking through the DHT and the all-reduce through p2pd "
     "(libp2p, which encrypts by default), including hivemind's in-place update of the tensor; "
     "allreduce_s runs from the first side seen in RUNNING_ALLREDUCE (polled every "
@@ -319,6 +325,8 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
         TensorSpec,
         TlsConfig,
     )
+    from locoswarm.protocol.bytestream import StreamRoute
+    from locoswarm.protocol.server import Servicer
 
     # Received payloads are read-only bytes; we only read them (``x += y``), so torch's warning
     # about non-writable buffers is noise here.
@@ -409,8 +417,21 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
                 pass
 
         handler = Handler()
-        async with PeerServer.start(config, handler) as server:
-            conn.send(("addr", server.port))
+        async with contextlib.AsyncExitStack() as stack:
+            if a.method == "locoswarm_stream":
+                streams = Servicer(config, handler, None).streams()
+
+                async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                    await streams.serve(reader, writer, caller="dial", via="tcp")
+
+                listener = await asyncio.start_server(serve, HOST, 0)
+                stack.push_async_callback(listener.wait_closed)
+                stack.callback(listener.close)
+                port = listener.sockets[0].getsockname()[1]
+            else:
+                server = await stack.enter_async_context(PeerServer.start(config, handler))
+                port = server.port
+            conn.send(("addr", port))
             conn.send(("ready", info))
             while True:
                 msg = await recv()
@@ -431,7 +452,14 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
 
     port = await recv()
     assert port[0] == "addr"
-    address = f"{HOST}:{port[1]}"
+    address: str | StreamRoute = f"{HOST}:{port[1]}"
+    if a.method == "locoswarm_stream":
+
+        async def open_stream() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+            reader, writer = await asyncio.open_connection(HOST, port[1])
+            return reader, writer, "tcp"
+
+        address = StreamRoute("tcp", open_stream)
     client = PeerClient(config, peer_id="dial")
     last: tuple[bytes, bytes | bytearray | memoryview] | None = None
     try:
@@ -551,7 +579,7 @@ def worker_main(a: WorkerArgs, fd: int) -> int:
     try:
         if a.method in ("raw_tcp", "raw_tcp_tls"):
             _raw_worker(conn, a)
-        elif a.method in ("locoswarm", "locoswarm_tls"):
+        elif a.method in ("locoswarm", "locoswarm_tls", "locoswarm_stream"):
             _locoswarm_worker(conn, a)
         elif a.method == "hivemind":
             _hivemind_worker(conn, a)
@@ -876,6 +904,16 @@ def summarise(results: dict[str, MethodResult]) -> dict[str, Any]:
     # For information: the same figures against the TLS baselines.
     ratio("hivemind_s_over_locoswarm_tls_s", ("hivemind", "seconds"), ("locoswarm_tls", "seconds"))
     ratio(
+        "hivemind_s_over_locoswarm_stream_s",
+        ("hivemind", "seconds"),
+        ("locoswarm_stream", "seconds"),
+    )
+    ratio(
+        "locoswarm_stream_gbps_over_raw_tcp_gbps",
+        ("locoswarm_stream", "gbps"),
+        ("raw_tcp", "gbps"),
+    )
+    ratio(
         "locoswarm_tls_gbps_over_raw_tcp_tls_gbps",
         ("locoswarm_tls", "gbps"),
         ("raw_tcp_tls", "gbps"),
@@ -906,6 +944,7 @@ def plot(results: dict[str, MethodResult], summary: dict[str, Any], path: Path) 
         "raw_tcp_tls": "silver",
         "locoswarm": "tab:blue",
         "locoswarm_tls": "lightsteelblue",
+        "locoswarm_stream": "tab:cyan",
         "hivemind": "tab:red",
     }
     fig, ax = plt.subplots(figsize=(10, 5.5))

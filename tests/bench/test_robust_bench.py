@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.robust import main
 from locoswarm.sync.robust import ATTACKS
 
 
+@pytest.mark.timeout(300)  # 8 simulator runs: about 30 s alone, several times that under load
 def test_a_short_run_writes_every_attack_with_and_without_clipping(tmp_path: Path) -> None:
     out = tmp_path / "robust.json"
     args = ["--modes", "noloco", "--rounds", "2", "--inner-steps", "2", "--json", str(out)]
