@@ -23,7 +23,7 @@ def test_two_client_mode_nodes_exchange_over_libp2p(nodes: Nodes, tmp_path: Path
     # The bootstrap node trains another run: it is nobody's partner, only the DHT's entry.
     boot = nodes.start("--run-id", "bootstrap-only", "--secret-file", str(secret))
     join = nodes.join_address(boot)
-    flags = ["--client-mode", "--join", join, "--rounds", "8", "--secret-file", str(secret)]
+    flags = ["--client-mode", "--join", join, "--rounds", "6", "--secret-file", str(secret)]
     pair = [nodes.start(*flags, name=f"client{i}") for i in range(2)]
     seen = 0.0
     deadline = time.monotonic() + 180
@@ -45,4 +45,28 @@ def test_two_client_mode_nodes_exchange_over_libp2p(nodes: Nodes, tmp_path: Path
         assert {p for e in exchanged for p in e["partners"]} == {other}
         assert "exchanged over libp2p" in node.text()
     assert seen >= 1
+    assert boot.stop() == 0
+
+
+def test_a_diloco_group_of_three_client_mode_nodes_averages_over_libp2p(nodes: Nodes) -> None:
+    """Groups too: nobody has an address, the lowest id leads, every shard travels over libp2p,
+    and the three leave each round with the same outer weights."""
+    boot = nodes.start("--run-id", "bootstrap-only")
+    join = nodes.join_address(boot)
+    flags = ["--client-mode", "--join", join, "--rounds", "6", "--sync", "diloco"]
+    flags += ["--bits", "32", "--set", "sync.group_size=3", "--set", "peers.min_peers=2"]
+    trio = [nodes.start(*flags, name=f"member{i}") for i in range(3)]
+    for node in trio:
+        assert node.proc.wait(timeout=200) == 0, node.text()
+    phis: dict[int, list[str]] = {}
+    for node in trio:
+        exchanged = [e for e in round_events(node.text()) if e["outcome"] == "exchanged"]
+        assert len(exchanged) >= 3, node.text()
+        assert {e["path"] for e in exchanged} == {"libp2p"}
+        for e in exchanged:
+            assert len(e["partners"]) == 2
+            phis.setdefault(int(e["round"]), []).append(str(e["phi"]))
+    assert sum(len(ids) == 3 for ids in phis.values()) >= 3, phis  # rounds all three averaged
+    for ids in phis.values():
+        assert len(set(ids)) == 1, phis  # and left with the same outer weights
     assert boot.stop() == 0

@@ -18,7 +18,7 @@ from tests.nat.netns import NatTopology, netns_available
 
 pytestmark = [pytest.mark.integration]
 
-ROUNDS = 10
+ROUNDS = 8
 
 
 @pytest.fixture
