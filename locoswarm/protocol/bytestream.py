@@ -321,9 +321,12 @@ async def call_exchange(
                     reason="relay_budget",
                 )
             try:
-                return await _call(
-                    route, reader, writer, metadata, requests, reply, timeout_s, max_frame_bytes
+                opened = pb.StreamOpen(
+                    method=EXCHANGE, metadata=dict(metadata), timeout_s=timeout_s
                 )
+                await write_message(writer, opened.SerializeToString())
+                frames = ReplyFrames(reader, max_frame_bytes + _FRAME_OVERHEAD, route.name)
+                return await _swap(writer, requests, reply(frames))
             finally:
                 writer.close()
     except TimeoutError:
@@ -337,18 +340,8 @@ async def call_exchange(
             path.reset(token)
 
 
-async def _call(
-    route: StreamRoute,
-    reader: Reader,
-    writer: Writer,
-    metadata: Iterable[tuple[str, str]],
-    requests: AsyncIterator[OutFrame],
-    reply: Callable[[AsyncIterator[pb.Frame]], Awaitable[Any]],
-    timeout_s: float,
-    max_frame_bytes: int,
-) -> Any:
-    opened = pb.StreamOpen(method=EXCHANGE, metadata=dict(metadata), timeout_s=timeout_s)
-    await write_message(writer, opened.SerializeToString())
+async def _swap(writer: Writer, requests: AsyncIterator[OutFrame], reply: Awaitable[Any]) -> Any:
+    """Send ``requests`` and our end-of-frames marker while ``reply`` reads the callee's frames."""
 
     async def send() -> None:
         async for frame in requests:
@@ -357,7 +350,7 @@ async def _call(
 
     sending = asyncio.ensure_future(send())
     try:
-        result = await reply(ReplyFrames(reader, max_frame_bytes + _FRAME_OVERHEAD, route.name))
+        result = await reply
         await sending
         return result
     finally:
