@@ -210,6 +210,7 @@ def _cmd_sim(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from locoswarm.node.export import add_export_arguments
     from locoswarm.node.health import add_health_arguments
     from locoswarm.node.run import add_demo_arguments, add_run_arguments, add_status_arguments
     from locoswarm.node.top import add_swarm_arguments
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_health_arguments(sub.add_parser("health", help="exit 0 when a node is SERVING"))
     add_swarm_arguments(
         sub.add_parser("swarm", help="every live peer of a swarm, from the DHT (trains nothing)")
+    )
+    add_export_arguments(
+        sub.add_parser("export", help="merge live nodes' or checkpoints' weights into one file")
     )
     sim = sub.add_parser("sim", help="simulate a swarm in one process")
     add_sim_arguments(sim)

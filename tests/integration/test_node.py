@@ -22,11 +22,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 @pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
 def test_three_nodes_join_exchange_and_learn(nodes: Nodes, mode: str) -> None:
     extra: list[str] = []
-    first = nodes.start("--sync", mode, "--rounds", "30", *extra)
+    first = nodes.start("--sync", mode, "--rounds", "18", *extra)
     join = nodes.join_address(first)
     first.wait_for(r"round 1: ")  # the others join a running swarm: they fetch its state
     others = [
-        nodes.start("--sync", mode, "--rounds", "30", "--join", join, *extra) for _ in range(2)
+        nodes.start("--sync", mode, "--rounds", "18", "--join", join, *extra) for _ in range(2)
     ]
     for node in [first, *others]:
         assert node.proc.wait(timeout=200) == 0, node.text()
@@ -221,7 +221,7 @@ def test_demo_starts_a_local_swarm_that_exchanges(tmp_path: Path) -> None:
             "--nodes",
             "2",
             "--rounds",
-            "30",
+            "10",
             "--inner-steps",
             "20",
             "--dir",
