@@ -198,7 +198,7 @@ class Daemon:
             if peers_cfg.initial_peers and (
                 restored is None or await view.far_behind(self.next_round, outer)
             ):
-                joined = await view.late_join(client, trainer, outer)
+                joined = await view.late_join(client, trainer, outer, paths.route_to)
                 self.next_round = self.next_round if joined is None else joined
             handler.outer_step = self.next_round
             record = PeerRecord(

@@ -52,8 +52,11 @@ class Paths:
     def route(self, peer: str) -> str | StreamRoute | None:
         """Its gRPC address; else a libp2p route when it serves exchanges there; else None."""
         record = self.record_of(peer)
-        if record is None:
-            return None
+        return None if record is None else self.route_to(record)
+
+    def route_to(self, record: PeerRecord) -> str | StreamRoute | None:
+        """How to reach the node of ``record`` (``route``, from a record in hand)."""
+        peer = record.peer_id
         if record.address is not None:
             return record.address
         if not record.over_libp2p:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from locoswarm.errors import PeerError
 from locoswarm.node.config import NodeConfig
@@ -21,6 +22,7 @@ from locoswarm.peers import PeerRecord
 from locoswarm.peers.membership import Membership
 from locoswarm.peers.records import secret_proof
 from locoswarm.protocol import LocalView, PeerClient
+from locoswarm.protocol.bytestream import StreamRoute
 from locoswarm.tasks.inner import weights_digest
 
 log = logging.getLogger("locoswarm.node")
@@ -185,18 +187,36 @@ class SwarmView:
         )
         return True
 
-    async def late_join(self, client: PeerClient, trainer: Trainer, outer: OuterStep) -> int | None:
+    async def late_join(
+        self,
+        client: PeerClient,
+        trainer: Trainer,
+        outer: OuterStep,
+        route_to: Callable[[PeerRecord], str | StreamRoute | None] | None = None,
+    ) -> int | None:
         """Start from a live peer's outer weights and round when the swarm is already going;
-        returns the round we start at (None: nobody to fetch from)."""
+        returns the round we start at (None: nobody to fetch from). ``route_to``: how to reach
+        a peer (``Paths.route_to``: a node without an address over libp2p); by default its gRPC
+        address only."""
         records = await self._list("for a late join")
         if records is None:
             return None
-        live = [r for r in self._compatible(records, outer) if r.address and r.outer_step > 0]
-        for record in sorted(live, key=lambda r: -r.outer_step):
-            assert record.address is not None  # filtered above
+        reach = route_to or (lambda r: r.address)
+        routes = {r.peer_id: reach(r) for r in self._compatible(records, outer)}
+        live = [
+            r
+            for r in self._compatible(records, outer)
+            if routes[r.peer_id] is not None and r.outer_step > 0
+        ]
+        state_bytes = 2 * 4 * outer.phi.numel()  # phi and momentum, fp32
+        for record in sorted(live, key=lambda r: (r.address is None, -r.outer_step)):
+            route = routes[record.peer_id]
+            assert route is not None  # filtered above
             view = LocalView(run_id=self.config.run_id, model_fingerprint=outer.fingerprint)
             try:
-                state = await client.fetch_state(record.address, view=view, target=record.peer_id)
+                state = await client.fetch_state(
+                    route, view=view, target=record.peer_id, expect_bytes=state_bytes
+                )
                 await asyncio.to_thread(outer.load_state_payload, state)
             except PeerError as exc:
                 log.warning("could not fetch state from %s: %s", record.peer_id, exc)

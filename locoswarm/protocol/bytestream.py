@@ -38,6 +38,9 @@ from locoswarm.protocol.reasons import (
 log = logging.getLogger(__name__)
 
 EXCHANGE = SERVICE + "Exchange"
+FETCH_STATE = SERVICE + "FetchState"
+METHODS = (EXCHANGE, FETCH_STATE)
+"""What the stream path serves: the exchange, and a late joiner's state."""
 MAX_OPEN_BYTES = 16 << 10
 """A ``StreamOpen`` is the method and a few short metadata entries."""
 _FRAME_OVERHEAD = 64
@@ -214,6 +217,7 @@ class StreamContext:
 
 
 ExchangeService = Callable[[AsyncIterator[bytes], Any], Awaitable[None]]
+FetchStateService = Callable[[pb.FetchStateRequest, Any], Awaitable[None]]
 
 
 class StreamServer:
@@ -224,6 +228,7 @@ class StreamServer:
         self,
         exchange: ExchangeService,
         *,
+        fetch_state: FetchStateService,
         verifier: TokenVerifier | None,
         max_frame_bytes: int,
         call_timeout_s: float,
@@ -231,6 +236,7 @@ class StreamServer:
         on_reject: Callable[[str], None],
     ) -> None:
         self.exchange = exchange
+        self.fetch_state = fetch_state
         self.verifier = verifier
         self.max_frame_bytes = max_frame_bytes
         self.call_timeout_s = call_timeout_s
@@ -268,14 +274,20 @@ class StreamServer:
         opened = _parse(pb.StreamOpen, raw, caller)
         context = StreamContext(writer, opened, caller, self.call_timeout_s, self.frame_timeout_s)
         self._check(opened, context.metadata, caller)
-        await self.exchange(
-            InFrames(reader, self.max_frame_bytes + _FRAME_OVERHEAD, caller), context
-        )
+        if opened.method == FETCH_STATE:
+            async with asyncio.timeout(self.frame_timeout_s):
+                raw = await read_message(reader, MAX_OPEN_BYTES, caller)
+            request = _parse(pb.FetchStateRequest, raw or b"", caller)
+            await self.fetch_state(request, context)
+        else:
+            await self.exchange(
+                InFrames(reader, self.max_frame_bytes + _FRAME_OVERHEAD, caller), context
+            )
         await context.end(True)
 
     def _check(self, opened: pb.StreamOpen, metadata: dict[str, str], caller: str) -> None:
         """Refuse a call that may not start: another method, a bad token, another's name."""
-        if opened.method != EXCHANGE:
+        if opened.method not in METHODS:
             raise error_for("malformed", caller, f"no method {opened.method[:64]!r} on this path")
         if self.verifier is not None:
             try:
@@ -287,8 +299,9 @@ class StreamServer:
             raise error_for("unauthenticated", caller, "the caller id is not the stream's peer")
 
 
-async def call_exchange(
+async def call_stream(
     route: StreamRoute,
+    method: str,
     metadata: Iterable[tuple[str, str]],
     requests: AsyncIterator[OutFrame],
     reply: Callable[[AsyncIterator[pb.Frame]], Awaitable[Any]],
@@ -297,10 +310,11 @@ async def call_exchange(
     max_frame_bytes: int,
     payload_bytes: int,
 ) -> Any:
-    """One Exchange over ``route``: send ``requests`` (then our end-of-frames marker) while
-    ``reply`` reads the callee's frames; return what ``reply`` returns. Raises a ``PeerError``
-    for a refusal, a broken stream or the deadline, and (reason ``relay_budget``) for a payload
-    of ``payload_bytes`` over the route's relay budget when the stream is relayed."""
+    """One call of ``method`` over ``route``: send ``requests`` (then our end-of-frames marker)
+    while ``reply`` reads the callee's frames; return what ``reply`` returns. Raises a
+    ``PeerError`` for a refusal, a broken stream or the deadline, and (reason ``relay_budget``)
+    when the stream is relayed and ``payload_bytes`` (the larger payload of the call) is over the
+    route's relay budget."""
     token = None
     try:
         async with asyncio.timeout(timeout_s):
@@ -316,14 +330,12 @@ async def call_exchange(
                 writer.close()
                 raise PeerUnavailable(
                     route.name,
-                    f"the stream is relayed, and our {payload_bytes}-byte payload is over the "
+                    f"the stream is relayed, and a {payload_bytes}-byte payload is over the "
                     f"relay budget of {budget} bytes (protocol.relay_budget_bytes)",
                     reason="relay_budget",
                 )
             try:
-                opened = pb.StreamOpen(
-                    method=EXCHANGE, metadata=dict(metadata), timeout_s=timeout_s
-                )
+                opened = pb.StreamOpen(method=method, metadata=dict(metadata), timeout_s=timeout_s)
                 await write_message(writer, opened.SerializeToString())
                 frames = ReplyFrames(reader, max_frame_bytes + _FRAME_OVERHEAD, route.name)
                 return await _swap(writer, requests, reply(frames))

@@ -18,7 +18,7 @@ from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol._gen import locoswarm_pb2_grpc as pb_grpc
 from locoswarm.protocol.auth import ANY_TARGET, SERVICE, call_metadata
-from locoswarm.protocol.bytestream import StreamRoute, call_exchange
+from locoswarm.protocol.bytestream import EXCHANGE, FETCH_STATE, StreamRoute, call_stream
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
 from locoswarm.protocol.frames import (
     LocalView,
@@ -230,8 +230,9 @@ class PeerClient:
 
         try:
             if isinstance(route, StreamRoute):
-                received: Received = await call_exchange(
+                received: Received = await call_stream(
                     route,
+                    EXCHANGE,
                     self._metadata("Exchange", target),
                     requests(),
                     reply,
@@ -251,17 +252,41 @@ class PeerClient:
 
     async def fetch_state(
         self,
-        address: str,
+        route: str | StreamRoute,
         *,
         view: LocalView,
         timeout_s: float | None = None,
         target: str = ANY_TARGET,
+        expect_bytes: int = 0,
     ) -> Received:
-        """Stream the state of the node at ``address`` (checked against our run and model)."""
+        """Stream the state of the node at ``route`` (its gRPC ``host:port``, or a byte stream:
+        the libp2p path), checked against our run and model. ``expect_bytes``: the state's
+        size, checked against a relayed stream's budget before anything is asked."""
         timeout_s = timeout_s or self.config.call_timeout_s
         request = pb.FetchStateRequest(
             protocol_version=PROTOCOL_VERSION, run_id=view.run_id, requester_id=self.peer_id
         )
+        limit = self.config.limits.max_state_bytes
+        if isinstance(route, StreamRoute):
+
+            async def requests() -> AsyncIterator[OutFrame]:
+                yield request.SerializeToString()
+
+            async def reply(frames: AsyncIterator[pb.Frame]) -> Received:
+                return await self._read_reply(frames, route.name, view, limit, timeout_s)
+
+            received: Received = await call_stream(
+                route,
+                FETCH_STATE,
+                self._metadata("FetchState", target),
+                requests(),
+                reply,
+                timeout_s=timeout_s,
+                max_frame_bytes=self.config.limits.max_chunk_bytes,
+                payload_bytes=expect_bytes,
+            )
+            return received
+        address = route
         call = self._stub(address).FetchState(
             request, timeout=timeout_s, metadata=self._metadata("FetchState", target)
         )

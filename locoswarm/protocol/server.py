@@ -259,6 +259,7 @@ class Servicer:
         auth = self.config.auth
         return StreamServer(
             self.Exchange,
+            fetch_state=self.FetchState,
             verifier=None if auth.secret is None else TokenVerifier(auth, peer_id),
             max_frame_bytes=self.limits.max_chunk_bytes,
             call_timeout_s=self.config.call_timeout_s,

@@ -253,3 +253,27 @@ async def test_bytes_are_counted_by_path(small_chunks: ProtocolConfig) -> None:
     assert {p for p, _, _ in seen} == {"relayed"}
     assert sum(n for _, d, n in seen if d == "client-sent") == 300
     assert sum(n for _, d, n in seen if d == "received") == 300  # the callee's count
+
+
+async def test_a_late_joiner_fetches_state_over_a_byte_stream(small_chunks: ProtocolConfig) -> None:
+    """FetchState travels the same path: a node behind NAT can serve a late joiner its state."""
+    async with stream_serving(small_chunks) as (route, handler), dialling(small_chunks) as client:
+        got = await client.fetch_state(route, view=VIEW)
+        assert bytes(got.payload) == handler.state
+        assert got.header.kind == "state"
+        wrong = LocalView(run_id="another-run", model_fingerprint=FINGERPRINT, outer_step=5)
+        with pytest.raises(IncompatiblePeer) as info:
+            await client.fetch_state(route, view=wrong)
+        assert info.value.reason == "wrong_run"
+
+
+async def test_a_relayed_stream_refuses_a_state_over_the_budget(
+    small_chunks: ProtocolConfig,
+) -> None:
+    async with (
+        stream_serving(small_chunks, via="relayed", budget=100) as (route, handler),
+        dialling(small_chunks) as client,
+    ):
+        with pytest.raises(PeerUnavailable) as info:
+            await client.fetch_state(route, view=VIEW, expect_bytes=len(handler.state))
+        assert info.value.reason == "relay_budget"

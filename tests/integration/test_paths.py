@@ -5,6 +5,7 @@ behind masquerading routers where the machine allows network namespaces."""
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from pathlib import Path
 
@@ -23,8 +24,12 @@ def test_two_client_mode_nodes_exchange_over_libp2p(nodes: Nodes, tmp_path: Path
     # The bootstrap node trains another run: it is nobody's partner, only the DHT's entry.
     boot = nodes.start("--run-id", "bootstrap-only", "--secret-file", str(secret))
     join = nodes.join_address(boot)
-    flags = ["--client-mode", "--join", join, "--rounds", "6", "--secret-file", str(secret)]
-    pair = [nodes.start(*flags, name=f"client{i}") for i in range(2)]
+    flags = ["--client-mode", "--join", join, "--rounds", "14", "--secret-file", str(secret)]
+    first = nodes.start(*flags, name="client0")
+    first.wait_for(r"round 1: ")
+    # The second joins a running swarm whose only node has no address: it fetches the state over
+    # libp2p too.
+    pair = [first, nodes.start(*flags, name="client1")]
     seen = 0.0
     deadline = time.monotonic() + 180
     while any(n.proc.poll() is None for n in pair) and time.monotonic() < deadline:
@@ -45,6 +50,8 @@ def test_two_client_mode_nodes_exchange_over_libp2p(nodes: Nodes, tmp_path: Path
         assert {p for e in exchanged for p in e["partners"]} == {other}
         assert "exchanged over libp2p" in node.text()
     assert seen >= 1
+    late = r"late join: fetched the outer weights of round [1-9]\d* from " + ids[0]
+    assert re.search(late, pair[1].text()), pair[1].text()
     assert boot.stop() == 0
 
 
