@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import shlex
 import tempfile
@@ -73,6 +74,10 @@ def _start_dht(
     _relay_discovery_off_with_trusted_relays()
     for attempt in range(1, config.bootstrap_attempts + 1):
         dht = None
+        # hivemind forks the DHT process while gRPC and torch threads run: a garbage collection in
+        # the child that walks objects another thread was changing at the fork crashed it
+        # (SIGSEGV under the test suite's load). Frozen objects are never walked by the child.
+        gc.freeze()
         try:
             dht = hivemind.DHT(
                 initial_peers=list(config.initial_peers),
@@ -99,6 +104,8 @@ def _start_dht(
             )
             if attempt < config.bootstrap_attempts:
                 time.sleep(min(2.0 ** (attempt - 1), 10.0))  # in a worker thread, not the loop
+        finally:
+            gc.unfreeze()
     addresses = ", ".join(config.initial_peers) or "(none)"
     raise PeerUnavailable(
         None,
