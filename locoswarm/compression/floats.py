@@ -8,6 +8,7 @@ network, error feedback or the other codecs.
 
 from __future__ import annotations
 
+import mmap
 import sys
 from dataclasses import dataclass
 from typing import ClassVar, Final
@@ -65,10 +66,11 @@ def _encode_float(codec: str, tensor: Tensor, name: str) -> Encoded:
 
 
 def _received_buffer(payload: bytes | bytearray | memoryview) -> bool:
-    """Whether ``payload`` is (a view of) a received message's own buffer (a ``bytearray``,
-    which nothing else reads or writes), little-endian and aligned for float32."""
+    """Whether ``payload`` is (a view of) a received message's own buffer (a ``bytearray`` or
+    an anonymous ``mmap``, which nothing else reads or writes), little-endian and aligned for
+    float32."""
     base = payload.obj if isinstance(payload, memoryview) else payload
-    if not isinstance(base, bytearray) or sys.byteorder != "little" or not len(payload):
+    if not isinstance(base, bytearray | mmap.mmap) or sys.byteorder != "little" or not len(payload):
         return False
     return int(np.frombuffer(payload, dtype=np.uint8).ctypes.data) % 4 == 0
 

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from locoswarm.errors import PeerError, PeerUnavailable
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.auth import PEER_KEY, SERVICE, TokenVerifier
-from locoswarm.protocol.frames import OutFrame, _varint, serialize
+from locoswarm.protocol.frames import InFrame, OutFrame, _varint, parse_frame, serialize
 from locoswarm.protocol.reasons import (
     REASON_METADATA_KEY,
     error_for,
@@ -137,7 +137,7 @@ class ReplyFrames:
     def __aiter__(self) -> ReplyFrames:
         return self
 
-    async def __anext__(self) -> pb.Frame:
+    async def __anext__(self) -> InFrame:
         try:
             raw = await anext(self.frames)
         except StopAsyncIteration:
@@ -150,8 +150,10 @@ class ReplyFrames:
             if end.ok:
                 raise
             raise error_for(reason_name(end.reason), self.peer, end.detail) from None
-        frame: pb.Frame = _parse(pb.Frame, raw, self.peer)
-        return frame
+        try:
+            return parse_frame(raw)
+        except DecodeError:
+            raise error_for("malformed", self.peer, "a message that is not a Frame") from None
 
 
 def _parse(kind: Any, raw: bytes, peer: str | None = None) -> Any:
@@ -304,7 +306,7 @@ async def call_stream(
     method: str,
     metadata: Iterable[tuple[str, str]],
     requests: AsyncIterator[OutFrame],
-    reply: Callable[[AsyncIterator[pb.Frame]], Awaitable[Any]],
+    reply: Callable[[AsyncIterator[InFrame]], Awaitable[Any]],
     *,
     timeout_s: float,
     max_frame_bytes: int,

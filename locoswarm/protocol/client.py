@@ -21,10 +21,12 @@ from locoswarm.protocol.auth import ANY_TARGET, SERVICE, call_metadata
 from locoswarm.protocol.bytestream import EXCHANGE, FETCH_STATE, StreamRoute, call_stream
 from locoswarm.protocol.config import PROTOCOL_VERSION, ProtocolConfig
 from locoswarm.protocol.frames import (
+    InFrame,
     LocalView,
     OutFrame,
     PayloadReader,
     Received,
+    parse_frame,
     payload_size,
     serialize,
     truncated,
@@ -78,7 +80,7 @@ class PeerClient:
         return self._channel(address).stream_stream(
             SERVICE + "Exchange",
             request_serializer=serialize,
-            response_deserializer=pb.Frame.FromString,
+            response_deserializer=parse_frame,  # chunks read in place; see frames.parse_frame
         )
 
     def _stub(self, address: str) -> pb_grpc.PeerStub:
@@ -130,7 +132,7 @@ class PeerClient:
 
     async def _read_reply(
         self,
-        frames: AsyncIterator[pb.Frame],
+        frames: AsyncIterator[InFrame],
         address: str,
         view: LocalView,
         max_bytes: int,
@@ -201,7 +203,7 @@ class PeerClient:
             if await confirm:
                 yield pb.Frame(reply=pb.Reply(accepted=True))
 
-        async def reply(call: AsyncIterator[pb.Frame]) -> Received:
+        async def reply(call: AsyncIterator[InFrame]) -> Received:
             frames = aiter(call)
             first = await next_frame(frames, address, self.config.frame_timeout_s)
             if first is None:
@@ -272,7 +274,7 @@ class PeerClient:
             async def requests() -> AsyncIterator[OutFrame]:
                 yield request.SerializeToString()
 
-            async def reply(frames: AsyncIterator[pb.Frame]) -> Received:
+            async def reply(frames: AsyncIterator[InFrame]) -> Received:
                 return await self._read_reply(frames, route.name, view, limit, timeout_s)
 
             received: Received = await call_stream(

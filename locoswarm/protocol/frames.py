@@ -7,6 +7,7 @@ payload into ``Frame`` messages, and checks incoming frames one at a time agains
 
 from __future__ import annotations
 
+import mmap
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.config import PROTOCOL_VERSION, Limits
 from locoswarm.protocol.reasons import error_for
 
-Buffer = bytes | bytearray | memoryview
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 Payload = Buffer | tuple[Buffer, ...]
 """What is sent: one buffer, or several sent back to back as one payload (never joined)."""
 
@@ -106,43 +107,34 @@ class LocalView:
 
 
 class Received:
-    """A complete payload that passed every check.
+    """A complete payload that passed every check, in the one buffer its chunks were written
+    into as they arrived (writable, and for large payloads page-aligned: decoders may read
+    tensors straight out of it)."""
 
-    The reader keeps the chunks as they came; ``payload`` joins them on first use into one
-    writable buffer, releasing each chunk as soon as it is copied (the peak is one payload plus
-    one chunk, not two payloads), so decoders may read tensors straight out of it. That join is
-    whole-payload work (half a gigabyte for the ``base`` task): read ``payload`` from a worker
-    thread, as the decoders do, never on the event loop.
-    """
+    __slots__ = ("header", "payload")
 
-    __slots__ = ("_parts", "header")
-
-    def __init__(self, header: Header, payload: Buffer | list[bytes]) -> None:
+    def __init__(self, header: Header, payload: Buffer) -> None:
         self.header = header
-        self._parts: Buffer | list[bytes] = payload
-
-    @property
-    def payload(self) -> Buffer:
-        parts = self._parts
-        if isinstance(parts, list):
-            joined = bytearray(sum(len(c) for c in parts))
-            at = 0
-            for i, chunk in enumerate(parts):
-                joined[at : at + len(chunk)] = chunk
-                at += len(chunk)
-                parts[i] = b""  # released as soon as it is copied
-            self._parts = joined
-            return joined
-        return parts
+        self.payload: Buffer = payload
 
     @property
     def num_bytes(self) -> int:
-        if isinstance(self._parts, list):
-            return sum(len(c) for c in self._parts)
-        return memoryview(self._parts).nbytes
+        return memoryview(self.payload).nbytes
 
     def __repr__(self) -> str:
         return f"Received(header={self.header!r}, {self.num_bytes} bytes)"
+
+
+MAPPED_BYTES = 1 << 20
+"""Payloads of at least this many bytes are received into an anonymous memory mapping."""
+
+
+def receive_buffer(total: int) -> bytearray | mmap.mmap:
+    """The buffer a payload of ``total`` bytes is received into. A large one is an anonymous
+    mapping: page-aligned, and its pages are committed only as chunks land in them (a
+    ``bytearray`` is zero-filled first, a pass over the whole payload before any byte arrives).
+    Freed when the last reference to it (or to a tensor read out of it) goes."""
+    return mmap.mmap(-1, total) if total >= MAPPED_BYTES else bytearray(total)
 
 
 def header_to_pb(header: Header, chunk_bytes: int) -> pb.Header:
@@ -204,6 +196,81 @@ OutFrame = pb.Frame | bytes
 def serialize(frame: OutFrame) -> bytes:
     """gRPC serializer for outgoing frames (pre-serialised chunk frames pass through)."""
     return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkView:
+    """A chunk frame read without protobuf: its index and a view of its data inside the frame's
+    own bytes. It answers ``WhichOneof("body")`` and ``.chunk`` like the ``pb.Frame`` it stands
+    for, so readers treat both alike."""
+
+    index: int
+    data: memoryview
+
+    def WhichOneof(self, _group: str) -> str:  # protobuf's name for it
+        return "chunk"
+
+    @property
+    def chunk(self) -> ChunkView:
+        return self
+
+
+InFrame = pb.Frame | ChunkView
+"""A received frame: a parsed message, or a chunk read in place."""
+
+
+def _read_varint(view: memoryview, at: int) -> tuple[int, int] | None:
+    """(value, position after it) of the varint at ``at``; None if it runs off the end or past
+    ten bytes."""
+    value = shift = 0
+    while at < len(view) and shift < 70:
+        byte = view[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+    return None
+
+
+def _chunk_view(view: memoryview) -> ChunkView | None:
+    """``view`` as a ``ChunkView`` when it is exactly one chunk field holding at most one index
+    (below 2**32) and one data field, each once; None for any other form (protobuf reads those)."""
+    got = _read_varint(view, 1)
+    if got is None or got[1] + got[0] != len(view):
+        return None
+    at, index, data, seen = got[1], 0, view[0:0], set()
+    while at < len(view):
+        tag = view[at]
+        if tag in seen or tag not in (0x08, 0x12):
+            return None
+        seen.add(tag)
+        got = _read_varint(view, at + 1)
+        if got is None:
+            return None
+        value, at = got
+        if tag == 0x08:
+            if value >= 1 << 32:
+                return None
+            index = value
+        else:
+            if at + value > len(view):
+                return None
+            data, at = view[at : at + value], at + value
+    return ChunkView(index, data)
+
+
+def parse_frame(raw: bytes) -> InFrame:
+    """A received frame. A chunk frame (nearly all of a payload's bytes) in its plain form is
+    read in place: protobuf would copy its data twice. Anything else goes through protobuf,
+    which raises ``DecodeError`` for bytes that are not a ``Frame``."""
+    view = memoryview(raw)
+    if len(view) > 1 and view[0] == 0x12:
+        chunk = _chunk_view(view)
+        if chunk is not None:
+            return chunk
+    frame: pb.Frame = pb.Frame.FromString(raw)
+    return frame
 
 
 def encode_frames(
@@ -359,12 +426,16 @@ class PayloadReader:
         self.chunk_bytes = msg.chunk_bytes
         self.num_chunks = msg.num_chunks
         self.total = msg.total_bytes
-        self.chunks: list[bytes] = []  # joined once by the decoder: one copy, no zero-fill
+        self.buffer = receive_buffer(self.total)  # after the header's checks and reservation
+        self.view = memoryview(self.buffer)
         self.offset = 0
         self.index = 0
         self.crc = 0
 
-    def feed(self, frame: pb.Frame) -> Received | None:
+    def feed(self, frame: InFrame) -> Received | None:
+        if isinstance(frame, ChunkView):
+            self._chunk(frame)
+            return None
         body = frame.WhichOneof("body")
         if body == "chunk":
             self._chunk(frame.chunk)
@@ -373,7 +444,7 @@ class PayloadReader:
             return self._trailer(frame.trailer)
         raise error_for("out_of_order", self.peer, f"a {body or 'empty'} frame inside a payload")
 
-    def _chunk(self, chunk: pb.Chunk) -> None:
+    def _chunk(self, chunk: pb.Chunk | ChunkView) -> None:
         if chunk.index != self.index:
             raise error_for(
                 "out_of_order", self.peer, f"chunk {chunk.index}, expected {self.index}"
@@ -382,7 +453,7 @@ class PayloadReader:
             raise error_for(
                 "too_many_chunks", self.peer, f"chunk {chunk.index} of {self.num_chunks} declared"
             )
-        data = chunk.data  # each attribute read copies the bytes: read once
+        data = chunk.data  # a ChunkView's is a view; a message's is copied on each read
         size = len(data)
         if size > self.chunk_bytes:
             raise error_for(
@@ -392,7 +463,7 @@ class PayloadReader:
             raise error_for(
                 "size_mismatch", self.peer, f"{self.offset + size} bytes, declared {self.total}"
             )
-        self.chunks.append(data)
+        self.view[self.offset : self.offset + size] = data  # the one copy, into its place
         self.crc = zlib.crc32(data, self.crc)
         self.offset += size
         self.index += 1
@@ -415,14 +486,14 @@ class PayloadReader:
             raise error_for(
                 "bad_checksum", self.peer, f"crc32 {trailer.crc32:08x}, computed {self.crc:08x}"
             )
-        chunks, self.chunks = self.chunks, []
-        return Received(self.header, chunks)  # joined by whoever decodes it, off the loop
+        self.view.release()
+        return Received(self.header, self.buffer)
 
 
-def expect_header(frame: pb.Frame, *, peer: str | None) -> pb.Header:
+def expect_header(frame: InFrame, *, peer: str | None) -> pb.Header:
     """The header of a frame that must be one."""
     body = frame.WhichOneof("body")
-    if body != "header":
+    if isinstance(frame, ChunkView) or body != "header":
         raise error_for("out_of_order", peer, f"expected a header, got a {body or 'empty'} frame")
     return frame.header
 

@@ -18,7 +18,9 @@ from locoswarm.faultplan import NO_FAULTS, Fault, FaultPlan
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.config import Limits
 from locoswarm.protocol.frames import (
+    ChunkView,
     Header,
+    InFrame,
     LocalView,
     OutFrame,
     PayloadReader,
@@ -26,6 +28,7 @@ from locoswarm.protocol.frames import (
     check_header,
     encode_frames,
     expect_header,
+    parse_frame,
     truncated,
 )
 from locoswarm.protocol.handler import Outgoing
@@ -36,8 +39,8 @@ OnTransfer = Callable[[str, int], None]
 
 
 async def next_frame(
-    frames: AsyncIterator[pb.Frame], peer: str | None, timeout_s: float | None
-) -> pb.Frame | None:
+    frames: AsyncIterator[InFrame], peer: str | None, timeout_s: float | None
+) -> InFrame | None:
     """The next frame, None at the end of the stream; a stall past ``timeout_s`` is a timeout."""
     try:
         async with asyncio.timeout(timeout_s):
@@ -48,8 +51,10 @@ async def next_frame(
         raise PeerUnavailable(peer, f"no frame for {timeout_s:.1f}s", reason="timeout") from None
 
 
-def raise_if_refused(frame: pb.Frame, peer: str | None) -> None:
+def raise_if_refused(frame: InFrame, peer: str | None) -> None:
     """A reject reply may come at any point of a stream; it ends the call with its reason."""
+    if isinstance(frame, ChunkView):
+        return
     if frame.WhichOneof("body") == "reply" and not frame.reply.accepted:
         raise error_for(reason_name(frame.reply.reason), peer, frame.reply.detail)
 
@@ -111,7 +116,7 @@ async def _inject(fault: Fault, frame: OutFrame) -> str | bytes | None:
 
 
 def check_first(
-    first: pb.Frame, *, peer: str | None, limits: Limits, view: LocalView, max_bytes: int
+    first: InFrame, *, peer: str | None, limits: Limits, view: LocalView, max_bytes: int
 ) -> tuple[Header, pb.Header]:
     """Check the first frame of a payload as its header (a reject reply ends the call)."""
     raise_if_refused(first, peer)
@@ -120,7 +125,7 @@ def check_first(
 
 
 async def read_chunks(
-    frames: AsyncIterator[pb.Frame],
+    frames: AsyncIterator[InFrame],
     reader: PayloadReader,
     *,
     peer: str | None,
@@ -161,14 +166,14 @@ class TrackedFrames:
             self.ended = True
             return None
 
-    async def __anext__(self) -> pb.Frame:
+    async def __anext__(self) -> InFrame:
         try:
             raw = await anext(self.frames)
         except StopAsyncIteration:
             self.ended = True
             raise
         try:  # parsed here, not by grpc: a bad frame is a refusal with our status
-            frame: pb.Frame = pb.Frame.FromString(raw)
+            frame = parse_frame(raw)
         except DecodeError:
             raise error_for("malformed", self.peer, "a frame that is not a Frame") from None
         return frame

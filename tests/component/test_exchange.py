@@ -44,7 +44,7 @@ async def test_exchange_round_trips_bit_exact(small_chunks: ProtocolConfig, payl
         got = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-        assert got.payload == REPLY(len(payload))
+        assert bytes(got.payload) == REPLY(len(payload))
         assert got.header.sender_id == "server"
         assert got.header.tensors[0].num_bytes == len(payload)
         (seen,) = handler.exchanges
@@ -200,7 +200,7 @@ async def test_malformed_input_is_refused_and_the_server_keeps_serving(
         good = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-        assert good.payload == REPLY(len(payload))
+        assert bytes(good.payload) == REPLY(len(payload))
 
 
 async def test_header_refusal_comes_as_a_reply_frame_too(small_chunks: ProtocolConfig) -> None:
@@ -250,7 +250,7 @@ async def test_concurrent_transfers_are_bounded(small_chunks: ProtocolConfig) ->
             await client.exchange(address, Outgoing(make_header(4), b"wxyz"), view=VIEW)
         assert info.value.reason == "busy"
         handler.hold.set()
-        assert (await first).payload == REPLY(4)
+        assert bytes((await first).payload) == REPLY(4)
 
 
 async def test_fetch_state_and_status(small_chunks: ProtocolConfig) -> None:
@@ -335,7 +335,7 @@ async def test_a_capped_upload_is_paced_under_the_receivers_progress_timeout(
         got = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-    assert got.payload == REPLY(len(payload))
+    assert bytes(got.payload) == REPLY(len(payload))
     assert bucket.taken == len(payload)  # every payload byte went through the cap
     assert handler.rejects == []
 

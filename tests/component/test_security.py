@@ -36,7 +36,7 @@ async def test_exchange_status_and_state_with_a_valid_token(authed: ProtocolConf
         got = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-        assert got.payload == REPLY(len(payload))
+        assert bytes(got.payload) == REPLY(len(payload))
         assert (await client.status(address)).peer_id == "server"
         state = await client.fetch_state(
             address, view=LocalView(run_id=RUN, model_fingerprint=FINGERPRINT)
@@ -107,7 +107,7 @@ async def test_a_token_aimed_at_another_node_is_refused(authed: ProtocolConfig) 
         got = await client.exchange(
             a, Outgoing(make_header(len(payload)), payload), view=VIEW, target="node-a"
         )
-        assert got.payload == REPLY(len(payload))
+        assert bytes(got.payload) == REPLY(len(payload))
         state_view = LocalView(run_id=RUN, model_fingerprint=FINGERPRINT)
         for call in (
             client.exchange(b, Outgoing(make_header(4), b"abcd"), view=VIEW, target="node-a"),
@@ -183,7 +183,7 @@ async def test_tls_exchange(small_chunks: ProtocolConfig, pki: dict[str, Path]) 
         got = await client.exchange(
             address, Outgoing(make_header(len(payload)), payload), view=VIEW
         )
-        assert got.payload == REPLY(len(payload))
+        assert bytes(got.payload) == REPLY(len(payload))
     async with serving(server_cfg) as (address, _), dialling(small_chunks) as plain:
         with pytest.raises(PeerUnavailable):  # a plaintext caller cannot talk to a TLS server
             await plain.status(address, timeout_s=3)
@@ -196,7 +196,7 @@ async def test_mutual_tls_needs_a_certificate_from_the_swarm_ca(
     async with serving(server_cfg) as (address, handler):
         async with dialling(_tls(small_chunks, pki, "client", mutual=True)) as member:
             got = await member.exchange(address, Outgoing(make_header(4), b"abcd"), view=VIEW)
-            assert got.payload == REPLY(4)
+            assert bytes(got.payload) == REPLY(4)
         no_cert = dataclasses.replace(small_chunks, tls=TlsConfig(ca_file=pki["ca"]))
         async with dialling(no_cert) as anonymous:
             with pytest.raises(PeerUnavailable):

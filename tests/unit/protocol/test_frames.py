@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Any
 
 import pytest
+from google.protobuf.message import DecodeError
 
 from locoswarm.errors import IncompatiblePeer, PeerError, PeerUnavailable, ProtocolViolation
 from locoswarm.protocol import Header, Limits, LocalView, TensorSpec
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
 from locoswarm.protocol.frames import (
+    MAPPED_BYTES,
+    ChunkView,
     PayloadReader,
-    Received,
     check_header,
     chunk_frame,
+    encode_frames,
     frame_messages,
+    parse_frame,
 )
 
 LIMITS = Limits(max_payload_bytes=1 << 20, max_chunk_bytes=1 << 16, max_tensors=4)
@@ -182,15 +187,71 @@ def test_hand_serialised_chunk_frames_are_protobuf_wire_format(index: int, size:
         assert wire == expected
 
 
-def test_a_received_payload_is_joined_only_when_read() -> None:
-    # The reader hands over the chunks as they came: the whole-payload join happens where the
-    # payload is decoded (a worker thread), not on the event loop that read the frames.
-    received = Received(header(4), [b"ab", b"cd"])
-    assert received.num_bytes == 4
-    assert isinstance(received._parts, list)
-    assert received.payload == b"abcd"
-    assert received.payload is received.payload  # joined once
-    assert isinstance(received.payload, bytearray)  # writable: decoders may read in place
+@pytest.mark.parametrize("index", [0, 1, 127, 128, 2**32 - 1])
+@pytest.mark.parametrize("size", [0, 1, 300])
+def test_chunk_frames_are_read_in_place_as_protobuf_reads_them(index: int, size: int) -> None:
+    data = os.urandom(size)
+    for wire in (
+        chunk_frame(index, memoryview(data)),  # ours: every field written
+        pb.Frame(chunk=pb.Chunk(index=index, data=data)).SerializeToString(),  # zeros left out
+    ):
+        frame = parse_frame(wire)
+        assert isinstance(frame, ChunkView)
+        assert frame.WhichOneof("body") == "chunk"
+        assert (frame.chunk.index, bytes(frame.chunk.data)) == (index, data)
+        assert frame.data.obj is wire  # a view of the frame's bytes, not a copy
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"\x12\x05\x08\x01\x12\x01a\x08\x02",  # a repeated field: protobuf's last-one-wins
+        b"\x12\x04\x08\x01\x18\x05",  # an unknown field
+        b"\x12\x08\x08\x80\x80\x80\x80\x10\x12\x00",  # an index past uint32
+        pb.Frame(header=pb.Header(run_id="r")).SerializeToString(),
+        pb.Frame(reply=pb.Reply(accepted=True)).SerializeToString(),
+    ],
+)
+def test_other_frames_are_read_by_protobuf(wire: bytes) -> None:
+    frame = parse_frame(wire)
+    assert isinstance(frame, pb.Frame)
+    assert frame == pb.Frame.FromString(wire)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"\x12\x09\x08\x01\x12\x05ab",  # a data length past the end
+        b"\x12\x03\x08\x01",  # a frame length past the end
+        b"\x12\x82",  # a varint that runs off the end
+        b"\x12\x02\x08\xff",
+    ],
+)
+def test_garbage_that_looks_like_a_chunk_is_refused_as_protobuf_refuses_it(wire: bytes) -> None:
+    with pytest.raises(DecodeError):
+        pb.Frame.FromString(wire)
+    with pytest.raises(DecodeError):
+        parse_frame(wire)
+
+
+@pytest.mark.parametrize("total", [10, MAPPED_BYTES + 3])
+def test_chunks_are_written_into_one_buffer_as_they_arrive(total: int) -> None:
+    data = os.urandom(total)
+    wires = [
+        f if isinstance(f, bytes) else f.SerializeToString()
+        for f, _ in encode_frames(header(total), data, 4096)
+    ]
+    first = pb.Frame.FromString(wires[0])
+    reader = PayloadReader(header(total), first.header, peer="p")
+    assert len(reader.buffer) == total  # allocated once the header was checked
+    received = None
+    for wire in wires[1:]:
+        received = reader.feed(parse_frame(wire))
+    assert received is not None
+    assert received.payload is reader.buffer  # no join: the chunks were copied into place
+    assert bytes(received.payload) == data
+    assert isinstance(received.payload, mmap.mmap if total >= MAPPED_BYTES else bytearray)
+    memoryview(received.payload)[0] = 0  # writable: decoders may read in place
 
 
 @pytest.mark.parametrize("sizes", [(1000,), (256, 744), (100, 100, 800), (0, 999, 1), (1, 1, 998)])
@@ -204,10 +265,3 @@ def test_a_payload_in_parts_is_framed_as_if_joined(sizes: tuple[int, ...]) -> No
     split = frame_messages(header(len(data)), tuple(parts), 256)
     assert [f.SerializeToString() for f in split] == [f.SerializeToString() for f in joined]
     assert read(split) == data
-
-
-def test_joining_releases_each_chunk_once_copied() -> None:
-    chunks = [b"ab", b"cd", b"ef"]
-    received = Received(header(6), chunks)
-    assert bytes(received.payload) == b"abcdef"
-    assert chunks == [b"", b"", b""]
