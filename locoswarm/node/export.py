@@ -6,7 +6,9 @@ local-SGD replicas at the end, as "A Single Merging Suffices" recommends) and wr
 safetensors file under the model's own parameter names. The model comes from the same task
 flags the nodes run with (``--task``, ``--seed``, ``--config``...), and every source must carry
 that configuration's model fingerprint. It prints each source's validation loss and the merged
-model's, and writes them into the file's metadata.
+model's, and writes them into the file's metadata. For ``--task hf`` it also writes the merged
+model and its tokenizer with ``save_pretrained`` (``--hf-dir``), loadable with
+``AutoModelForCausalLM.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from locoswarm.node import checkpoint
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.outer import fingerprint
 from locoswarm.protocol import LocalView, PeerClient, Received
+from locoswarm.tasks import hf
 from locoswarm.tasks.inner import flat_params, set_flat
 from locoswarm.tasks.task import ReplicaTask, TaskFactory
 
@@ -123,8 +126,13 @@ def export(
     out: Path,
     max_peers: int,
     secret: bytes | None = None,
+    hf_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Merge the sources and write ``out``; returns what it printed (losses per source)."""
+    """Merge the sources and write ``out`` (and, for an hf task, the ``save_pretrained`` folder
+    ``hf_dir``, by default `default_hf_dir`); returns what it printed (losses per source)."""
+    is_hf = config.task.name == hf.HF_TASK
+    if hf_dir is not None and not is_hf:
+        raise ConfigError(f"export: --hf-dir applies to --task {hf.HF_TASK} only")
     task, fp = build_model(config)
     numel = flat_params(task.model).numel()
     sources = [from_checkpoint(d, fp, numel) for d in checkpoints]
@@ -149,8 +157,19 @@ def export(
         "val_loss": loss,
         "mean_source_val_loss": sum(losses.values()) / len(losses),
     }
+    hf_out = (hf_dir or default_hf_dir(out)) if is_hf else None
+    if hf_out is not None:
+        report["hf_dir"] = str(hf_out)
     write(task.model, out, {"locoswarm": json.dumps(report)})
+    if hf_out is not None:
+        hf.save_pretrained(task.model, config.task.tokenizer or config.task.model, hf_out)
     return report
+
+
+def default_hf_dir(out: Path) -> Path:
+    """Where an hf task's ``save_pretrained`` folder goes without ``--hf-dir``: beside ``out``,
+    named after it (``merged.safetensors`` -> ``merged-hf``)."""
+    return out.parent / f"{out.stem}-hf"
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -174,6 +193,15 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-peers", type=int, default=8, help="fetch from at most this many peers")
     p.add_argument("--out", type=Path, required=True, help="the safetensors file to write")
+    p.add_argument(
+        "--hf-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="--task hf: the folder for the merged model and its tokenizer, written with "
+        "save_pretrained (loads with AutoModelForCausalLM.from_pretrained); default: beside "
+        "--out, named after it with -hf (merged.safetensors -> merged-hf)",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -193,6 +221,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         out=a.out,
         max_peers=a.max_peers,
         secret=_read_secret(config.secret_file),
+        hf_dir=a.hf_dir,
     )
     for name, info in report["sources"].items():
         print(f"{name}: round {info['outer_step']}, validation loss {info['val_loss']:.4f}")
@@ -203,5 +232,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         if not math.isnan(loss)
         else f"wrote {report['out']}: {len(report['sources'])} model(s) merged"
     )
+    if "hf_dir" in report:
+        print(f"wrote {report['hf_dir']}: the merged model and its tokenizer (save_pretrained)")
     print(json.dumps(report))
     return 0

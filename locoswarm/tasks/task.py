@@ -1,7 +1,8 @@
 """What is trained: a model, its batches and its loss, for one replica of a swarm.
 
 The built-in default is a byte transformer on the Python standard library's sources (already on
-every machine); users may pass their own text files or folders, or their own task as
+every machine); users may pass their own text files or folders, a Hugging Face causal LM with its
+tokenizer and data files (``hf``, see `locoswarm.tasks.hf`), or their own task as
 ``module:function``. Knows nothing about the network or the synchronisation algorithm.
 """
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from locoswarm.errors import ConfigError
+from locoswarm.tasks import hf
 from locoswarm.tasks.corpus import BatchStream, ByteCorpus, val_batches
 from locoswarm.tasks.model import MODEL_SIZES, ByteTransformer, next_byte_loss
 
@@ -30,33 +32,62 @@ class TaskConfig:
     """Which task to train and on what data."""
 
     name: str = "tiny"
-    """A built-in size (tiny, small, base) or a plugin ``module:function``."""
+    """A built-in size (tiny, small, base), ``hf`` (a Hugging Face causal LM: task.model) or a
+    plugin ``module:function``."""
     data: tuple[str, ...] = ()
-    """Text files or folders for the built-in task; empty means the Python standard library."""
+    """Data files or folders: text for the built-in task (empty means the Python standard
+    library); .json, .jsonl, .parquet or .txt for hf (required)."""
     batch_size: int = 8
     """Sequences per inner step and replica."""
     seq_len: int = 64
-    """Bytes per sequence (at most the model's context)."""
+    """Bytes (tokens for hf) per sequence, at most the model's context."""
     val_batches: int = 16
     """Fixed validation batches evaluated per replica."""
     val_fraction: float = 0.02
-    """Share of files held out for validation (chosen by a hash of their path)."""
+    """Share of files (records for hf) held out for validation, chosen by a hash of their name."""
     max_bytes: int | None = None
-    """Cap on training bytes per replica and on validation bytes (for quick runs)."""
+    """Cap on training bytes per replica and on validation bytes (for quick runs; built-in
+    task only)."""
+    model: str = ""
+    """hf: a folder with the model's config.json (and its weights unless from_scratch), or a
+    hub-style name already in the local Hugging Face cache."""
+    tokenizer: str = ""
+    """hf: the tokenizer's folder (it needs an EOS token); empty means task.model's."""
+    text_field: str = "text"
+    """hf: the field of a json or parquet record that holds its text (a .txt file's records are
+    its lines)."""
+    from_scratch: bool = True
+    """hf: draw the initial weights from the seed (every node alike); false loads the weights of
+    task.model."""
+    shuffle_windows: int = 512
+    """hf: packed windows in each node's shuffle buffer (its batches are drawn from it; the buffer
+    is saved in checkpoints)."""
 
     def __post_init__(self) -> None:
-        if ":" not in self.name and self.name not in MODEL_SIZES:
+        builtin = self.name in MODEL_SIZES
+        if ":" not in self.name and not builtin and self.name != hf.HF_TASK:
             raise ConfigError(
-                f"task.name must be one of {sorted(MODEL_SIZES)} or 'module:function', "
-                f"got {self.name!r}"
+                f"task.name must be one of {sorted(MODEL_SIZES)}, {hf.HF_TASK!r} or "
+                f"'module:function', got {self.name!r}"
             )
         if self.batch_size < 1 or self.seq_len < 1 or self.val_batches < 0:
             raise ConfigError("task.batch_size and seq_len must be >= 1, val_batches >= 0")
-        if ":" not in self.name and self.seq_len > MODEL_SIZES[self.name].seq_len:
+        if builtin and self.seq_len > MODEL_SIZES[self.name].seq_len:
             raise ConfigError(
                 f"task.seq_len {self.seq_len} exceeds the {self.name} model's context "
                 f"{MODEL_SIZES[self.name].seq_len}"
             )
+        if self.name == hf.HF_TASK:
+            hf.check_config(
+                model=self.model,
+                data=self.data,
+                text_field=self.text_field,
+                seq_len=self.seq_len,
+                val_fraction=self.val_fraction,
+                shuffle_windows=self.shuffle_windows,
+            )
+        elif self.model or self.tokenizer:
+            raise ConfigError(f"task.model and task.tokenizer apply to --task {hf.HF_TASK} only")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -113,12 +144,15 @@ class TaskFactory:
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
         self._plugin = _load_plugin(cfg.name) if ":" in cfg.name else None
-        self._val: list[tuple[Tensor, Tensor]] | None = None
+        self._val: list[Any] | None = None
+        self._tokenizer: Any = None
 
     def build(self, *, replica: int, num_replicas: int, seed: int) -> ReplicaTask:
         """The task of replica ``replica`` of ``num_replicas``; batches seeded by ``seed``."""
         if self._plugin is not None:
             return _call_plugin(self._plugin, self.cfg.name, replica, num_replicas, seed)
+        if self.cfg.name == hf.HF_TASK:
+            return self._build_hf(replica, num_replicas, seed)
         cfg = self.cfg
         corpus = ByteCorpus.load(
             [Path(p) for p in cfg.data] if cfg.data else None,
@@ -150,6 +184,51 @@ class TaskFactory:
                 "train_files": corpus.num_train_files,
                 "train_bytes": int(corpus.train.numel()),
                 "val_files": corpus.num_val_files,
+            },
+        )
+
+    def _build_hf(self, replica: int, num_replicas: int, seed: int) -> ReplicaTask:
+        """A transformers causal LM (built first: from scratch it draws from torch's global
+        generator, which the caller seeded) and its token stream (see `locoswarm.tasks.hf`)."""
+        cfg = self.cfg
+        model = hf.load_model(cfg.model, from_scratch=cfg.from_scratch)
+        if self._tokenizer is None:
+            self._tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
+        hf.check_fit(model, self._tokenizer, cfg.seq_len)
+        files = hf.list_data_files(cfg.data)
+        if self._val is None and cfg.val_batches:
+            self._val = hf.val_batches(
+                files,
+                self._tokenizer,
+                text_field=cfg.text_field,
+                val_fraction=cfg.val_fraction,
+                batch_size=cfg.batch_size,
+                seq_len=cfg.seq_len,
+                num_batches=cfg.val_batches,
+            )
+        stream = hf.HfBatchStream(
+            files,
+            self._tokenizer,
+            text_field=cfg.text_field,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            seed=seed * 1_000_003 + replica,
+            val_fraction=cfg.val_fraction,
+            replica=replica,
+            num_replicas=num_replicas,
+            buffer_windows=cfg.shuffle_windows,
+        )
+        return ReplicaTask(
+            model=model,
+            batches=stream,
+            loss=hf.causal_lm_loss,
+            val_batches=self._val or [],
+            info={
+                "model": cfg.model,
+                "model_class": type(model).__name__,
+                "vocab_size": len(self._tokenizer),
+                "data_fingerprint": hf.fingerprint(files),
+                "train_files": len(files),
             },
         )
 
