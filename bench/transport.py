@@ -326,6 +326,7 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
         TlsConfig,
     )
     from locoswarm.protocol.bytestream import StreamRoute
+    from locoswarm.protocol.frames import Buffer
     from locoswarm.protocol.server import Servicer
 
     # Received payloads are read-only bytes; we only read them (``x += y``), so torch's warning
@@ -370,7 +371,7 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
                 self.received = asyncio.Event()
                 self.t_done = 0.0
                 self.tensor_s = 0.0
-                self.last: tuple[bytes, bytes | bytearray | memoryview] | None = None
+                self.last: tuple[bytes, Buffer] | None = None
                 self.out = b""
 
             def local_view(self) -> LocalView:
@@ -461,7 +462,7 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
 
         address = StreamRoute("tcp", open_stream)
     client = PeerClient(config, peer_id="dial")
-    last: tuple[bytes, bytes | bytearray | memoryview] | None = None
+    last: tuple[bytes, Buffer] | None = None
     try:
         conn.send(("ready", info))
         while True:

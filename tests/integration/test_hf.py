@@ -116,6 +116,9 @@ def test_hf_swarm_trains_resumes_and_exports(nodes: Nodes, tmp_path: Path) -> No
     live = [f"--from-peer=127.0.0.1:{n.info()['grpc_port']}" for n in (first, trio[1], again)]
     report = _export(files, tmp_path, *live)
     assert len(report["sources"]) == 3
+    # One merge of the replicas is no worse than the mean replica (the acceptance point).
+    own = [float(s["val_loss"]) for s in report["sources"].values()]
+    assert float(report["val_loss"]) <= sum(own) / len(own) + 1e-6, report
     model = AutoModelForCausalLM.from_pretrained(report["hf_dir"])
     cfg = TaskConfig(
         name="hf",
