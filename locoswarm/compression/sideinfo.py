@@ -62,10 +62,11 @@ def _expand(steps: Tensor, n: int, block_size: int) -> Tensor:
     return steps.double().repeat_interleave(block_size)[:n]
 
 
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 16
 """Encoding and decoding work through this many elements at a time (whole blocks, a multiple
-of 8), so their float64 temporaries are a fixed size instead of several model copies. Every
-operation is per element or per block: the result is the same bits at any chunk size."""
+of 8), so their float64 temporaries are a fixed size (half a MiB each) instead of several model
+copies. Every operation is per element or per block: the result is the same bits at any chunk
+size."""
 
 
 def _chunks(n: int, block_size: int, chunk: int) -> list[tuple[int, int, int, int]]:
@@ -105,8 +106,10 @@ def siq_encode(
         if not bool(torch.isfinite(part).all()):
             raise ValueError(f"siq: tensor {name or '<unnamed>'} holds NaN or Inf")
         s = _expand(steps[b0:b1], i1 - i0, block_size)
-        index = torch.floor(part.double() / s + 0.5)
-        v_hat[i0:i1] = (index * s).float()
+        # floor(v / s + 0.5), each operation in place on one float64 temporary
+        index = part.double().div_(s).add_(0.5).floor_()
+        v_hat[i0:i1] = s.mul_(index)  # index * s, rounded to float32 as it is stored
+        del s
         payload[2 * nb + b0 : 2 * nb + b1] = _checksums(index, block_size).numpy().tobytes()
         packed = _pack(torch.remainder(index, 2**bits).to(torch.int64), bits)
         at = residues + i0 * bits // 8  # i0 is a multiple of 8
@@ -179,12 +182,16 @@ def siq_decode(
         data = payload[residues + i0 * bits // 8 : residues + (i1 * bits + 7) // 8]
         residue = _unpack(data, bits, i1 - i0).double()
         s = _expand(steps[b0:b1], i1 - i0, block_size)
-        # The index with this residue nearest to our own position on the lattice.
-        index = residue + modulus * torch.round((side[i0:i1].double() / s - residue) / modulus)
-        part = (index * s).float()
+        # The index with this residue nearest to our own position on the lattice:
+        # residue + modulus * round((side / s - residue) / modulus), in place on one temporary.
+        index = side[i0:i1].double().div_(s).sub_(residue).div_(modulus).round_()
+        index.mul_(modulus).add_(residue)
+        del residue
+        part = values[i0:i1]
+        part.copy_(s.mul_(index))  # index * s, rounded to float32 as it is stored
+        del s
         if not limits.allow_nonfinite and not bool(torch.isfinite(part).all()):
             raise CorruptPayload(_NAME, name, "a decoded value is not finite")
-        values[i0:i1] = part
         expected = torch.from_numpy(sums[b0:b1].copy())
         bad[b0:b1] = _checksums(index, block_size) != expected
     return values, bad

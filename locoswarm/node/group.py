@@ -19,6 +19,7 @@ from torch import Tensor
 
 from locoswarm.errors import PeerError, ProtocolViolation
 from locoswarm.sync.diloco import group_mean
+from locoswarm.sync.rounds import weighted_mean
 
 PHASES = ("rs", "ag")
 
@@ -114,9 +115,17 @@ SwapShard = Callable[[str, str, Tensor], Awaitable[Tensor]]
 
 
 async def group_average(
-    group: GroupRound, me_id: str, vector: Tensor, swap: SwapShard, *, timeout_s: float
+    group: GroupRound,
+    me_id: str,
+    vector: Tensor,
+    swap: SwapShard,
+    *,
+    timeout_s: float,
+    shares: Callable[[list[str]], list[float] | None] | None = None,
 ) -> Tensor:
-    """The group mean of every member's ``vector``; raises ``PeerError`` when a swap failed."""
+    """The group mean of every member's ``vector``; raises ``PeerError`` when a swap failed.
+    ``shares(ids)``: each member's share of the mean once the reduce-scatter brought every
+    member's shard (weighted by the tokens each trained), None for equal shares."""
     members = group.members()
     ids = [p for p, _ in members]
     me = ids.index(me_id)
@@ -144,7 +153,9 @@ async def group_average(
 
     lo, hi = bounds[me]
     gathered = await pairwise("rs", lambda j: vector[bounds[j][0] : bounds[j][1]])
-    mine = group_mean([vector[lo:hi] if j == me else gathered[j] for j in range(len(ids))])
+    parts = [vector[lo:hi] if j == me else gathered[j] for j in range(len(ids))]
+    weights = None if shares is None else shares(ids)
+    mine = group_mean(parts) if weights is None else weighted_mean(parts, weights)
     group.reduced.set_result(mine)
     shards = await pairwise("ag", lambda _j: mine)
     return torch.cat([mine if j == me else shards[j] for j in range(len(ids))])

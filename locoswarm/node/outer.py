@@ -102,6 +102,11 @@ class OuterStep:
         """This round: the round label of each sender whose message we decoded (round log)."""
         self.clipper = Clipper(self.rc)
         """Clips a pair partner's message toward ours before the mean (``sync/robust.py``)."""
+        self.tokens = 0
+        """Tokens this node trains in a round (every local rank), sent in each header: groups
+        weight their members by it (0: not given, the members count equally)."""
+        self.tokens_of: dict[str, int] = {}
+        """This round: the tokens each sender we decoded said it trained."""
 
     @property
     def snapshot(self) -> tuple[int, OuterState]:
@@ -145,6 +150,7 @@ class OuterStep:
             tensors=tensors,
             kind=kind,
             members=members,
+            tokens=self.tokens,
         )
 
     def control(self, outer_step: int, kind: str, members: tuple[str, ...] = ()) -> Outgoing:
@@ -170,6 +176,7 @@ class OuterStep:
             )
         shard = decode(_parts(received)[0], limits=self.limits)
         self.heard[peer] = received.header.outer_step  # the member's own round label
+        self.tokens_of[peer] = received.header.tokens
         return shard
 
     # -- one round ------------------------------------------------------------------------------
@@ -180,6 +187,7 @@ class OuterStep:
         outgoing = self._outgoing(outer_step, message)
         self._current = message
         self.heard = {}
+        self.tokens_of = {}
         return Prepared(outer_step, theta, outgoing, message)
 
     def _outgoing(self, outer_step: int, message: Message) -> Outgoing:
@@ -217,6 +225,7 @@ class OuterStep:
         got = partner.tensors
         self.wrapped_blocks += partner.wrapped_blocks
         self.heard[peer] = received.header.outer_step
+        self.tokens_of[peer] = received.header.tokens
         return [got[name] for name in self._current.names]
 
     def _commit(self, prepared: Prepared, new: OuterState) -> Tensor:
@@ -224,19 +233,35 @@ class OuterStep:
         self._current = None
         return new.phi
 
+    def shares(self, members: list[str]) -> list[float] | None:
+        """Each member's share of this round's group mean (in ``members``' order), weighted by
+        the tokens each trained (``rounds.member_shares``); None: equal shares."""
+        weights = [
+            self.tokens if peer == self.peer_id else self.tokens_of.get(peer, 0) for peer in members
+        ]
+        return rounds.member_shares(weights, self.rc.max_weight_ratio)
+
     def apply(
-        self, prepared: Prepared, partner: list[Tensor]
+        self, prepared: Prepared, partner: list[Tensor], partner_id: str = ""
     ) -> tuple[Tensor, float | None, list[Clip]]:
         """Finish the round with one partner's decoded message, clipped toward ours first;
         returns the new phi, how far apart we were (``rounds.disagreement``, after clipping) and
-        each tensor's clipping."""
+        each tensor's clipping. The mean weights us and the partner by the tokens each trained."""
         msg = prepared.message
         theirs, clips = self.clipper.clip(
             msg.own, dict(zip(msg.names, partner, strict=True)), self.state.phi
         )
-        means = rounds.pair_mean_into(msg.own, theirs)  # the decoded message is ours to reuse
-        new = rounds.combine(self.rc, self.state, msg, means)
-        return self._commit(prepared, new), rounds.disagreement(msg, means), clips
+        shares = self.shares([self.peer_id, partner_id])
+        pair = None if shares is None else (shares[0], shares[1])
+        # The decoded message is ours to reuse: the means are computed in it, and (once the
+        # disagreement is read from them) noloco's new delta is computed in the means.
+        means = rounds.pair_mean_into(msg.own, theirs, pair)
+        spread = rounds.spread_of(shares, 0)
+        distance = rounds.disagreement(msg, means, spread)
+        new = rounds.combine(
+            self.rc, self.state, msg, means, reuse_means=True, reuse_message=True, spread=spread
+        )
+        return self._commit(prepared, new), distance, clips
 
     def group_vector(self, prepared: Prepared) -> Tensor:
         """Our entry of a group's mean, flat (every named tensor, in message order)."""
@@ -248,7 +273,7 @@ class OuterStep:
         how far apart we were."""
         msg = prepared.message
         means = dict(zip(msg.names, torch.split(mean, self.numel), strict=True))
-        new = rounds.combine(self.rc, self.state, msg, means)
+        new = rounds.combine(self.rc, self.state, msg, means, reuse_message=True)
         return self._commit(prepared, new), rounds.disagreement(msg, means)
 
     def solo(self, prepared: Prepared) -> Tensor:

@@ -163,6 +163,7 @@ class Reporter:
             "partners": list(outcome.partners),
             "path": outcome.path if ok else None,
             "partner_rounds": list(outcome.partner_rounds),
+            "tokens": outcome.tokens,
             "applied_after": b.applied_after,
             "loss": b.loss,
             "val_loss": b.val_loss,

@@ -60,6 +60,8 @@ class RoundOutcome:
     partners: tuple[str, ...] = ()
     partner_rounds: tuple[int, ...] = ()
     """Each partner's round label (what a replay needs)."""
+    tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Tokens each member trained in the round, ours included (the mean's weights)."""
     seconds: float = 0.0
     distance: float | None = None
     """Relative distance to the partners' outer weights (``rounds.disagreement``); None when
@@ -185,7 +187,9 @@ class RoundRunner:
             phi, distance = await asyncio.to_thread(outer.apply_mean, prepared, attempt.mean)
         elif attempt.result == "ok" and attempt.partner is not None:
             partners = attempt.partners
-            phi, distance, clips = await asyncio.to_thread(outer.apply, prepared, attempt.partner)
+            phi, distance, clips = await asyncio.to_thread(
+                outer.apply, prepared, attempt.partner, partners[0]
+            )
             if any(c.violation for c in clips):  # repeated violations get the peer banned
                 health = self.matchmaker.health
                 banned = health.violated(partners[0], asyncio.get_running_loop().time())
@@ -198,6 +202,7 @@ class RoundRunner:
             phi=phi,
             partners=partners,
             partner_rounds=tuple(outer.heard.get(p, r) for p in partners),
+            tokens={self.peer_id: outer.tokens, **{p: outer.tokens_of.get(p, 0) for p in partners}},
             seconds=time.perf_counter() - start,
             distance=distance,
             clips=tuple(clips),
@@ -369,5 +374,10 @@ class RoundRunner:
             return got[0]
 
         return await group_average(
-            group, self.peer_id, vector, swap, timeout_s=sync.exchange_timeout_s
+            group,
+            self.peer_id,
+            vector,
+            swap,
+            timeout_s=sync.exchange_timeout_s,
+            shares=outer.shares,
         )

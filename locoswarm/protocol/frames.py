@@ -61,6 +61,8 @@ def _pieces(payload: Payload, chunk_bytes: int) -> Iterator[memoryview | bytes]:
 
 MAX_MEMBERS = 64
 """Most members a group header may list."""
+MAX_TOKENS = 1 << 48
+"""Most tokens a header may claim for one round (a float64 holds every count up to it)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -89,6 +91,8 @@ class Header:
     kind: str = ""
     members: tuple[str, ...] = ()
     """Group exchanges: the group's members in order ("peer_id@host:port")."""
+    tokens: int = 0
+    """Tokens the sender trained in this message's round (0: not given); groups weight by it."""
     protocol_version: int = PROTOCOL_VERSION
 
     @property
@@ -163,6 +167,7 @@ def header_to_pb(header: Header, chunk_bytes: int) -> pb.Header:
         num_chunks=-(-total // chunk_bytes),
         kind=header.kind,
         members=list(header.members),
+        tokens=header.tokens,
     )
 
 
@@ -356,6 +361,8 @@ def check_header(
             peer,
             f"{msg.num_chunks} chunks of {msg.chunk_bytes} bytes cannot carry {msg.total_bytes}",
         )
+    if msg.tokens > MAX_TOKENS:
+        raise error_for("malformed", peer, f"{msg.tokens} tokens in a round, limit {MAX_TOKENS}")
     if len(msg.members) > MAX_MEMBERS:
         raise error_for("malformed", peer, f"{len(msg.members)} group members, limit {MAX_MEMBERS}")
     for member in msg.members:
@@ -409,6 +416,7 @@ def check_header(
         tensors=tuple(specs),
         kind=msg.kind,
         members=tuple(msg.members),
+        tokens=msg.tokens,
         protocol_version=msg.protocol_version,
     )
 

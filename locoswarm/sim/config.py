@@ -86,6 +86,9 @@ class SimConfig:
     attackers: tuple[int, ...] = ()
     attack_factor: float = 10.0
     """scale: the factor; noise: the noise's RMS in units of the weights' RMS."""
+    tokens: tuple[float, ...] = ()
+    """Tokens each replica trains per round, as its node advertises them (a node with more
+    GPUs trains more); groups weight their means by them. Empty: every replica counts equally."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -112,6 +115,8 @@ class SimConfig:
             raise ConfigError(f"sim.pairing {self.pairing} pairs nodes: group_size must be 2")
         if self.attack is not None and self.attack not in ATTACKS:
             raise ConfigError(f"sim.attack must be one of {ATTACKS}, got {self.attack!r}")
+        if self.tokens and (len(self.tokens) != self.num_replicas or min(self.tokens) <= 0):
+            raise ConfigError(f"sim.tokens needs one positive count per replica, got {self.tokens}")
         if any(not 0 <= i < self.num_replicas for i in self.attackers):
             raise ConfigError(f"sim.attackers must be replica indices, got {self.attackers}")
         rc = self.round_config

@@ -142,7 +142,9 @@ def replay(
             theirs = [_message_for(nodes, p, lb) for p, lb in zip(partners, labels, strict=True)]
             if any(m is None for m in theirs):
                 continue
-            new = _finish(rc, node, [m for m in theirs if m is not None], partners)
+            tokens = event.get("tokens") or {}
+            weights = {str(p): int(t) for p, t in tokens.items()}  # type: ignore[attr-defined]
+            new = _finish(rc, node, [m for m in theirs if m is not None], partners, weights)
             node.replica.finish(new, node.snapshot, overlap=overlap)  # type: ignore[arg-type]
             node.history.append(new)
             assert node.snapshot is not None
@@ -193,7 +195,15 @@ def _message_for(nodes: dict[str, _Node], peer: str, label: int) -> Message | No
     return node.messages.get(index[0])
 
 
-def _finish(rc: RoundConfig, node: _Node, theirs: list[Message], partners: list[str]) -> OuterState:
+def _finish(
+    rc: RoundConfig,
+    node: _Node,
+    theirs: list[Message],
+    partners: list[str],
+    tokens: dict[str, int],
+) -> OuterState:
+    """The node's new state, as its daemon computed it: the members' mean in id order,
+    weighted by the tokens each said it trained (``tokens``; absent in older logs: equal)."""
     msg = node.message
     assert msg is not None
     if not theirs:
@@ -203,5 +213,9 @@ def _finish(rc: RoundConfig, node: _Node, theirs: list[Message], partners: list[
         by_id[peer] = rounds.read(rc, msg, other.parts).tensors
         if len(theirs) == 1 and node.replica.clipper is not None:  # pairs, as the daemon
             by_id[peer], _ = node.replica.clipper.clip(msg.own, by_id[peer], node.replica.state.phi)
-    members = [by_id[p] for p in sorted(by_id)]
-    return rounds.combine(rc, node.replica.state, msg, rounds.member_mean(members))
+    ids = sorted(by_id)
+    shares = rounds.member_shares([tokens.get(p, 0) for p in ids], rc.max_weight_ratio)
+    members = [by_id[p] for p in ids]
+    mean = rounds.member_mean(members, shares)
+    spread = rounds.spread_of(shares, ids.index(node.log.peer))
+    return rounds.combine(rc, node.replica.state, msg, mean, spread=spread)

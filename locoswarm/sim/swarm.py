@@ -284,6 +284,10 @@ class Swarm:
             rep.delay = 0 if self.cfg.apply_delay is None else self.cfg.apply_delay
             return
         new: dict[int, OuterState] = {}
+        shares = None
+        if self.cfg.tokens:  # weighted by the tokens each member trained, as the daemon does
+            weights = [self.cfg.tokens[j] for j in group]
+            shares = rounds.member_shares(weights, rc.max_weight_ratio)
         for i in group:
             rep = self.replicas[i]
             members = []
@@ -298,7 +302,9 @@ class Swarm:
                     tensors, clips = rep.clipper.clip(messages[i].own, tensors, rep.state.phi)
                     rep.clipped += sum(c.clipped for c in clips)
                 members.append(tensors)
-            new[i] = rounds.combine(rc, rep.state, messages[i], rounds.member_mean(members))
+            mean = rounds.member_mean(members, shares)
+            spread = rounds.spread_of(shares, list(group).index(i))
+            new[i] = rounds.combine(rc, rep.state, messages[i], mean, spread=spread)
         k = len(group)
         net = self.cfg.network
         for i in group:

@@ -19,12 +19,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from locoswarm.errors import ConfigError
 from locoswarm.sync.diloco import group_mean
 
-__all__ = ["NoLoCoConfig", "noloco_outer_step"]
+__all__ = ["NoLoCoConfig", "noloco_outer_step", "noloco_step_from_means"]
+
+_CHUNK = 1 << 16
+"""``noloco_step_from_means`` works through this many elements at a time."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -130,4 +134,71 @@ def noloco_outer_step(
         mean_delta = group_mean([t - p for t, p in zip(thetas, phis, strict=True)])
         pull = group_mean([p - phi for p in phis])
         new_delta = alpha * delta + beta * mean_delta + gamma * pull
+    return phi + new_delta, new_delta
+
+
+def noloco_step_from_means(
+    phi: Tensor,
+    delta: Tensor,
+    theta_mean: Tensor,
+    phi_mean: Tensor | None,
+    *,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    reuse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``noloco_outer_step(phi, delta, [theta_mean], phis, ...)`` with the group's means already
+    taken (``phis`` is ``[phi_mean]``, or None for the theta-only form), bit for bit, a chunk at
+    a time: no model-sized temporary besides the two results. Every element goes through the
+    same operations in the same order (a mean of one tensor is that tensor: ``x / 1 == x``; a
+    product or a sum of two operands is the same either way round).
+
+    Args:
+        reuse: ``theta_mean`` and ``phi_mean`` are the caller's to overwrite (a partner's
+            decoded message that holds the pair's mean, read by no one afterwards): the new
+            delta is computed in ``theta_mean``'s memory. Otherwise nothing given is written.
+
+    Returns:
+        ``(new_phi, new_delta)``; ``new_delta`` is ``theta_mean`` itself when ``reuse``.
+
+    Raises:
+        ConfigError: If ``phi_mean`` is None while ``gamma != beta``.
+    """
+    if phi_mean is None and gamma != beta:
+        raise ConfigError(
+            f"the theta-only NoLoCo form needs gamma == beta, got gamma={gamma}, beta={beta}; "
+            "pass the members' phis"
+        )
+    shapes = {tuple(t.shape) for t in (phi, delta, theta_mean)}
+    if phi_mean is not None:
+        shapes.add(tuple(phi_mean.shape))
+    if len(shapes) != 1:
+        raise ValueError(f"noloco_step_from_means: shapes differ: {sorted(shapes)}")
+    flat = [t.reshape(-1) for t in (phi, delta, theta_mean)]
+    if reuse and not theta_mean.is_contiguous():
+        raise ValueError("noloco_step_from_means: reuse needs a contiguous theta_mean")
+    p, d, tm = flat
+    pm = None if phi_mean is None else phi_mean.reshape(-1)
+    dtype = delta.dtype
+    for t in (phi, theta_mean, phi_mean):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    if reuse and theta_mean.dtype != dtype:
+        raise ValueError("noloco_step_from_means: reuse needs theta_mean of the result's dtype")
+    new_delta = theta_mean if reuse else torch.empty(theta_mean.shape, dtype=dtype)
+    out = new_delta.reshape(-1)
+    for i0 in range(0, out.numel(), _CHUNK):
+        c = slice(i0, i0 + _CHUNK)
+        x = out[c]
+        if pm is None:
+            # alpha * delta + beta * (theta_mean - phi)
+            torch.sub(tm[c], p[c], out=x)
+            x.mul_(beta).add_(d[c] * alpha)
+        else:
+            # alpha * delta + beta * (theta_mean - phi_mean) + gamma * (phi_mean - phi)
+            torch.sub(tm[c], pm[c], out=x)
+            x.mul_(beta).add_(d[c] * alpha)
+            pull = pm[c].sub_(p[c]) if reuse else pm[c] - p[c]
+            x.add_(pull.mul_(gamma))
     return phi + new_delta, new_delta

@@ -83,6 +83,9 @@ class RoundConfig:
     """Until this many distances are known, the threshold is ``clip_initial``."""
     clip_initial: float = 0.25
     """The threshold (relative distance) before the median is known."""
+    max_weight_ratio: float = 8.0
+    """Groups weight members by the tokens they trained in the round; no member weighs more
+    than this many times the group's lightest (a claim is untrusted)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -104,6 +107,8 @@ class RoundConfig:
             )
         if self.clip_window < 1 or not 1 <= self.clip_warmup <= self.clip_window:
             raise ConfigError("sync.clip_window must be >= 1, sync.clip_warmup in 1..clip_window")
+        if not self.max_weight_ratio >= 1:
+            raise ConfigError(f"sync.max_weight_ratio must be >= 1, got {self.max_weight_ratio}")
         if self.design not in ("siq", "pull"):
             raise ConfigError(f"sync.design must be siq or pull, got {self.design!r}")
 

@@ -25,7 +25,8 @@ Modes (``consensus.md``):
   error-feedback codec every round and the whole proposal at 16 bits every ``pull_every``
   rounds (§3.3).
 
-Every function returns new tensors and never writes into its inputs. Knows nothing about peers,
+Every function returns new tensors and never writes into its inputs, except ``combine`` into
+what its caller gives up (``reuse_means``, ``reuse_message``). Knows nothing about peers,
 sockets, asyncio or how a group was formed.
 """
 
@@ -49,7 +50,7 @@ from locoswarm.compression.encoded import (
 )
 from locoswarm.compression.sideinfo import siq_decode, siq_encode, siq_steps
 from locoswarm.sync.diloco import group_mean
-from locoswarm.sync.noloco import noloco_outer_step
+from locoswarm.sync.noloco import noloco_step_from_means
 from locoswarm.sync.round_config import RoundConfig
 
 __all__ = [
@@ -63,10 +64,13 @@ __all__ = [
     "disagreement",
     "fp32_part",
     "member_mean",
+    "member_shares",
     "message_names",
     "pair_mean_into",
     "prepare",
     "read",
+    "spread_of",
+    "weighted_mean",
 ]
 
 
@@ -182,8 +186,9 @@ def fp32_part(t: Tensor, name: str) -> Encoded:
     return get_codec("fp32").encode(t, name=name)
 
 
-_CHUNK_BLOCKS_ELEMENTS = 1 << 20
-"""``_block_max`` works through about this many elements at a time (whole blocks)."""
+_CHUNK_BLOCKS_ELEMENTS = 1 << 16
+"""Chunked work (``_block_max``, ``prepare``'s Nesterov step) goes through about this many
+elements at a time (whole blocks for ``_block_max``)."""
 
 
 def _block_max(x: Tensor, block_size: int, minus: Tensor | None = None) -> Tensor:
@@ -195,8 +200,7 @@ def _block_max(x: Tensor, block_size: int, minus: Tensor | None = None) -> Tenso
     step = block_size * max(1, _CHUNK_BLOCKS_ELEMENTS // block_size)
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
-        part = x[i0:i1] if minus is None else x[i0:i1] - minus[i0:i1]
-        part = part.abs()
+        part = x[i0:i1].abs() if minus is None else (x[i0:i1] - minus[i0:i1]).abs_()
         pad = (-(i1 - i0)) % block_size
         if pad:
             part = torch.nn.functional.pad(part, (0, pad))
@@ -350,60 +354,145 @@ def read(
     return Partner(out, wrapped)
 
 
-def pair_mean_into(own: Mapping[str, Tensor], theirs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``member_mean([own, theirs])``, bit for bit, computed in ``theirs``'s tensors (which the
-    caller gives up: a decoded partner message): no new model-sized tensor. Two addends sum to
-    the same bits in either order, and the division is the same."""
+def member_shares(weights: Sequence[float], max_ratio: float) -> list[float] | None:
+    """Each member's share of the group's mean from its weight (the tokens it trained in the
+    round), or None when the members count equally (the plain mean, bit for bit as before
+    weights existed). A weight of 0 (not given) or below makes every member count equally. No
+    member weighs more than ``max_ratio`` times the lightest (a peer's claim is untrusted).
+    Every member computes the same shares from the same weights, in any order."""
+    if len(weights) < 2 or min(weights) <= 0:
+        return None
+    low = min(weights)
+    capped = [min(float(w), max_ratio * low) for w in weights]
+    if all(w == capped[0] for w in capped):
+        return None
+    total = sum(capped)
+    return [w / total for w in capped]
+
+
+def spread_of(shares: Sequence[float] | None, me: int) -> float:
+    """How much farther the other member of a pair lies from us than the pair's mean does:
+    2 for an equal pair, ``1 / their share`` for a weighted one (``combine``'s ``spread``, and
+    ``disagreement``'s). Groups of more than two keep 2 (the same scale, not exact)."""
+    if shares is None or len(shares) != 2:
+        return 2.0
+    return 1.0 / shares[1 - me]
+
+
+_MEAN_CHUNK = 1 << 20
+"""Elements per chunk of a weighted pair mean (its one temporary)."""
+
+
+def pair_mean_into(
+    own: Mapping[str, Tensor],
+    theirs: dict[str, Tensor],
+    shares: tuple[float, float] | None = None,
+) -> dict[str, Tensor]:
+    """``member_mean([own, theirs], shares)``, bit for bit, computed in ``theirs``'s tensors
+    (which the caller gives up: a decoded partner message): no new model-sized tensor. Two
+    addends sum to the same bits in either order, and the division is the same. ``shares``:
+    (ours, theirs) from ``member_shares``, or None for the plain mean."""
     for name, t in theirs.items():
-        t.add_(own[name]).div_(2)
+        if shares is None:
+            t.add_(own[name]).div_(2)
+            continue
+        mine, flat = own[name].reshape(-1), t.view(-1)
+        for i in range(0, flat.numel(), _MEAN_CHUNK):
+            part = flat[i : i + _MEAN_CHUNK]
+            part.mul_(shares[1]).add_(mine[i : i + _MEAN_CHUNK] * shares[0])
     return theirs
 
 
-def member_mean(members: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+def member_mean(
+    members: Sequence[Mapping[str, Tensor]], shares: Sequence[float] | None = None
+) -> dict[str, Tensor]:
     """The group's mean of every named tensor, summed in the members' given order (every member
-    passes the same order and gets the same bits)."""
+    passes the same order and gets the same bits); weighted by ``shares`` (``member_shares``)
+    when given."""
     if not members:
         raise ValueError("member_mean needs at least one member")
-    return {name: group_mean([m[name] for m in members]) for name in members[0]}
+    if shares is None:
+        return {name: group_mean([m[name] for m in members]) for name in members[0]}
+    return {name: weighted_mean([m[name] for m in members], shares) for name in members[0]}
+
+
+def weighted_mean(tensors: Sequence[Tensor], shares: Sequence[float]) -> Tensor:
+    """``sum_i shares[i] * tensors[i]``, each product rounded, summed in the given order (for
+    two members the same bits in either order)."""
+    if len(tensors) != len(shares) or not tensors:
+        raise ValueError(f"weighted_mean: {len(tensors)} tensors, {len(shares)} shares")
+    total = tensors[0] * shares[0]
+    for t, share in zip(tensors[1:], shares[1:], strict=True):
+        total.add_(t * share)
+    return total
 
 
 def combine(
-    cfg: RoundConfig, state: OuterState, msg: Message, means: Mapping[str, Tensor]
+    cfg: RoundConfig,
+    state: OuterState,
+    msg: Message,
+    means: Mapping[str, Tensor],
+    *,
+    reuse_means: bool = False,
+    reuse_message: bool = False,
+    spread: float = 2.0,
 ) -> OuterState:
-    """Our new state from the group's means of every member's ``own`` (ours included)."""
+    """Our new state from the group's means of every member's ``own`` (ours included).
+    ``spread`` (``spread_of``) turns our distance to the mean into the distance to the others,
+    which sizes the next side-information lattice.
+
+    Writes into none of its inputs, except where the caller gives them up:
+
+    - ``reuse_means``: the means' tensors are the caller's (a partner's decoded message that
+      holds the pair's mean) and nobody reads them afterwards, ``disagreement`` included:
+      noloco computes its new delta in them.
+    - ``reuse_message``: ``msg`` is finished with this call (neither combined again nor used
+      ``alone``): ef computes its new residual in the message's own round temporaries
+      (``proposal`` / ``sent``, never ``own``, ``state`` or theta).
+    """
     if cfg.mode == "noloco":
-        phis = [means["phi"]] if "phi" in means else None
         gamma = cfg.lr if cfg.gamma is None else cfg.gamma
         assert msg.momentum is not None  # prepare() sets it for every mode
-        phi, delta = noloco_outer_step(
+        phi, delta = noloco_step_from_means(
             state.phi,
             msg.momentum,
-            [means["theta"]],
-            phis,
+            means["theta"],
+            means.get("phi"),
             alpha=cfg.momentum,
             beta=cfg.lr,
             gamma=gamma,
+            reuse=reuse_means,
         )
         return replace(state, phi=phi, momentum=delta)
     if cfg.mode == "diloco":
         if not cfg.share_momentum:
             return replace(state, phi=means["proposal"], momentum=msg.momentum)
-        seen = 2.0 * _block_max(means["momentum"], cfg.block_size, minus=msg.own["momentum"])
+        seen = spread * _block_max(means["momentum"], cfg.block_size, minus=msg.own["momentum"])
         return replace(state, phi=means["proposal"], momentum=means["momentum"], mbound=seen)
     # ef
     assert msg.sent is not None
     assert msg.proposal is not None
     if "step" in means:
-        residual = msg.sent - msg.own["step"] if cfg.error_feedback else None
-        return replace(
-            state, phi=state.phi + means["step"], momentum=msg.momentum, residual=residual
-        )
+        residual = None
+        if cfg.error_feedback:
+            if reuse_message and _private(msg.sent, msg, state):
+                residual = msg.sent.sub_(msg.own["step"])  # the same bits as sent - own
+            else:
+                residual = msg.sent - msg.own["step"]
+        step = means["step"]
+        phi = step.add_(state.phi) if reuse_means else state.phi + step  # a sum either way round
+        return replace(state, phi=phi, momentum=msg.momentum, residual=residual)
     name = msg.names[0]
     own, mean = msg.own[name], means[name]
     # The largest distance to the group's other members, from the mean (exact for pairs).
-    seen = 2.0 * _block_max(mean, cfg.block_size, minus=own)
+    seen = spread * _block_max(mean, cfg.block_size, minus=own)
     if msg.index is None:
-        residual = msg.sent - own if cfg.error_feedback else None
+        residual = None
+        if cfg.error_feedback:
+            if reuse_message and _private(msg.sent, msg, state):
+                residual = msg.sent.sub_(own)  # the same bits as msg.sent - own
+            else:
+                residual = msg.sent - own
         return OuterState(phi=mean, momentum=msg.momentum, residual=residual, bound=seen)
     # Rotated: the covered blocks average; the others take our own step and keep what they owe.
     phi = msg.proposal.clone()
@@ -420,13 +509,14 @@ def combine(
     return OuterState(phi=phi, momentum=msg.momentum, residual=residual, bound=bound)
 
 
-def disagreement(msg: Message, means: Mapping[str, Tensor]) -> float | None:
+def disagreement(msg: Message, means: Mapping[str, Tensor], spread: float = 2.0) -> float | None:
     """How far apart the group's outer weights were, from what the exchange carried: the
     relative RMS distance ``|theirs - ours| / |ours|`` of the weights the message holds (phi for
     noloco when it is sent, else theta; the proposal for diloco and ef, on the blocks a rotated
     round covers). From the group's mean as ``2 |mean - ours| / |ours|``, exact for a pair and
-    the same scale for larger groups. None for messages that carry no weights (ef's pull design
-    between pulls sends steps)."""
+    the same scale for larger groups (``spread``: 1 / the others' share of a weighted pair's
+    mean). None for messages that carry no weights (ef's pull design between pulls sends
+    steps)."""
     name = "phi" if "phi" in msg.own else msg.names[0]
     if name == "step" or name not in means:
         return None
@@ -434,13 +524,24 @@ def disagreement(msg: Message, means: Mapping[str, Tensor]) -> float | None:
     norm = float(ours.norm())
     if norm == 0.0:
         return None
-    return 2.0 * float((means[name].float() - ours).norm()) / norm
+    return spread * float((means[name].float() - ours).norm()) / norm
+
+
+def _private(t: Tensor, msg: Message, state: OuterState) -> bool:
+    """Whether ``t`` is one of ``msg``'s round temporaries that no reader of the round's result
+    holds: it shares no memory with ``msg.own``, ``msg.momentum`` or ``state``."""
+    if not t.is_contiguous():
+        return False
+    others = [*msg.own.values(), *state.tensors().values()]
+    if msg.momentum is not None:
+        others.append(msg.momentum)
+    return all(t.untyped_storage().data_ptr() != o.untyped_storage().data_ptr() for o in others)
 
 
 def alone(cfg: RoundConfig, state: OuterState, msg: Message) -> OuterState:
     """Our new state when the round had no partner or its exchange failed: our own step; an ef
     residual keeps everything still owed."""
     if cfg.mode == "noloco":
-        return combine(cfg, state, msg, msg.own)
+        return combine(cfg, state, msg, msg.own)  # msg.own is theta: never reused
     assert msg.proposal is not None  # prepare() sets it for diloco and ef
     return replace(state, phi=msg.proposal, momentum=msg.momentum)

@@ -32,7 +32,10 @@ def test_simulator_reproduces_every_nodes_outer_weights(nodes: Nodes, mode: str)
         assert node.proc.wait(timeout=240) == 0, node.text()
     logs = [parse_log(node.text()) for node in [first, *others]]
     exchanged = [sum(e["outcome"] == "exchanged" for e in log.events) for log in logs]
-    assert all(n >= 2 for n in exchanged), exchanged  # a replay of solo steps would prove little
+    # A replay of solo steps would prove little: at least two nodes must have exchanged twice.
+    # Not all three: under a loaded machine one node can reach its rounds late and be left out
+    # of most pairs (seen once in CI: [12, 11, 1]); its solo rounds are replayed all the same.
+    assert sorted(exchanged)[-2] >= 2, exchanged
 
     config = load_config(
         None, {"sync.mode": mode, "task.max_bytes": 200000, "sync.inner_steps": H}, {}

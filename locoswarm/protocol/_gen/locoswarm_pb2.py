@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0flocoswarm.proto\x12\x0clocoswarm.v1\"\x83\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x11\n\tnum_bytes\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x13\n\x0bk_per_chunk\x18\x07 \x01(\x04\"\x8e\x02\n\x06Header\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x12\n\nouter_step\x18\x03 \x01(\x04\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x11\n\tsender_id\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12)\n\x07tensors\x18\x07 \x03(\x0b\x32\x18.locoswarm.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\x12\x12\n\nnum_chunks\x18\n \x01(\r\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\x0f\n\x07members\x18\x0c \x03(\t\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"A\n\x07Trailer\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"O\n\x05Reply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12$\n\x06reason\x18\x02 \x01(\x0e\x32\x14.locoswarm.v1.Reason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xad\x01\n\x05\x46rame\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.locoswarm.v1.HeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.locoswarm.v1.ChunkH\x00\x12(\n\x07trailer\x18\x03 \x01(\x0b\x32\x15.locoswarm.v1.TrailerH\x00\x12$\n\x05reply\x18\x04 \x01(\x0b\x32\x13.locoswarm.v1.ReplyH\x00\x42\x06\n\x04\x62ody\"S\n\x11\x46\x65tchStateRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x14\n\x0crequester_id\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"\xe3\x01\n\x0bStatusReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x12\n\nouter_step\x18\x03 \x01(\x04\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x11\n\tnum_peers\x18\x06 \x01(\r\x12\x12\n\nbytes_sent\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x08 \x01(\x04\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12\x10\n\x08problems\x18\n \x03(\t\x12\x10\n\x08val_loss\x18\x0b \x01(\x01\"\x9a\x01\n\nStreamOpen\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x38\n\x08metadata\x18\x02 \x03(\x0b\x32&.locoswarm.v1.StreamOpen.MetadataEntry\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\tStreamEnd\x12\n\n\x02ok\x18\x01 \x01(\x08\x12$\n\x06reason\x18\x02 \x01(\x0e\x32\x14.locoswarm.v1.Reason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*\xdf\x03\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_MALFORMED\x10\x01\x12\x12\n\x0eREASON_VERSION\x10\x02\x12\x14\n\x10REASON_WRONG_RUN\x10\x03\x12\x16\n\x12REASON_FINGERPRINT\x10\x04\x12\x16\n\x12REASON_STALE_ROUND\x10\x05\x12\x18\n\x14REASON_UNKNOWN_CODEC\x10\x06\x12\x14\n\x10REASON_TOO_LARGE\x10\x07\x12\x18\n\x14REASON_SIZE_MISMATCH\x10\x08\x12\x1a\n\x16REASON_CHUNK_TOO_LARGE\x10\t\x12\x1a\n\x16REASON_TOO_MANY_CHUNKS\x10\n\x12\x17\n\x13REASON_OUT_OF_ORDER\x10\x0b\x12\x17\n\x13REASON_BAD_CHECKSUM\x10\x0c\x12\x14\n\x10REASON_TRUNCATED\x10\r\x12\x0f\n\x0bREASON_BUSY\x10\x0e\x12\x18\n\x14REASON_SHUTTING_DOWN\x10\x0f\x12\x1a\n\x16REASON_UNAUTHENTICATED\x10\x10\x12\x13\n\x0fREASON_REJECTED\x10\x11\x12\x13\n\x0fREASON_INTERNAL\x10\x12\x12\x12\n\x0eREASON_TIMEOUT\x10\x13\x32\xc8\x01\n\x04Peer\x12\x38\n\x08\x45xchange\x12\x13.locoswarm.v1.Frame\x1a\x13.locoswarm.v1.Frame(\x01\x30\x01\x12\x44\n\nFetchState\x12\x1f.locoswarm.v1.FetchStateRequest\x1a\x13.locoswarm.v1.Frame0\x01\x12@\n\x06Status\x12\x1b.locoswarm.v1.StatusRequest\x1a\x19.locoswarm.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0flocoswarm.proto\x12\x0clocoswarm.v1\"\x83\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x11\n\tnum_bytes\x18\x05 \x01(\x04\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x13\n\x0bk_per_chunk\x18\x07 \x01(\x04\"\x9e\x02\n\x06Header\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x12\n\nouter_step\x18\x03 \x01(\x04\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x11\n\tsender_id\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12)\n\x07tensors\x18\x07 \x03(\x0b\x32\x18.locoswarm.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\x12\x12\n\nnum_chunks\x18\n \x01(\r\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\x0f\n\x07members\x18\x0c \x03(\t\x12\x0e\n\x06tokens\x18\r \x01(\x04\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"A\n\x07Trailer\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"O\n\x05Reply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12$\n\x06reason\x18\x02 \x01(\x0e\x32\x14.locoswarm.v1.Reason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xad\x01\n\x05\x46rame\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.locoswarm.v1.HeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.locoswarm.v1.ChunkH\x00\x12(\n\x07trailer\x18\x03 \x01(\x0b\x32\x15.locoswarm.v1.TrailerH\x00\x12$\n\x05reply\x18\x04 \x01(\x0b\x32\x13.locoswarm.v1.ReplyH\x00\x42\x06\n\x04\x62ody\"S\n\x11\x46\x65tchStateRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x14\n\x0crequester_id\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"\xe3\x01\n\x0bStatusReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x12\n\nouter_step\x18\x03 \x01(\x04\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x11\n\tnum_peers\x18\x06 \x01(\r\x12\x12\n\nbytes_sent\x18\x07 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x08 \x01(\x04\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12\x10\n\x08problems\x18\n \x03(\t\x12\x10\n\x08val_loss\x18\x0b \x01(\x01\"\x9a\x01\n\nStreamOpen\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x38\n\x08metadata\x18\x02 \x03(\x0b\x32&.locoswarm.v1.StreamOpen.MetadataEntry\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\tStreamEnd\x12\n\n\x02ok\x18\x01 \x01(\x08\x12$\n\x06reason\x18\x02 \x01(\x0e\x32\x14.locoswarm.v1.Reason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*\xdf\x03\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_MALFORMED\x10\x01\x12\x12\n\x0eREASON_VERSION\x10\x02\x12\x14\n\x10REASON_WRONG_RUN\x10\x03\x12\x16\n\x12REASON_FINGERPRINT\x10\x04\x12\x16\n\x12REASON_STALE_ROUND\x10\x05\x12\x18\n\x14REASON_UNKNOWN_CODEC\x10\x06\x12\x14\n\x10REASON_TOO_LARGE\x10\x07\x12\x18\n\x14REASON_SIZE_MISMATCH\x10\x08\x12\x1a\n\x16REASON_CHUNK_TOO_LARGE\x10\t\x12\x1a\n\x16REASON_TOO_MANY_CHUNKS\x10\n\x12\x17\n\x13REASON_OUT_OF_ORDER\x10\x0b\x12\x17\n\x13REASON_BAD_CHECKSUM\x10\x0c\x12\x14\n\x10REASON_TRUNCATED\x10\r\x12\x0f\n\x0bREASON_BUSY\x10\x0e\x12\x18\n\x14REASON_SHUTTING_DOWN\x10\x0f\x12\x1a\n\x16REASON_UNAUTHENTICATED\x10\x10\x12\x13\n\x0fREASON_REJECTED\x10\x11\x12\x13\n\x0fREASON_INTERNAL\x10\x12\x12\x12\n\x0eREASON_TIMEOUT\x10\x13\x32\xc8\x01\n\x04Peer\x12\x38\n\x08\x45xchange\x12\x13.locoswarm.v1.Frame\x1a\x13.locoswarm.v1.Frame(\x01\x30\x01\x12\x44\n\nFetchState\x12\x1f.locoswarm.v1.FetchStateRequest\x1a\x13.locoswarm.v1.Frame0\x01\x12@\n\x06Status\x12\x1b.locoswarm.v1.StatusRequest\x1a\x19.locoswarm.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMOPEN_METADATAENTRY']._loaded_options = None
   _globals['_STREAMOPEN_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_REASON']._serialized_start=1371
-  _globals['_REASON']._serialized_end=1850
+  _globals['_REASON']._serialized_start=1387
+  _globals['_REASON']._serialized_end=1866
   _globals['_TENSORSPEC']._serialized_start=34
   _globals['_TENSORSPEC']._serialized_end=165
   _globals['_HEADER']._serialized_start=168
-  _globals['_HEADER']._serialized_end=438
-  _globals['_CHUNK']._serialized_start=440
-  _globals['_CHUNK']._serialized_end=476
-  _globals['_TRAILER']._serialized_start=478
-  _globals['_TRAILER']._serialized_end=543
-  _globals['_REPLY']._serialized_start=545
-  _globals['_REPLY']._serialized_end=624
-  _globals['_FRAME']._serialized_start=627
-  _globals['_FRAME']._serialized_end=800
-  _globals['_FETCHSTATEREQUEST']._serialized_start=802
-  _globals['_FETCHSTATEREQUEST']._serialized_end=885
-  _globals['_STATUSREQUEST']._serialized_start=887
-  _globals['_STATUSREQUEST']._serialized_end=902
-  _globals['_STATUSREPLY']._serialized_start=905
-  _globals['_STATUSREPLY']._serialized_end=1132
-  _globals['_STREAMOPEN']._serialized_start=1135
-  _globals['_STREAMOPEN']._serialized_end=1289
-  _globals['_STREAMOPEN_METADATAENTRY']._serialized_start=1242
-  _globals['_STREAMOPEN_METADATAENTRY']._serialized_end=1289
-  _globals['_STREAMEND']._serialized_start=1291
-  _globals['_STREAMEND']._serialized_end=1368
-  _globals['_PEER']._serialized_start=1853
-  _globals['_PEER']._serialized_end=2053
+  _globals['_HEADER']._serialized_end=454
+  _globals['_CHUNK']._serialized_start=456
+  _globals['_CHUNK']._serialized_end=492
+  _globals['_TRAILER']._serialized_start=494
+  _globals['_TRAILER']._serialized_end=559
+  _globals['_REPLY']._serialized_start=561
+  _globals['_REPLY']._serialized_end=640
+  _globals['_FRAME']._serialized_start=643
+  _globals['_FRAME']._serialized_end=816
+  _globals['_FETCHSTATEREQUEST']._serialized_start=818
+  _globals['_FETCHSTATEREQUEST']._serialized_end=901
+  _globals['_STATUSREQUEST']._serialized_start=903
+  _globals['_STATUSREQUEST']._serialized_end=918
+  _globals['_STATUSREPLY']._serialized_start=921
+  _globals['_STATUSREPLY']._serialized_end=1148
+  _globals['_STREAMOPEN']._serialized_start=1151
+  _globals['_STREAMOPEN']._serialized_end=1305
+  _globals['_STREAMOPEN_METADATAENTRY']._serialized_start=1258
+  _globals['_STREAMOPEN_METADATAENTRY']._serialized_end=1305
+  _globals['_STREAMEND']._serialized_start=1307
+  _globals['_STREAMEND']._serialized_end=1384
+  _globals['_PEER']._serialized_start=1869
+  _globals['_PEER']._serialized_end=2069
 # @@protoc_insertion_point(module_scope)

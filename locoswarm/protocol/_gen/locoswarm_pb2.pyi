@@ -69,7 +69,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., codec: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., num_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., k_per_chunk: _Optional[int] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "outer_step", "strategy", "sender_id", "model_fingerprint", "tensors", "total_bytes", "chunk_bytes", "num_chunks", "kind", "members")
+    __slots__ = ("protocol_version", "run_id", "outer_step", "strategy", "sender_id", "model_fingerprint", "tensors", "total_bytes", "chunk_bytes", "num_chunks", "kind", "members", "tokens")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class Header(_message.Message):
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: str
     outer_step: int
@@ -94,7 +95,8 @@ class Header(_message.Message):
     num_chunks: int
     kind: str
     members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., outer_step: _Optional[int] = ..., strategy: _Optional[str] = ..., sender_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., kind: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+    tokens: int
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., outer_step: _Optional[int] = ..., strategy: _Optional[str] = ..., sender_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., kind: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "data")

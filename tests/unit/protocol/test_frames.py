@@ -97,12 +97,18 @@ def _expect(reason: str, cls: type[PeerError], fn: Any, *args: Any) -> None:
         ("num_chunks", 3, "size_mismatch", ProtocolViolation),
         ("total_bytes", 999, "size_mismatch", ProtocolViolation),
         ("strategy", "x" * 300, "malformed", ProtocolViolation),
+        ("tokens", (1 << 48) + 1, "malformed", ProtocolViolation),
     ],
 )
 def test_header_field_checks(field: str, value: object, reason: str, cls: type[PeerError]) -> None:
     msg = frames(os.urandom(1000))[0].header
     setattr(msg, field, value)
     _expect(reason, cls, check, msg)
+
+
+def test_the_tokens_a_sender_trained_travel_in_the_header() -> None:
+    assert check(frames(os.urandom(1000), tokens=5120)[0].header).tokens == 5120
+    assert check(frames(os.urandom(1000))[0].header).tokens == 0  # not given
 
 
 def test_header_lag_window_edges_pass() -> None:

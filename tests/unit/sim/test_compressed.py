@@ -183,3 +183,28 @@ def test_invalid_combinations_are_config_errors() -> None:
         _cfg("ef", group_size=4)
     with pytest.raises(ConfigError, match="design"):
         replace(EF, design="push")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("strategy", ["ef", "diloco", "noloco"])
+def test_pairs_weighted_by_tokens_leave_with_bit_identical_phi(strategy: str) -> None:
+    """Replicas that train different tokens per round (nodes of 2 and 1 GPUs) weight their
+    pair's mean 2:1, and both members still leave with the same phi, unlike the plain mean."""
+    plain = Swarm(_cfg(strategy, rounds=1, overlap=False))
+    plain.run()
+    pairs = _pairs(plain, 0)  # the pairing depends on the run id and peer ids only
+    tokens = [0.0] * 4
+    for i, j in pairs:
+        tokens[i], tokens[j] = 2.0, 1.0
+    weighted = Swarm(_cfg(strategy, rounds=1, overlap=False, tokens=tuple(tokens)))
+    weighted.run()
+    assert _pairs(weighted, 0) == pairs
+    phis = [rep.state.phi for rep in weighted.replicas]
+    for i, j in pairs:
+        if strategy != "noloco":  # noloco keeps each member's own phi (its own momentum)
+            assert torch.equal(phis[i], phis[j])
+        assert not torch.equal(phis[i], plain.replicas[i].state.phi)
+
+
+def test_tokens_need_one_positive_count_per_replica() -> None:
+    with pytest.raises(ConfigError, match="tokens"):
+        _cfg("ef", tokens=(1.0, 2.0))
