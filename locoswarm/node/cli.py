@@ -241,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a node of several ranks relaunches
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

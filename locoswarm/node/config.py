@@ -75,6 +75,9 @@ class SyncConfig:
 
     gamma: float | None = None
     """noloco pull toward the partner's phi; None means gamma = beta (only theta is sent)."""
+    max_weight_ratio: float = 8.0
+    """A group weights its members by the tokens each trained in the round (a node with more
+    GPUs counts for more), capped at this many times the group's lightest member."""
     group_size: int = 2
     """Nodes per exchange: pairs for noloco and ef; up to k for diloco (reduce-scatter and
     all-gather over pairwise exchanges)."""
@@ -138,6 +141,7 @@ class SyncConfig:
             "clip_warmup": min(4, self.clip_window),
             "clip_initial": self.clip_initial,
             "clip_violation": self.clip_violation,
+            "max_weight_ratio": self.max_weight_ratio,
         }
         if self.mode == "ef":
             changes |= {
@@ -161,6 +165,12 @@ class TrainerConfig:
     """Seeds the initial weights (the same on every node of a run) and, with the peer id, data."""
     threads: int | None = None
     """torch CPU threads; None keeps torch's default."""
+    nproc_per_node: int = 1
+    """Local ranks of this node (``torch.distributed.run``), one per GPU: rank 0 owns the
+    network side, every rank trains with DDP on its own data stream."""
+    rank_timeout_s: float = 86400.0
+    """How long a rank waits for the others in one collective before the node gives up (rank 0
+    may wait for peers before the first round; a rank that dies is noticed at once)."""
     eval_every: int = 10
     """Measure the outer weights' validation loss on the task's held-out batches every this
     many rounds (task.val_batches of them; 0 never)."""
@@ -173,6 +183,10 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.eval_every < 0:
             raise ConfigError(f"trainer.eval_every must be >= 0, got {self.eval_every}")
+        if not 1 <= self.nproc_per_node <= 64:
+            raise ConfigError(f"trainer.nproc_per_node must be in 1..64, got {self.nproc_per_node}")
+        if not self.rank_timeout_s > 0:
+            raise ConfigError(f"trainer.rank_timeout_s must be > 0, got {self.rank_timeout_s}")
         if self.malloc_mmap_threshold < 0 or self.malloc_arena_max < 0:
             raise ConfigError(
                 "trainer.malloc_mmap_threshold and trainer.malloc_arena_max must be >= 0 "

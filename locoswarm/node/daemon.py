@@ -34,6 +34,7 @@ from locoswarm.node.handler import NodeHandler
 from locoswarm.node.metrics import CAUSES, NodeMetrics
 from locoswarm.node.outer import OuterStep, fingerprint
 from locoswarm.node.paths import Paths
+from locoswarm.node.ranks import RankLost, Ranks
 from locoswarm.node.reachability import self_test
 from locoswarm.node.report import Reporter
 from locoswarm.node.round import RoundRunner
@@ -81,8 +82,10 @@ def identity_path(cfg: NodeConfig) -> Path | None:
 class Daemon:
     """One node. ``await Daemon(config).run()``; ``request_stop()`` from a signal handler."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, ranks: Ranks | None = None) -> None:
         self.config = config
+        self.ranks = ranks
+        """The node's local ranks when it has several (this process is rank 0)."""
         self.metrics = NodeMetrics()
         self._stop = asyncio.Event()
         self._train_stop = threading.Event()
@@ -266,26 +269,17 @@ class Daemon:
 
     def _build(self) -> tuple[Trainer, OuterStep]:
         cfg = self.config
-        if cfg.trainer.threads:
-            torch.set_num_threads(cfg.trainer.threads)
-        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every node of the run
-        task = TaskFactory(cfg.task).build(
-            replica=0, num_replicas=1, seed=node_data_seed(self.peer_id)
-        )
-        device = pick_device(cfg.trainer.device)
-        total = cfg.sync.rounds * cfg.sync.inner_steps if cfg.sync.rounds else None
-        trainer = Trainer(
-            task,
-            cfg.trainer.inner,
-            inner_steps=cfg.sync.inner_steps,
-            total_steps=total,
-            device=device,
-            tokens_per_step=cfg.task.batch_size * cfg.task.seq_len,
-            eval_every=cfg.trainer.eval_every,
-        )
+        seed = node_data_seed(self.peer_id)
+        if self.ranks is not None:
+            self.ranks.objects(seed)  # the followers build their data streams from it
+        trainer = build_trainer(cfg, seed, self.ranks)
+        device = trainer.device
         phi = flat_params(trainer.model)
         shapes = [tuple(p.shape) for p in trainer.model.parameters()]
         outer = OuterStep(cfg, phi, peer_id=self.peer_id, fp=fingerprint(cfg, shapes))
+        outer.tokens = trainer.tokens_per_step * cfg.sync.inner_steps
+        if self.ranks is not None:
+            self.info["ranks"] = self.ranks.world
         self.info.update(device=str(device), parameters=phi.numel(), fingerprint=outer.fingerprint)
         self.metrics.info.labels(
             version=__version__,
@@ -338,6 +332,10 @@ class Daemon:
                     if waiter not in done:
                         waiter.cancel()
                 if thread in done:
+                    if isinstance(thread.exception(), RankLost):
+                        log.error("stopping the node: %s", thread.exception())
+                        self.request_stop()
+                        break
                     thread.result()  # re-raise a crash of the trainer thread
                     break
                 if getter not in done:
@@ -364,8 +362,9 @@ class Daemon:
         finally:
             self._train_stop.set()
             await asyncio.wait({thread})  # the thread checks the stop flag every inner step
-            if not thread.cancelled() and thread.exception() is not None:
-                log.error("the trainer thread failed", exc_info=thread.exception())
+            failure = None if thread.cancelled() else thread.exception()
+            if failure is not None and not isinstance(failure, RankLost):
+                log.error("the trainer thread failed", exc_info=failure)
 
     async def _await_round(self, task: asyncio.Future[Any]) -> None:
         """Wait for the round in flight. A stop gives it half of ``shutdown_grace_s`` (counted
@@ -441,6 +440,38 @@ class Daemon:
             trainer.deliver(b.outer_step, b.theta, b.theta)  # no change to theta
             self._delivered = b.outer_step
             self._advance(max(self.next_round, b.outer_step + runner.view.round_offset + 1), runner)
+
+
+def build_trainer(cfg: NodeConfig, data_seed: int, ranks: Ranks | None = None) -> Trainer:
+    """The node's trainer: its task (this rank's data stream), model and inner optimizer."""
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every node of the run
+    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+    task = TaskFactory(cfg.task).build(replica=rank, num_replicas=world, seed=data_seed)
+    device = pick_device(cfg.trainer.device) if ranks is None else ranks.device
+    total = cfg.sync.rounds * cfg.sync.inner_steps if cfg.sync.rounds else None
+    return Trainer(
+        task,
+        cfg.trainer.inner,
+        inner_steps=cfg.sync.inner_steps,
+        total_steps=total,
+        device=device,
+        tokens_per_step=cfg.task.batch_size * cfg.task.seq_len * world,
+        eval_every=cfg.trainer.eval_every,
+        ranks=ranks,
+    )
+
+
+def follow(cfg: NodeConfig, ranks: Ranks) -> int:
+    """A follower rank of a node: train as rank 0 says until it says stop."""
+    trainer = build_trainer(cfg, int(ranks.objects(None)), ranks)
+    try:
+        trainer.follow()
+    except RankLost as exc:
+        log.error("rank %d: %s", ranks.rank, exc)
+        return 1
+    return 0
 
 
 def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Boundary], b: Boundary) -> None:

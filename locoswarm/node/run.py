@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -58,6 +59,7 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("trainer.inner.lr", "--lr"),
     Flag("trainer.inner.warmup_steps"),
     Flag("trainer.threads"),
+    Flag("trainer.nproc_per_node", metavar="N"),
     Flag("trainer.eval_every"),
     Flag("task.val_batches"),
     Flag("protocol.host", help="address the gRPC server and the DHT bind"),
@@ -125,16 +127,18 @@ def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def _serve(config: Any) -> int:
+async def _serve(config: Any, ranks: Any = None) -> int:
     from locoswarm.node.daemon import Daemon
+    from locoswarm.node.ranks import note_stop_signal
 
-    daemon = Daemon(config)
+    daemon = Daemon(config, ranks)
     loop = asyncio.get_running_loop()
     received = 0
 
     def on_signal() -> None:
         nonlocal received
         received += 1
+        note_stop_signal()
         if received == 1:
             print(
                 "stopping: finishing the outer step in flight, then a checkpoint "
@@ -163,7 +167,41 @@ def config_from_args(a: argparse.Namespace, environ: dict[str, str] | None = Non
 def cmd_run(a: argparse.Namespace) -> int:
     import uvloop
 
-    return int(uvloop.run(_serve(config_from_args(a))))
+    from locoswarm.node import ranks as local_ranks
+
+    config = config_from_args(a)
+    nproc = config.trainer.nproc_per_node
+    if nproc > 1 and not local_ranks.under_launcher():
+        local_ranks.check_nproc(nproc, config.trainer.device)
+        grace = config.shutdown_grace_s + 10
+        return local_ranks.launch(a.argv, nproc, shutdown_timeout_s=grace)
+    if not local_ranks.under_launcher():
+        return int(uvloop.run(_serve(config)))
+    ranks = local_ranks.Ranks(
+        timeout_s=config.trainer.rank_timeout_s, device_name=config.trainer.device
+    )
+    code = 1
+    try:
+        if ranks.leader:
+            code = int(uvloop.run(_serve(config, ranks)))
+            if ranks.lost:
+                print("locoswarm: rank 0 stopped: another rank was lost", file=sys.stderr)
+                code = 1
+        else:
+            from locoswarm.node.daemon import follow
+
+            for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 stops the node and then us
+                signal.signal(sig, local_ranks.note_stop_signal)
+            code = follow(config, ranks)
+    finally:
+        if ranks.lost:
+            # The node has stopped (checkpoint written, DHT left). Exit at once: the process
+            # group's teardown would wait for the rank that is gone.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
 
 
 # -- status ------------------------------------------------------------------------------------

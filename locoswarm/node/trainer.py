@@ -12,6 +12,7 @@ the simulator (which applies updates by the same rule, ``sim/swarm.py``) trains 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import threading
 import time
@@ -22,8 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from locoswarm.node.ranks import Control, RankLost, Ranks
 from locoswarm.tasks.inner import InnerConfig, InnerLoop, add_difference, flat_params, set_flat
 from locoswarm.tasks.task import ReplicaTask
+
+log = logging.getLogger("locoswarm.node.trainer")
 
 __all__ = ["Boundary", "Trainer", "add_difference", "flat_params", "pick_device", "set_flat"]
 
@@ -76,14 +80,21 @@ class Trainer:
         device: torch.device,
         tokens_per_step: int,
         eval_every: int = 0,
+        ranks: Ranks | None = None,
     ) -> None:
         self.task = task
+        self.ranks = ranks if ranks is not None and ranks.world > 1 else None
+        """The node's other local ranks (None: one rank). Rank 0's thread drives them."""
         self.eval_every = eval_every
         self.model = task.model.to(device)
         self.device = device
         self.inner_steps = inner_steps
         self.tokens_per_step = tokens_per_step
         self.loop = InnerLoop(self.model, inner, total_steps)
+        self._forward = self.ranks.wrap(self.model) if self.ranks is not None else self.model
+        """What an inner step calls: the model, or its DDP wrapper across the node's ranks."""
+        self._rank_data: list[Any] | None = None
+        """The other ranks' data positions at the last gather (or from the checkpoint)."""
         self.opt = self.loop.opt
         self.sched = self.loop.sched
         self.step = 0
@@ -114,6 +125,14 @@ class Trainer:
             return
         outer_step, phi, theta_r = update
         self._phi = phi
+        if self._drives():
+            assert self.ranks is not None
+            if self.overlap:  # the followers add the same difference, bit for bit
+                self.ranks.control(Control.ADD)
+                self.ranks.tensor(phi - theta_r)
+            else:
+                self.ranks.control(Control.SET)
+                self.ranks.tensor(phi)
         if self.overlap:
             add_difference(self.model, phi, theta_r)  # keep the progress made meanwhile
         else:
@@ -139,11 +158,20 @@ class Trainer:
 
     def inner_step(self) -> float:
         start = time.perf_counter()
+        if self._drives():
+            assert self.ranks is not None
+            self.ranks.control(Control.STEP)
         self.model.train()
         batch = next(self.task.batches)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = self.task.loss(self.model, _to(batch, self.device))
-        value = self.loop.step(loss)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                loss = self.task.loss(self._forward, _to(batch, self.device))
+            value = self.loop.step(loss)  # with several ranks: DDP's gradient all-reduce
+        except RuntimeError as exc:
+            if self.ranks is None:
+                raise
+            self.ranks.lost_rank()
+            raise RankLost(f"an inner step with the node's other ranks failed: {exc}") from exc
         self.step += 1
         self.stats.inner_steps += 1
         self.stats.tokens += self.tokens_per_step
@@ -169,6 +197,22 @@ class Trainer:
         Blocking: the thread waits for it right after the snapshot.
         """
         self.overlap = overlap
+        if self._drives():
+            self._load_followers()
+        try:
+            self._run(first_outer_step, stop, on_boundary, want_state, overlap)
+        finally:
+            if self._drives():
+                self._stop_followers()
+
+    def _run(
+        self,
+        first_outer_step: int,
+        stop: threading.Event,
+        on_boundary: Callable[[Boundary], None],
+        want_state: Callable[[int], bool],
+        overlap: bool,
+    ) -> None:
         outer_step = first_outer_step
         losses: list[float] = []
         into_phase = 0
@@ -220,12 +264,90 @@ class Trainer:
                 set_flat(self.model, theta)
             self.stats.eval_s += time.perf_counter() - start
 
+    # -- the node's other ranks ------------------------------------------------------------------
+
+    def _drives(self) -> bool:
+        """Whether this is rank 0 of several, with its followers still there."""
+        return self.ranks is not None and self.ranks.leader and self.ranks.live
+
+    def _load_followers(self) -> None:
+        """Hand the followers our trainer state (after a restore or a late join)."""
+        assert self.ranks is not None
+        self.ranks.control(Control.LOAD)
+        self.ranks.objects(self._shared_state())
+
+    def _shared_state(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": _to(self.opt.state_dict(), torch.device("cpu")),
+            "scheduler": self.sched.state_dict(),
+            "step": self.step,
+            "data_ranks": self._rank_data,
+        }
+
+    def _gather_followers(self) -> None:
+        """The followers' data positions, for a checkpoint."""
+        assert self.ranks is not None
+        self.ranks.control(Control.STATE)
+        gathered = self.ranks.gather(None)
+        self._rank_data = None if gathered is None else gathered[1:]
+
+    def _stop_followers(self) -> None:
+        """Gather their data positions one last time (the final checkpoint), then stop them.
+        After a failed collective (a rank died) there is no one left to tell."""
+        assert self.ranks is not None
+        try:
+            self._gather_followers()
+            self.ranks.control(Control.STOP)
+        except RuntimeError as exc:
+            log.warning("could not stop the node's other ranks cleanly: %s", exc)
+        self.ranks.live = False
+
+    def follow(self) -> None:
+        """A follower rank: do what rank 0 says until it says stop."""
+        ranks = self.ranks
+        assert ranks is not None
+        assert not ranks.leader
+        while True:
+            op = ranks.control()
+            if op is Control.STEP:
+                self.inner_step()
+            elif op is Control.ADD:
+                _add_flat(self.model, ranks.tensor(torch.empty(self.numel, dtype=torch.float32)))
+            elif op is Control.SET:
+                set_flat(self.model, ranks.tensor(torch.empty(self.numel, dtype=torch.float32)))
+            elif op is Control.STATE:
+                batches = self.task.batches
+                ranks.gather(batches.state_dict() if hasattr(batches, "state_dict") else None)
+            elif op is Control.LOAD:
+                self._load_shared(ranks.objects(None), ranks.rank)
+            else:
+                return
+
+    def _load_shared(self, state: dict[str, Any], rank: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        data = state.get("data_ranks")
+        batches = self.task.batches
+        position = data[rank - 1] if data and len(data) >= rank else None
+        if position is not None and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(position)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """A deep copy of everything that decides the next inner steps."""
         batches = self.task.batches
+        if self._drives():
+            self._gather_followers()
         return {
+            "data_ranks": self._rank_data,
             "model": {
                 k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
             },
@@ -242,6 +364,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self._rank_data = state.get("data_ranks")
         if state.get("data") is not None and hasattr(self.task.batches, "load_state_dict"):
             self.task.batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng_cpu"])
@@ -253,6 +376,17 @@ class Trainer:
         """theta = flat (when the thread is not running)."""
         set_flat(self.model, flat)
         self._phi = flat
+
+
+@torch.no_grad()
+def _add_flat(model: torch.nn.Module, diff: Tensor) -> None:
+    """theta += diff, one parameter at a time: what ``add_difference`` adds on rank 0, where
+    ``diff`` is ``new - old`` (the same bits)."""
+    offset = 0
+    for p in model.parameters():
+        n = p.numel()
+        p.add_(diff[offset : offset + n].view_as(p).to(p.device, p.dtype))
+        offset += n
 
 
 def _mean(values: list[float]) -> float:
