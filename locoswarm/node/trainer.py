@@ -334,6 +334,7 @@ class Trainer:
         position = data[rank - 1] if data and len(data) >= rank else None
         if position is not None and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(position)
+            log.info("rank %d: resumed its data position", rank)
 
     @property
     def numel(self) -> int:

@@ -90,7 +90,8 @@ def test_two_rank_node_pairs_with_one_rank_nodes(nodes: Nodes) -> None:
 
 def test_a_dead_rank_stops_the_node_and_a_restart_resumes(nodes: Nodes, tmp_path: Path) -> None:
     ckpt = str(tmp_path / "ckpt")
-    flags: tuple[str, ...] = (*TASK, "--nproc-per-node", "2", "--inner-steps", "20")
+    # The built-in task: its batch stream has a position to save and resume.
+    flags: tuple[str, ...] = ("--nproc-per-node", "2", "--device", "cpu", "--inner-steps", "10")
     flags += ("--match-deadline", "1", "--checkpoint-dir", ckpt, "--checkpoint-every", "2")
     node = nodes.start(*flags, name="first")
     node.wait_for(r"round 2: ", timeout_s=120)
@@ -108,11 +109,15 @@ def test_a_dead_rank_stops_the_node_and_a_restart_resumes(nodes: Nodes, tmp_path
     assert saved is not None
     saved_round = int(saved[1]["outer_step"])
     assert saved_round >= 2
-    assert saved[1]["trainer"]["data_ranks"] == [None]  # the plugin's stream has no position
+    positions = saved[1]["trainer"]["data_ranks"]  # rank 1's, gathered by rank 0
+    assert isinstance(positions, list), saved[1]["trainer"].keys()
+    assert len(positions) == 1
+    assert positions[0] is not None
 
     again = nodes.start(*flags, name="again")
     again.wait_for(rf"round {saved_round + 1}: ", timeout_s=120)
     assert f"resumed from {saved[0]} at round {saved_round}" in again.text(), again.text()
+    assert "rank 1: resumed its data position" in again.text(), again.text()
     first_round = round_events(again.text())[0]["round"]
     assert first_round == saved_round, again.text()
     # SIGTERM: rank 0 stops the node gracefully (a final checkpoint), then its other rank.
