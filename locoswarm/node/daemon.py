@@ -333,7 +333,8 @@ class Daemon:
                         waiter.cancel()
                 if thread in done:
                     if isinstance(thread.exception(), RankLost):
-                        log.error("stopping the node: %s", thread.exception())
+                        failure = thread.exception()
+                        log.error("stopping the node: %s", failure, exc_info=failure)
                         self.request_stop()
                         break
                     thread.result()  # re-raise a crash of the trainer thread

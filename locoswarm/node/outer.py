@@ -268,13 +268,16 @@ class OuterStep:
         msg = prepared.message
         return torch.cat([msg.own[name] for name in msg.names])
 
-    def apply_mean(self, prepared: Prepared, mean: Tensor) -> tuple[Tensor, float | None]:
+    def apply_mean(
+        self, prepared: Prepared, mean: Tensor, partners: tuple[str, ...] = ()
+    ) -> tuple[Tensor, float | None]:
         """Finish the round with the group's mean of ``group_vector``; returns the new phi and
         how far apart we were."""
         msg = prepared.message
         means = dict(zip(msg.names, torch.split(mean, self.numel), strict=True))
-        new = rounds.combine(self.rc, self.state, msg, means, reuse_message=True)
-        return self._commit(prepared, new), rounds.disagreement(msg, means)
+        spread = rounds.spread_of(self.shares([self.peer_id, *partners]), 0)
+        new = rounds.combine(self.rc, self.state, msg, means, reuse_message=True, spread=spread)
+        return self._commit(prepared, new), rounds.disagreement(msg, means, spread)
 
     def solo(self, prepared: Prepared) -> Tensor:
         """Finish the round alone (no partner, or the exchange failed); returns the new phi."""

@@ -18,8 +18,10 @@ checkpoint, and stop. A rank that dies breaks the next collective: rank 0 stops 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import enum
+import inspect
 import logging
 import os
 import signal
@@ -75,6 +77,9 @@ def launch(argv: Sequence[str], nproc: int, *, shutdown_timeout_s: float) -> int
 
     if "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # every rank is on this machine
+    options: dict[str, Any] = {}
+    if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:
+        options["shutdown_timeout"] = max(1, int(shutdown_timeout_s))  # torch 2.10 on
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -85,7 +90,7 @@ def launch(argv: Sequence[str], nproc: int, *, shutdown_timeout_s: float) -> int
         max_restarts=0,
         monitor_interval=0.5,
         local_addr="127.0.0.1",
-        shutdown_timeout=max(1, int(shutdown_timeout_s)),
+        **options,
     )
     try:
         # A function, not a command: the ranks are this process's children in its own process
@@ -134,6 +139,12 @@ class Ranks:
     def __init__(self, *, timeout_s: float, device_name: str) -> None:
         self.rank = int(os.environ["LOCAL_RANK"])
         self.world = int(os.environ["WORLD_SIZE"])
+        if self.world != int(os.environ.get("LOCAL_WORLD_SIZE", self.world)):
+            raise ConfigError(
+                "a locoswarm node's ranks run on one machine (other machines join the swarm as "
+                f"nodes of their own): WORLD_SIZE {self.world}, LOCAL_WORLD_SIZE "
+                f"{os.environ.get('LOCAL_WORLD_SIZE')}"
+            )
         cuda = torch.cuda.is_available() and device_name != "cpu"
         if cuda:
             self.device = torch.device("cuda", self.rank)
@@ -208,9 +219,15 @@ class Ranks:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
+        # Every rank computes the same buffers: no buffer broadcast before each forward
+        # (``forward_sync_buffers`` from torch 2.13 on, ``broadcast_buffers`` before it).
+        sync: dict[str, Any] = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
         return self._call(  # type: ignore[no-any-return]
-            "DDP setup",
-            lambda: DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False),
+            "DDP setup", lambda: DistributedDataParallel(model, device_ids=ids, **sync)
         )
 
 

@@ -184,7 +184,9 @@ class RoundRunner:
         banned = False
         if attempt.result == "ok" and attempt.mean is not None:
             partners = attempt.partners
-            phi, distance = await asyncio.to_thread(outer.apply_mean, prepared, attempt.mean)
+            phi, distance = await asyncio.to_thread(
+                outer.apply_mean, prepared, attempt.mean, partners
+            )
         elif attempt.result == "ok" and attempt.partner is not None:
             partners = attempt.partners
             phi, distance, clips = await asyncio.to_thread(

@@ -127,6 +127,11 @@ def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+_ECHO_S = 5.0
+"""A rank of a multi-rank node gets a terminal's Ctrl-C twice within this many seconds (from the
+terminal and from the launcher): the second is not a request to force."""
+
+
 async def _serve(config: Any, ranks: Any = None) -> int:
     from locoswarm.node.daemon import Daemon
     from locoswarm.node.ranks import note_stop_signal
@@ -134,12 +139,16 @@ async def _serve(config: Any, ranks: Any = None) -> int:
     daemon = Daemon(config, ranks)
     loop = asyncio.get_running_loop()
     received = 0
+    first = 0.0
 
     def on_signal() -> None:
-        nonlocal received
-        received += 1
+        nonlocal received, first
         note_stop_signal()
+        if ranks is not None and received and time.monotonic() - first < _ECHO_S:
+            return  # the launcher passing on the signal this rank already got (Ctrl-C)
+        received += 1
         if received == 1:
+            first = time.monotonic()
             print(
                 "stopping: finishing the outer step in flight, then a checkpoint "
                 "(signal again to force)",

@@ -93,6 +93,8 @@ class Trainer:
         self.loop = InnerLoop(self.model, inner, total_steps)
         self._forward = self.ranks.wrap(self.model) if self.ranks is not None else self.model
         """What an inner step calls: the model, or its DDP wrapper across the node's ranks."""
+        self._restored = False
+        """A checkpoint or a late join changed the trainer since it was built."""
         self._rank_data: list[Any] | None = None
         """The other ranks' data positions at the last gather (or from the checkpoint)."""
         self.opt = self.loop.opt
@@ -197,8 +199,8 @@ class Trainer:
         Blocking: the thread waits for it right after the snapshot.
         """
         self.overlap = overlap
-        if self._drives():
-            self._load_followers()
+        if self._drives() and self._restored:
+            self._load_followers()  # else DDP's start made every rank the same
         try:
             self._run(first_outer_step, stop, on_boundary, want_state, overlap)
         finally:
@@ -366,6 +368,7 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self._rank_data = state.get("data_ranks")
+        self._restored = True
         if state.get("data") is not None and hasattr(self.task.batches, "load_state_dict"):
             self.task.batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng_cpu"])
@@ -377,6 +380,7 @@ class Trainer:
         """theta = flat (when the thread is not running)."""
         set_flat(self.model, flat)
         self._phi = flat
+        self._restored = True
 
 
 @torch.no_grad()
@@ -396,7 +400,9 @@ def _mean(values: list[float]) -> float:
 
 def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True)
+        # To the accelerator asynchronously; back to the CPU synchronously (the copy is read,
+        # pickled or saved at once).
+        return obj.to(device, non_blocking=device.type != "cpu")
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
