@@ -11,12 +11,13 @@ the simulator (which applies updates by the same rule, ``sim/swarm.py``) trains 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,54 +200,39 @@ class Trainer:
         Blocking: the thread waits for it right after the snapshot.
         """
         self.overlap = overlap
-        if self._drives() and self._restored:
-            self._load_followers()  # else DDP's start made every rank the same
-        try:
-            self._run(first_outer_step, stop, on_boundary, want_state, overlap)
-        finally:
-            if self._drives():
-                self._stop_followers()
-
-    def _run(
-        self,
-        first_outer_step: int,
-        stop: threading.Event,
-        on_boundary: Callable[[Boundary], None],
-        want_state: Callable[[int], bool],
-        overlap: bool,
-    ) -> None:
-        outer_step = first_outer_step
-        losses: list[float] = []
-        into_phase = 0
-        applied_after: int | None = None
-        while not stop.is_set():
-            if (
-                overlap
-                and applied_after is None
-                and outer_step > first_outer_step
-                and self._ready(outer_step - 1)
-            ):
-                self._apply_pending()
-                applied_after = into_phase
-            losses.append(self.inner_step())
-            into_phase += 1
-            if self.step % self.inner_steps:
-                continue
-            # A round boundary. The previous round's update must be in before we snapshot.
-            if overlap and applied_after is None and outer_step > first_outer_step:
-                if not self._wait_for(outer_step - 1, stop):
-                    break
-                applied_after = into_phase
-            state = self.state_dict() if want_state(outer_step) else None
-            theta = flat_params(self.model)
-            val = self._validate(outer_step, theta)
-            on_boundary(Boundary(outer_step, theta, _mean(losses), state, applied_after, val))
-            losses = []
+        with self._followers():
+            outer_step = first_outer_step
+            losses: list[float] = []
             into_phase = 0
-            applied_after = None
-            if not overlap and not self._wait_for(outer_step, stop):
-                break
-            outer_step += 1
+            applied_after: int | None = None
+            while not stop.is_set():
+                if (
+                    overlap
+                    and applied_after is None
+                    and outer_step > first_outer_step
+                    and self._ready(outer_step - 1)
+                ):
+                    self._apply_pending()
+                    applied_after = into_phase
+                losses.append(self.inner_step())
+                into_phase += 1
+                if self.step % self.inner_steps:
+                    continue
+                # A round boundary. The previous round's update must be in before we snapshot.
+                if overlap and applied_after is None and outer_step > first_outer_step:
+                    if not self._wait_for(outer_step - 1, stop):
+                        break
+                    applied_after = into_phase
+                state = self.state_dict() if want_state(outer_step) else None
+                theta = flat_params(self.model)
+                val = self._validate(outer_step, theta)
+                on_boundary(Boundary(outer_step, theta, _mean(losses), state, applied_after, val))
+                losses = []
+                into_phase = 0
+                applied_after = None
+                if not overlap and not self._wait_for(outer_step, stop):
+                    break
+                outer_step += 1
 
     def _validate(self, outer_step: int, theta: Tensor) -> float | None:
         """Every ``eval_every`` boundaries: the validation loss of the last outer weights (the
@@ -267,6 +253,18 @@ class Trainer:
             self.stats.eval_s += time.perf_counter() - start
 
     # -- the node's other ranks ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _followers(self) -> Iterator[None]:
+        """Rank 0 of several: hand the followers our state when a restore or a late join
+        changed it (else DDP's start made every rank the same), and stop them at the end."""
+        if self._drives() and self._restored:
+            self._load_followers()
+        try:
+            yield
+        finally:
+            if self._drives():
+                self._stop_followers()
 
     def _drives(self) -> bool:
         """Whether this is rank 0 of several, with its followers still there."""
