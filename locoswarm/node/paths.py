@@ -6,7 +6,8 @@ through a relay; the exchange's frames then travel over that stream (``protocol.
 with the same auth and checks. A relayed stream carries payloads up to
 ``protocol.relay_budget_bytes`` only (relays are slow, and p2pd's cut a connection after about
 128 KiB); a larger message means a solo step this round, and a later round may find the
-connection upgraded to a direct one.
+connection upgraded to a direct one (a relayed connection refused before use is kept, so the
+hole punching that started on it can finish).
 """
 
 from __future__ import annotations

@@ -350,6 +350,10 @@ class RoundRunner:
                 ) from None
         roster = group.roster.result()
         ids = [p for p, _ in parse_roster(roster, None)]
+        if any(p != self.peer_id and self.route(p) is None for p in ids):
+            # The leader listed a member whose record is newer than our last listing: list once
+            # more (bounded, as every listing is) before the swaps give up on it.
+            await self.view.refresh()
         vector = await asyncio.to_thread(outer.group_vector, prepared)
         bounds = shard_bounds(vector.numel(), len(ids))
         me = ids.index(self.peer_id)

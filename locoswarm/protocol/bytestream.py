@@ -67,7 +67,9 @@ class StreamRoute:
     """The largest payload sent through a relay (relays are slow and cut long transfers);
     None: no limit."""
     after: Callable[[str], Awaitable[None]] | None = None
-    """Called with the stream's path once the call is over, whatever its result."""
+    """Called with the stream's path once a call that used the stream is over, whatever its
+    result (not after a refusal before use: a relayed connection refused for the budget stays
+    up, so the hole punching that started on it can finish)."""
 
 
 async def read_message(reader: Reader, max_bytes: int, peer: str | None) -> bytes | None:
@@ -318,6 +320,7 @@ async def call_stream(
     when the stream is relayed and ``payload_bytes`` (the larger payload of the call) is over the
     route's relay budget."""
     token = None
+    used = False
     try:
         async with asyncio.timeout(timeout_s):
             try:
@@ -336,6 +339,7 @@ async def call_stream(
                     f"relay budget of {budget} bytes (protocol.relay_budget_bytes)",
                     reason="relay_budget",
                 )
+            used = True
             try:
                 opened = pb.StreamOpen(method=method, metadata=dict(metadata), timeout_s=timeout_s)
                 await write_message(writer, opened.SerializeToString())
@@ -349,7 +353,7 @@ async def call_stream(
         raise PeerUnavailable(route.name, f"the stream broke: {exc}", reason="truncated") from None
     finally:
         if token is not None:
-            if route.after is not None:
+            if route.after is not None and used:
                 await route.after(path.get())
             path.reset(token)
 

@@ -226,12 +226,20 @@ async def test_a_relayed_stream_carries_payloads_under_the_budget_only(
         stream_serving(small_chunks, via="relayed", budget=1000) as (route, handler),
         dialling(small_chunks) as client,
     ):
+        finished: list[str] = []
+
+        async def after(via: str) -> None:
+            finished.append(via)
+
+        route = dataclasses.replace(route, after=after)
         small = await client.exchange(route, Outgoing(make_header(1000), bytes(1000)), view=VIEW)
         assert bytes(small.payload) == REPLY(1000)
+        assert finished == ["relayed"]  # the node drops a relayed connection it used
         with pytest.raises(PeerUnavailable) as info:
             await client.exchange(route, Outgoing(make_header(1001), bytes(1001)), view=VIEW)
         assert info.value.reason == "relay_budget"
         assert len(handler.exchanges) == 1  # nothing of the large one was sent
+        assert finished == ["relayed"]  # and keeps one refused unused: hole punching goes on
 
 
 async def test_bytes_are_counted_by_path(small_chunks: ProtocolConfig) -> None:

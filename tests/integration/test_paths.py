@@ -70,9 +70,12 @@ def test_a_diloco_group_of_three_client_mode_nodes_averages_over_libp2p(nodes: N
         exchanged = [e for e in round_events(node.text()) if e["outcome"] == "exchanged"]
         assert len(exchanged) >= 3, node.text()
         assert {e["path"] for e in exchanged} == {"libp2p"}
+        # Two may pair while the third is still starting (peers.min_peers=2); it then fetches
+        # their state as a late joiner. Rounds of all three are what is compared.
+        assert {len(e["partners"]) for e in exchanged} <= {1, 2}, exchanged
         for e in exchanged:
-            assert len(e["partners"]) == 2
-            phis.setdefault(int(e["round"]), []).append(str(e["phi"]))
+            if len(e["partners"]) == 2:
+                phis.setdefault(int(e["round"]), []).append(str(e["phi"]))
     assert sum(len(ids) == 3 for ids in phis.values()) >= 3, phis  # rounds all three averaged
     for ids in phis.values():
         assert len(set(ids)) == 1, phis  # and left with the same outer weights
