@@ -32,6 +32,7 @@ sockets, asyncio or how a group was formed.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,7 @@ from locoswarm.compression.encoded import (
 from locoswarm.compression.sideinfo import siq_decode, siq_encode, siq_steps
 from locoswarm.sync.diloco import group_mean
 from locoswarm.sync.noloco import noloco_step_from_means
+from locoswarm.sync.robust import relative_distance
 from locoswarm.sync.round_config import RoundConfig
 
 __all__ = [
@@ -520,11 +522,10 @@ def disagreement(msg: Message, means: Mapping[str, Tensor], spread: float = 2.0)
     name = "phi" if "phi" in msg.own else msg.names[0]
     if name == "step" or name not in means:
         return None
-    ours = msg.own[name].float()
-    norm = float(ours.norm())
-    if norm == 0.0:
-        return None
-    return spread * float((means[name].float() - ours).norm()) / norm
+    # In float64, a chunk at a time: no model-sized temporary (a whole one was alive at ef's
+    # peak).
+    distance = relative_distance(msg.own[name], means[name])
+    return None if math.isnan(distance) else spread * distance
 
 
 def _private(t: Tensor, msg: Message, state: OuterState) -> bool:
