@@ -320,7 +320,6 @@ async def call_stream(
     when the stream is relayed and ``payload_bytes`` (the larger payload of the call) is over the
     route's relay budget."""
     token = None
-    used = False
     try:
         async with asyncio.timeout(timeout_s):
             try:
@@ -329,7 +328,6 @@ async def call_stream(
                 raise PeerUnavailable(route.name, f"cannot open a stream: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - libp2p's client raises its own types
                 raise PeerUnavailable(route.name, f"cannot open a stream: {exc!r}") from None
-            token = path.set(via)
             budget = route.relay_budget
             if via == "relayed" and budget is not None and payload_bytes > budget:
                 writer.close()
@@ -339,7 +337,7 @@ async def call_stream(
                     f"relay budget of {budget} bytes (protocol.relay_budget_bytes)",
                     reason="relay_budget",
                 )
-            used = True
+            token = path.set(via)  # from here on the call uses the stream
             try:
                 opened = pb.StreamOpen(method=method, metadata=dict(metadata), timeout_s=timeout_s)
                 await write_message(writer, opened.SerializeToString())
@@ -353,7 +351,7 @@ async def call_stream(
         raise PeerUnavailable(route.name, f"the stream broke: {exc}", reason="truncated") from None
     finally:
         if token is not None:
-            if route.after is not None and used:
+            if route.after is not None:
                 await route.after(path.get())
             path.reset(token)
 
