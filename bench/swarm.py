@@ -19,6 +19,11 @@ N --rounds R --inner-steps H --max-upload-mbps CAP --match-deadline D`` and stop
    ``--small-sync``) with ``--task
    small`` (10.6M parameters), fewer nodes and steps: the memory comparison that means something
    (the tiny model's 1.1 MB fp32 copy is lost in interpreter and library overhead).
+   ``--small-task base`` runs it with the 114M-parameter model instead (the configuration keeps
+   its name), where the process's fixed overhead weighs a tenth as much per copy;
+   ``--small-batch-size`` / ``--small-seq-len`` shrink its batches (activations are the same in
+   the node and the plain baseline, so the copies above it do not depend on them) so that it
+   trains on CPU in minutes.
 
 While a node runs, the benchmark polls (every ``POLL_S``) its Prometheus ``/metrics`` (URL from
 the ready file), and ``VmHWM`` / ``VmRSS`` of the node and of every process below it (the
@@ -66,7 +71,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +226,13 @@ def histogram_quantile(
 
 
 def plain_main(
-    task: str, max_bytes: int, steps: int, threads: int, seed: int, daemon_imports: bool
+    task: str,
+    max_bytes: int,
+    steps: int,
+    threads: int,
+    seed: int,
+    daemon_imports: bool,
+    sizes: dict[str, int] | None = None,
 ) -> int:
     """Train the node's task without a daemon for ``steps`` steps; print one JSON line."""
     started = time.perf_counter()
@@ -247,7 +258,13 @@ def plain_main(
     hwm_imports = (_proc_status(os.getpid()) or {}).get("VmHWM")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    sizes = sizes or {}
     cfg = TaskConfig(name=task, max_bytes=max_bytes)
+    cfg = replace(
+        cfg,
+        batch_size=sizes.get("batch_size", cfg.batch_size),
+        seq_len=sizes.get("seq_len", cfg.seq_len),
+    )
     built = TaskFactory(cfg).build(replica=0, num_replicas=1, seed=seed)
     model = built.model
     loop = InnerLoop(model, InnerConfig(), total_steps=None)
@@ -281,8 +298,11 @@ def plain_main(
     return 0
 
 
-def run_baselines(task: str, steps: int, max_bytes: int, threads: int) -> dict[str, dict[str, Any]]:
-    """Both baseline variants, side by side (memory does not depend on the CPU share)."""
+def run_baselines(
+    task: str, steps: int, max_bytes: int, threads: int, task_args: tuple[str, ...] = ()
+) -> dict[str, dict[str, Any]]:
+    """Both baseline variants, side by side (memory does not depend on the CPU share).
+    ``task_args``: the nodes' ``--batch-size`` / ``--seq-len``, if any."""
     started: dict[str, tuple[subprocess.Popen[str], float]] = {}
     for variant in BASELINE_VARIANTS:
         cmd = [
@@ -302,6 +322,7 @@ def run_baselines(task: str, steps: int, max_bytes: int, threads: int) -> dict[s
             "--seed",
             str(SEED),
             *(["--daemon-imports"] if variant != "plain" else []),
+            *task_args,
         ]
         proc = subprocess.Popen(
             cmd,
@@ -348,6 +369,8 @@ class Config:
     rounds: int
     inner_steps: int
     match_deadline_s: float
+    task_args: tuple[str, ...] = ()
+    """``--batch-size`` / ``--seq-len`` for the task, if not its own."""
 
     def args(self, a: argparse.Namespace) -> list[str]:
         return [
@@ -377,6 +400,7 @@ class Config:
             self.sync,
             *(["--max-upload-mbps", f"{a.max_upload_mbps:g}"] if a.max_upload_mbps else []),
             *(["--blocking"] if self.blocking else []),
+            *self.task_args,
         ]
 
 
@@ -1011,7 +1035,7 @@ def summarise(configs: dict[str, dict[str, Any]], memory: dict[str, Any]) -> dic
         "bound of its histogram bucket, over the whole run of every node"
     )
 
-    for task in ("small", "tiny"):
+    for task in ("base", "small", "tiny"):
         entry = memory.get(task)
         if entry is None:
             continue
@@ -1231,6 +1255,14 @@ def main(argv: list[str] | None = None) -> int:
         default="noloco",
         help="sync mode of the --task small (memory) configuration",
     )
+    p.add_argument(
+        "--small-task",
+        choices=("small", "base"),
+        default="small",
+        help="the model of the memory configuration (base: 114M parameters)",
+    )
+    p.add_argument("--small-batch-size", type=int, default=None, help="its task's batch size")
+    p.add_argument("--small-seq-len", type=int, default=None, help="its task's sequence length")
     p.add_argument("--small-nodes", type=int, default=SMALL_NODES)
     p.add_argument("--small-rounds", type=int, default=SMALL_ROUNDS)
     p.add_argument("--small-inner-steps", type=int, default=SMALL_INNER_STEPS)
@@ -1254,10 +1286,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     p.add_argument("--daemon-imports", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seq-len", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
     if a.role == "plain":
-        return plain_main(a.task, a.max_bytes, a.steps, a.threads, a.seed, a.daemon_imports)
+        sizes = {
+            k: v for k, v in (("batch_size", a.batch_size), ("seq_len", a.seq_len)) if v is not None
+        }
+        return plain_main(a.task, a.max_bytes, a.steps, a.threads, a.seed, a.daemon_imports, sizes)
     if a.json is None:
         p.error("--json is required")
     nodes = a.nodes or (QUICK_NODES if a.quick else FULL_NODES)
@@ -1280,16 +1317,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     with_small = not (a.quick or a.no_small)
     if with_small:
+        small_sizes = (("--batch-size", a.small_batch_size), ("--seq-len", a.small_seq_len))
         specs.append(
             Config(
                 SMALL_CONFIG,
                 a.small_sync,
                 False,
-                "small",
+                a.small_task,
                 a.small_nodes,
                 a.small_rounds,
                 a.small_inner_steps,
                 a.small_match_deadline,
+                tuple(x for flag, v in small_sizes if v is not None for x in (flag, str(v))),
             )
         )
 
@@ -1311,10 +1350,10 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="swarm-bench-")))
-        tasks = {s.task: s.rounds * s.inner_steps for s in reversed(specs)}
-        for task, steps in tasks.items():
+        tasks = {s.task: (s.rounds * s.inner_steps, s.task_args) for s in reversed(specs)}
+        for task, (steps, task_args) in tasks.items():
             t0 = time.perf_counter()
-            baselines[task] = run_baselines(task, steps, a.max_bytes, a.threads)
+            baselines[task] = run_baselines(task, steps, a.max_bytes, a.threads, task_args)
             print(
                 f"  baseline {task} ({steps} steps): "
                 + ", ".join(

@@ -9,8 +9,10 @@ Two processes swap N bytes each way (N = 100,000,000, i.e. 25M fp32; ``--quick``
 - ``raw_tcp_tls``: the same over TLS (python ``ssl``, one non-blocking loop per side).
 - ``locoswarm`` / ``locoswarm_tls``: one ``PeerClient.exchange`` against a ``PeerServer``
   (gRPC, plaintext / TLS with a throw-away CA and a server certificate for 127.0.0.1 and
-  localhost). Each side owns a 1-D fp32 torch tensor; its bytes are ``x.numpy().tobytes()``, the
-  reply is read back with ``torch.frombuffer`` and averaged in place, on both sides, in the timing.
+  localhost). Each side owns a 1-D fp32 torch tensor and does what a daemon's pair round does, in
+  the timing: sends it as a view of its memory (``rounds.fp32_part``) and computes the pair's
+  mean in the received buffer (``rounds.pair_mean_into``), which becomes its tensor. Both sides
+  must end with the same mean, bit for bit.
 - ``locoswarm_stream``: the same ``PeerClient.exchange`` and servicer over the byte-stream
   carrier (``protocol/bytestream.py``, the libp2p path's framing) on one plain TCP connection
   per call instead of gRPC: what the frames cost without gRPC-python.
@@ -39,6 +41,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import select
 import signal
 import socket
@@ -50,7 +53,6 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
 import zlib
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -105,10 +107,11 @@ INCLUDES = {
     "bytearray, one TCP connection set up before the rounds (TCP_NODELAY)",
     "raw_tcp_tls": "as raw_tcp over TLS (python ssl, negotiated cipher in 'cipher'); one "
     "non-blocking send/recv_into loop per side; handshake before the rounds",
-    "locoswarm": "x.numpy().tobytes() on both sides, one PeerClient.exchange (header, accept, "
-    "chunks, trailer, CRC-32 and limit checks, the server's reply), torch.frombuffer on the "
-    "received bytes and an in-place average x.add_(y).mul_(0.5) on both sides; the channel is "
-    "opened in the warm-up round; tensor_ops_s gives the torch part of each side",
+    "locoswarm": "what a daemon's pair round does on both sides: the tensor sent as a view of its "
+    "memory (rounds.fp32_part), one PeerClient.exchange (header, accept, chunks, trailer, CRC-32 "
+    "and limit checks, the server's reply), the pair's mean computed in the received buffer "
+    "(rounds.pair_mean_into), which becomes the side's tensor; the channel is opened in the "
+    "warm-up round; tensor_ops_s gives the torch part of each side",
     "locoswarm_tls": "as locoswarm with TLS on (gRPC ssl credentials, CA-verified server cert)",
     "locoswarm_stream": "as locoswarm, the frames over the byte-stream carrier (varint-framed "
     "on an asyncio TCP stream, a new connection per call) instead of gRPC",
@@ -125,6 +128,18 @@ INCLUDES = {
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _usage() -> tuple[float, int]:
+    """(CPU seconds, user and system, of this process's threads; minor page faults) so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime, ru.ru_minflt
+
+
+def _usage_since(before: tuple[float, int]) -> dict[str, float]:
+    """What ``_usage`` grew by since ``before``: this side's CPU time and page faults in a round."""
+    cpu, faults = _usage()
+    return {"cpu_s": cpu - before[0], "minor_faults": faults - before[1]}
 
 
 def _sleep_until(t: float) -> None:
@@ -289,11 +304,12 @@ def _raw_worker(conn: Connection, a: WorkerArgs) -> None:
 
     def do_round(t0: float, _wall: float) -> dict[str, Any]:
         _sleep_until(t0)
+        before = _usage()
         if isinstance(sock, ssl.SSLSocket):
             _swap_tls(sock, payload, buf, timeout_s)
         else:
             _swap_plain(sock, payload, buf)
-        return {"t_done": time.monotonic()}
+        return {"t_done": time.monotonic(), **_usage_since(before)}
 
     def do_check() -> dict[str, Any]:
         return {"sent_crc": zlib.crc32(payload), "recv_crc": zlib.crc32(buf)}
@@ -326,12 +342,10 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
         TlsConfig,
     )
     from locoswarm.protocol.bytestream import StreamRoute
-    from locoswarm.protocol.frames import Buffer
+    from locoswarm.protocol.frames import Payload
     from locoswarm.protocol.server import Servicer
+    from locoswarm.sync import rounds
 
-    # Received payloads are read-only bytes; we only read them (``x += y``), so torch's warning
-    # about non-writable buffers is noise here.
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")
     numel = a.num_bytes // 4
     x = torch.randn(numel, generator=torch.Generator().manual_seed(SEEDS[a.role]))
     view = LocalView(run_id=RUN_ID, model_fingerprint=FINGERPRINT, outer_step=0)
@@ -361,7 +375,15 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
     async def recv() -> Any:
         return await asyncio.to_thread(conn.recv)
 
-    crcs: dict[str, int] = {}
+    def wire(t: torch.Tensor) -> Payload:
+        # What a round sends: a view of the tensor's memory (never changed in place), no copy.
+        return rounds.fp32_part(t, "w").payload
+
+    def mean(own: torch.Tensor, received: Received) -> torch.Tensor:
+        # What a round does with a pair's message: the mean in the received buffer itself.
+        theirs = torch.frombuffer(received.payload, dtype=torch.float32)
+        return rounds.pair_mean_into({"w": own}, {"w": theirs})["w"]
+
     info = {"torch_threads": torch.get_num_threads()}
 
     if a.role == "listen":
@@ -371,8 +393,7 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
                 self.received = asyncio.Event()
                 self.t_done = 0.0
                 self.tensor_s = 0.0
-                self.last: tuple[bytes, Buffer] | None = None
-                self.out = b""
+                self.x = x
 
             def local_view(self) -> LocalView:
                 return view
@@ -380,16 +401,14 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
             async def admit(self, peer: str, _header: Header) -> Outgoing:
                 # Our side of the swap is ready when the request arrives: both cross at once.
                 start = time.monotonic()
-                self.out = x.numpy().tobytes()
+                out = wire(self.x)
                 self.tensor_s = time.monotonic() - start
-                return Outgoing(header=header("listen"), payload=self.out)
+                return Outgoing(header=header("listen"), payload=out)
 
             async def on_exchange(self, peer: str, received: Received) -> None:
                 self.t_done = time.monotonic()
-                y = torch.frombuffer(received.payload, dtype=torch.float32)
-                x.add_(y).mul_(0.5)
+                self.x = mean(self.x, received)
                 self.tensor_s += time.monotonic() - self.t_done
-                self.last = (self.out, received.payload)
                 self.received.set()
 
             def on_abandoned(self, peer: str, header: Header, reason: str) -> None:
@@ -437,15 +456,14 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
             while True:
                 msg = await recv()
                 if msg[0] == "go":
+                    before = _usage()
                     async with asyncio.timeout(_round_timeout(a.num_bytes)):
                         await handler.received.wait()
                     handler.received.clear()
-                    conn.send(("done", {"t_done": handler.t_done, "tensor_s": handler.tensor_s}))
+                    done = {"t_done": handler.t_done, "tensor_s": handler.tensor_s}
+                    conn.send(("done", done | _usage_since(before)))
                 elif msg[0] == "check":
-                    assert handler.last is not None
-                    sent, got = handler.last
-                    crcs = {"sent_crc": zlib.crc32(sent), "recv_crc": zlib.crc32(got)}
-                    conn.send(("check", crcs))
+                    conn.send(("check", {"mean_crc": zlib.crc32(handler.x.numpy().data)}))
                 elif msg[0] == "stop":
                     return
                 else:
@@ -462,32 +480,26 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
 
         address = StreamRoute("tcp", open_stream)
     client = PeerClient(config, peer_id="dial")
-    last: tuple[bytes, Buffer] | None = None
     try:
         conn.send(("ready", info))
         while True:
             msg = await recv()
             if msg[0] == "go":
                 await _asleep_until(msg[1])
+                before = _usage()
                 t_start = time.monotonic()
-                out = x.numpy().tobytes()
+                out = wire(x)
                 t_sent = time.monotonic()
                 received = await client.exchange(
                     address, Outgoing(header=header("dial"), payload=out), view=view
                 )
                 t_back = time.monotonic()
-                y = torch.frombuffer(received.payload, dtype=torch.float32)
-                x.add_(y).mul_(0.5)
+                x = mean(x, received)
                 t_done = time.monotonic()
-                last = (out, received.payload)
-                conn.send(
-                    ("done", {"t_done": t_done, "tensor_s": (t_sent - t_start) + (t_done - t_back)})
-                )
+                tensor_s = (t_sent - t_start) + (t_done - t_back)
+                conn.send(("done", {"t_done": t_done, "tensor_s": tensor_s} | _usage_since(before)))
             elif msg[0] == "check":
-                assert last is not None
-                conn.send(
-                    ("check", {"sent_crc": zlib.crc32(last[0]), "recv_crc": zlib.crc32(last[1])})
-                )
+                conn.send(("check", {"mean_crc": zlib.crc32(x.numpy().data)}))
             elif msg[0] == "stop":
                 return
             else:
@@ -738,7 +750,11 @@ class MethodResult:
     def medians(self) -> dict[str, float]:
         """Medians over the timed rounds of the per-round breakdowns (all-reduce, tensor ops)."""
         timed = [r for r in self.rounds if not r["warmup"]]
-        keys = ("allreduce_s", "matchmaking_s", "listen_tensor_ops_s", "dial_tensor_ops_s")
+        keys = (
+            "allreduce_s",
+            "matchmaking_s",
+            *(f"{r}_{k}" for r in ROLES for k in ("tensor_ops_s", "cpu_s", "minor_faults")),
+        )
         return {
             k: float(statistics.median(r[k] for r in timed if k in r))
             for k in keys
@@ -767,6 +783,10 @@ class MethodResult:
 def _verify(method: str, check_a: dict[str, Any], check_b: dict[str, Any]) -> bool:
     if method == "hivemind":
         return bool(max(check_a["max_abs_err"], check_b["max_abs_err"]) <= HM_TOLERANCE)
+    if "mean_crc" in check_a:
+        # locoswarm: both sides leave with the same mean, bit for bit (a + b == b + a, and
+        # halving is exact), which only holds if each received the other's bytes intact.
+        return bool(check_a["mean_crc"] == check_b["mean_crc"])
     return bool(
         check_a["sent_crc"] == check_b["recv_crc"] and check_b["sent_crc"] == check_a["recv_crc"]
     )
@@ -805,6 +825,9 @@ def run_method(
                 rnd[f"{role}_done_s"] = d["t_done"] - t0
                 if "tensor_s" in d:
                     rnd[f"{role}_tensor_ops_s"] = d["tensor_s"]
+                for key in ("cpu_s", "minor_faults"):
+                    if key in d:
+                        rnd[f"{role}_{key}"] = d[key]
             if method == "hivemind":
                 began = [d["t_began"] for d in done.values() if d.get("t_began") is not None]
                 if began:

@@ -19,7 +19,7 @@ from locoswarm.errors import CheckpointError, ConfigError
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.outer import OuterStep
-from locoswarm.node.trainer import Trainer, flat_params
+from locoswarm.node.trainer import Trainer
 from locoswarm.settings import to_dict
 from locoswarm.tasks.inner import weights_digest
 
@@ -97,24 +97,22 @@ def save_node(
     directory = config.checkpoint.dir
     if directory is None:
         return
-    outer_state = outer.state_dict()  # one round's state, read once
-    state = {
-        "outer_step": outer_step,
-        "trainer": trainer_state,
-        "outer": outer_state,
-        "fingerprint": outer.fingerprint,
-        "config": json.dumps(to_dict(config)),
-    }
-    path = save(Path(directory), outer_step, state, keep=config.checkpoint.keep, faults=faults)
-    weights = torch.nn.utils.parameters_to_vector(
-        [t.float() for t in trainer_state["model"].values()]
-    )
+    with outer.reading():  # a round finishing meanwhile leaves this state's memory alone
+        outer_state = outer.state_dict()  # one round's state, read once
+        state = {
+            "outer_step": outer_step,
+            "trainer": trainer_state,
+            "outer": outer_state,
+            "fingerprint": outer.fingerprint,
+            "config": json.dumps(to_dict(config)),
+        }
+        path = save(Path(directory), outer_step, state, keep=config.checkpoint.keep, faults=faults)
     log.info(
         "checkpoint %s at round %d, step %d: weights %s, phi %s",
         path,
         outer_step,
         trainer_state["step"],
-        weights_digest(weights),
+        weights_digest(trainer_state["model"].values()),  # one tensor at a time: no copy
         weights_digest(outer_state["state"]["phi"]),
     )
 
@@ -140,7 +138,7 @@ def restore_node(config: NodeConfig, trainer: Trainer, outer: OuterStep) -> int 
         path,
         outer_step,
         trainer.step,
-        weights_digest(flat_params(trainer.model)),
+        weights_digest(trainer.model.parameters()),
         weights_digest(outer.phi),
     )
     return outer_step

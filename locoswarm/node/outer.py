@@ -8,8 +8,12 @@ lives in ``sync/rounds.py``; this module only wires it to the wire format of ``p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +26,7 @@ from locoswarm.errors import ProtocolViolation
 from locoswarm.node.config import NodeConfig
 from locoswarm.protocol import Header, Outgoing, Received, TensorSpec
 from locoswarm.sync import rounds
-from locoswarm.sync.robust import Clip, Clipper
+from locoswarm.sync.robust import Clip, Clipper, own_step
 from locoswarm.sync.round_config import RoundConfig
 from locoswarm.sync.rounds import Message, OuterState
 
@@ -37,6 +41,13 @@ class Prepared:
     theta: Tensor
     outgoing: Outgoing
     message: Message
+    state: OuterState
+    """What finishing the round combines with: the outer state it started from, without the
+    old phi where nothing after ``prepare`` reads it (diloco, ef's siq design: its place is
+    taken by our proposal, so the old phi is freed while the exchange runs)."""
+    step: float | None = None
+    """How far our message's weights moved from the old phi (``robust.own_step``): it bounds
+    a partner's clipping threshold until the swarm's median is known."""
 
 
 def fingerprint(config: NodeConfig, shapes: list[tuple[int, ...]]) -> str:
@@ -82,8 +93,21 @@ def _parts(received: Received) -> list[Encoded]:
     return out
 
 
+class _Lease:
+    """A reader's hold on the outer state's memory (a checkpoint being written)."""
+
+
 class OuterStep:
-    """The node's outer state and its side of each round."""
+    """The node's outer state and its side of each round.
+
+    A round may work in the old state's memory only while nobody else reads the state: diloco
+    and ef compute the new momentum over the old one when they prepare (they swap in the
+    round's solo result at once, so a reader never sees half a state, and the old phi is
+    freed), noloco writes its new phi over the old delta when it finishes. FetchState payloads
+    (views of the state's tensors, sent while the round goes on) and checkpoints hold a lease
+    until they are done, and a round that finds one allocates instead (the same bits either
+    way). ``_lock`` orders the leases against the one round that writes.
+    """
 
     def __init__(self, config: NodeConfig, phi: Tensor, *, peer_id: str, fp: str) -> None:
         self.config = config
@@ -107,6 +131,12 @@ class OuterStep:
         weight their members by it (0: not given, the members count equally)."""
         self.tokens_of: dict[str, int] = {}
         """This round: the tokens each sender we decoded said it trained."""
+        self._lock = threading.Lock()
+        self._leases: set[_Lease] = set()
+        """Readers of the state's memory: a FetchState payload's views (each lease leaves when
+        the array its view was cut from is freed, after the last view of it), a checkpoint."""
+        self.in_place = 0
+        """Rounds that worked in the old state's memory (tests)."""
 
     @property
     def snapshot(self) -> tuple[int, OuterState]:
@@ -124,7 +154,21 @@ class OuterStep:
 
     def restore(self, next_round: int, state: OuterState) -> None:
         """Replace the outer state (a checkpoint, a fetched state)."""
-        self._snapshot = (next_round, state)
+        with self._lock:
+            self._snapshot = (next_round, state)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the state's memory unchanged (a checkpoint): rounds finishing meanwhile write
+        their results into new tensors."""
+        lease = _Lease()
+        with self._lock:
+            self._leases.add(lease)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._leases.discard(lease)
 
     @property
     def phi(self) -> Tensor:
@@ -182,13 +226,25 @@ class OuterStep:
     # -- one round ------------------------------------------------------------------------------
 
     def prepare(self, outer_step: int, theta: Tensor) -> Prepared:
-        """This round's message (CPU work: call it from a worker thread)."""
-        message = rounds.prepare(self.rc, self.state, theta, round=outer_step)
+        """This round's message (CPU work: call it from a worker thread). diloco and ef swap in
+        the round's solo result at once (readers see it, labelled as the round's end, until the
+        round finishes) and work in the old momentum's memory when nobody reads the state."""
+        with self._lock:
+            start = self.state
+            in_place = self.mode != "noloco" and start.momentum is not None and not self._leases
+            message = rounds.prepare(self.rc, start, theta, round=outer_step, in_place=in_place)
+            if self.mode != "noloco":  # our solo result costs nothing: the message's tensors
+                self._snapshot = (outer_step + 1, rounds.alone(self.rc, start, message))
+            self.in_place += in_place
+        step = own_step(message.own, start.phi) if self.rc.clip else None
+        finish = start
+        if message.proposal is not None and not (self.mode == "ef" and self.rc.design == "pull"):
+            finish = dataclasses.replace(start, phi=message.proposal)  # the old phi is not read
         outgoing = self._outgoing(outer_step, message)
         self._current = message
         self.heard = {}
         self.tokens_of = {}
-        return Prepared(outer_step, theta, outgoing, message)
+        return Prepared(outer_step, theta, outgoing, message, finish, step)
 
     def _outgoing(self, outer_step: int, message: Message) -> Outgoing:
         specs = tuple(_spec(e, e.name) for e in message.parts)
@@ -198,7 +254,9 @@ class OuterStep:
     def poisoned(self, prepared: Prepared, theta: Tensor) -> None:
         """Test seam (a bad peer): send the message of ``theta`` instead of ours; our own round
         goes on with our honest message."""
-        message = rounds.prepare(self.rc, self.state, theta, round=prepared.outer_step)
+        # From the round's start state (its momentum may hold this round's already, and its phi
+        # our proposal).
+        message = rounds.prepare(self.rc, prepared.state, theta, round=prepared.outer_step)
         prepared.outgoing = self._outgoing(prepared.outer_step, message)
 
     def decode(self, received: Received, names: tuple[str, ...] | None = None) -> list[Tensor]:
@@ -229,7 +287,7 @@ class OuterStep:
         return [got[name] for name in self._current.names]
 
     def _commit(self, prepared: Prepared, new: OuterState) -> Tensor:
-        self._snapshot = (prepared.outer_step + 1, new)
+        self._snapshot = (prepared.outer_step + 1, new)  # one assignment: readers see either
         self._current = None
         return new.phi
 
@@ -248,8 +306,9 @@ class OuterStep:
         returns the new phi, how far apart we were (``rounds.disagreement``, after clipping) and
         each tensor's clipping. The mean weights us and the partner by the tokens each trained."""
         msg = prepared.message
+        # The decoded message is ours: a clipped tensor is computed in its own memory.
         theirs, clips = self.clipper.clip(
-            msg.own, dict(zip(msg.names, partner, strict=True)), self.state.phi
+            msg.own, dict(zip(msg.names, partner, strict=True)), step=prepared.step, reuse=True
         )
         shares = self.shares([self.peer_id, partner_id])
         pair = None if shares is None else (shares[0], shares[1])
@@ -258,10 +317,22 @@ class OuterStep:
         means = rounds.pair_mean_into(msg.own, theirs, pair)
         spread = rounds.spread_of(shares, 0)
         distance = rounds.disagreement(msg, means, spread)
-        new = rounds.combine(
-            self.rc, self.state, msg, means, reuse_means=True, reuse_message=True, spread=spread
-        )
-        return self._commit(prepared, new), distance, clips
+        with self._lock:  # no new reader until the new state is in
+            # Unread: nobody holds the state (nor the solo result swapped in at prepare, whose
+            # tensors are the message's).
+            unread = not self._leases
+            new = rounds.combine(
+                self.rc,
+                prepared.state,
+                msg,
+                means,
+                reuse_means=True,
+                reuse_message=unread,
+                reuse_state=unread,
+                spread=spread,
+            )
+            self.in_place += unread and self.mode == "noloco"
+            return self._commit(prepared, new), distance, clips
 
     def group_vector(self, prepared: Prepared) -> Tensor:
         """Our entry of a group's mean, flat (every named tensor, in message order)."""
@@ -276,22 +347,42 @@ class OuterStep:
         msg = prepared.message
         means = dict(zip(msg.names, torch.split(mean, self.numel), strict=True))
         spread = rounds.spread_of(self.shares([self.peer_id, *partners]), 0)
-        new = rounds.combine(self.rc, self.state, msg, means, reuse_message=True, spread=spread)
-        return self._commit(prepared, new), rounds.disagreement(msg, means, spread)
+        distance = rounds.disagreement(msg, means, spread)
+        with self._lock:
+            new = rounds.combine(
+                self.rc,
+                prepared.state,
+                msg,
+                means,
+                reuse_message=not self._leases,
+                spread=spread,
+            )
+            return self._commit(prepared, new), distance
 
     def solo(self, prepared: Prepared) -> Tensor:
         """Finish the round alone (no partner, or the exchange failed); returns the new phi."""
-        return self._commit(prepared, rounds.alone(self.rc, self.state, prepared.message))
+        with self._lock:
+            return self._commit(prepared, rounds.alone(self.rc, prepared.state, prepared.message))
 
     # -- state for checkpoints and late joiners -------------------------------------------------
 
     def state_payload(self) -> Outgoing:
         """phi and momentum of one round as an fp32 payload (FetchState), labelled with the
         round that follows them. Whole-model work: call it from a worker thread."""
-        next_round, state = self._snapshot
-        momentum = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
-        # Views of the state's tensors (never changed in place), sent back to back: no copy.
-        parts = [rounds.fp32_part(state.phi, "phi"), rounds.fp32_part(momentum, "momentum")]
+        with self._lock:
+            next_round, state = self._snapshot
+            momentum = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
+            # Views of the state's tensors, sent back to back: no copy. Each view holds the
+            # array it was cut from, our lease: no round writes over this state until every
+            # view is gone (the payload sent or dropped).
+            parts = [rounds.fp32_part(state.phi, "phi"), rounds.fp32_part(momentum, "momentum")]
+            for part in parts:
+                exporter = getattr(part.payload, "obj", None)
+                if exporter is not None:
+                    lease = _Lease()
+                    self._leases.add(lease)
+                    # set.discard is atomic: safe from whichever thread frees the array.
+                    weakref.finalize(exporter, self._leases.discard, lease)
         specs = tuple(_spec(e, n) for e, n in zip(parts, STATE_NAMES, strict=True))
         header = self.header(next_round, specs, "state")
         return Outgoing(header, tuple(e.payload for e in parts))

@@ -226,6 +226,10 @@ class Trainer:
                 state = self.state_dict() if want_state(outer_step) else None
                 theta = flat_params(self.model)
                 val = self._validate(outer_step, theta)
+                # The last outer weights are the outer state's: held here only for this
+                # boundary's validation (the next boundary's comes with the next update), so a
+                # round that moves on from them frees them.
+                self._phi = None
                 on_boundary(Boundary(outer_step, theta, _mean(losses), state, applied_after, val))
                 losses = []
                 into_phase = 0

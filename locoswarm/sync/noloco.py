@@ -147,6 +147,7 @@ def noloco_step_from_means(
     beta: float,
     gamma: float,
     reuse: bool = False,
+    reuse_delta: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``noloco_outer_step(phi, delta, [theta_mean], phis, ...)`` with the group's means already
     taken (``phis`` is ``[phi_mean]``, or None for the theta-only form), bit for bit, a chunk at
@@ -157,10 +158,14 @@ def noloco_step_from_means(
     Args:
         reuse: ``theta_mean`` and ``phi_mean`` are the caller's to overwrite (a partner's
             decoded message that holds the pair's mean, read by no one afterwards): the new
-            delta is computed in ``theta_mean``'s memory. Otherwise nothing given is written.
+            delta is computed in ``theta_mean``'s memory.
+        reuse_delta: ``delta`` is the caller's to overwrite (nobody reads the old momentum
+            afterwards): the new phi is computed in its memory, each chunk written after the
+            new delta's chunk has read it. Otherwise nothing given is written.
 
     Returns:
-        ``(new_phi, new_delta)``; ``new_delta`` is ``theta_mean`` itself when ``reuse``.
+        ``(new_phi, new_delta)``; ``new_delta`` is ``theta_mean`` itself when ``reuse``,
+        ``new_phi`` is ``delta`` itself when ``reuse_delta``.
 
     Raises:
         ConfigError: If ``phi_mean`` is None while ``gamma != beta``.
@@ -186,8 +191,13 @@ def noloco_step_from_means(
             dtype = torch.promote_types(dtype, t.dtype)
     if reuse and theta_mean.dtype != dtype:
         raise ValueError("noloco_step_from_means: reuse needs theta_mean of the result's dtype")
+    if reuse_delta and (not delta.is_contiguous() or delta.dtype != dtype):
+        raise ValueError(
+            "noloco_step_from_means: reuse_delta needs a contiguous delta of the result's dtype"
+        )
     new_delta = theta_mean if reuse else torch.empty(theta_mean.shape, dtype=dtype)
-    out = new_delta.reshape(-1)
+    new_phi = delta if reuse_delta else torch.empty(theta_mean.shape, dtype=dtype)
+    out, phi_out = new_delta.reshape(-1), new_phi.view(-1)
     for i0 in range(0, out.numel(), _CHUNK):
         c = slice(i0, i0 + _CHUNK)
         x = out[c]
@@ -201,4 +211,6 @@ def noloco_step_from_means(
             x.mul_(beta).add_(d[c] * alpha)
             pull = pm[c].sub_(p[c]) if reuse else pm[c] - p[c]
             x.add_(pull.mul_(gamma))
-    return phi + new_delta, new_delta
+        # phi + new_delta; with reuse_delta this overwrites delta's chunk, read above.
+        torch.add(p[c], x, out=phi_out[c])
+    return new_phi, new_delta

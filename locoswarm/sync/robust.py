@@ -34,7 +34,7 @@ from torch import Tensor
 
 from locoswarm.sync.round_config import RoundConfig
 
-__all__ = ["ATTACKS", "Clip", "Clipper", "poison", "relative_distance"]
+__all__ = ["ATTACKS", "Clip", "Clipper", "own_step", "poison", "relative_distance"]
 
 _CHUNK = 1 << 16
 """Distances are summed this many elements at a time: no model-sized temporary (at 2^20 the
@@ -94,14 +94,21 @@ class Clipper:
         own: Mapping[str, Tensor],
         theirs: Mapping[str, Tensor],
         phi: Tensor | None = None,
+        *,
+        step: float | None = None,
+        reuse: bool = False,
     ) -> tuple[dict[str, Tensor], list[Clip]]:
         """A pair partner's decoded tensors clipped toward ours (a clipped tensor is a new one;
         the others are ``theirs``'s own), and one ``Clip`` per tensor. Remembers the distances.
         ``phi``: our outer weights before the round; how far our own weights (theta, or the
         proposal) moved from them bounds the weights' threshold until the median is known.
+        ``step``: that distance already measured (``own_step(own, phi)``), in place of ``phi``.
+        ``reuse``: ``theirs``'s tensors are the caller's to overwrite (a partner's decoded
+        message), so a clipped tensor is computed in its own memory, the same bits.
         """
         out, clips = dict(theirs), []
-        step = _own_step(own, phi)
+        if step is None:
+            step = own_step(own, phi)
         for name, t in theirs.items():
             ours = own[name]
             d = relative_distance(ours, t)
@@ -112,7 +119,7 @@ class Clipper:
             known = len(self._seen.get(name, ())) >= self.cfg.clip_warmup
             clipped = d > tau
             if clipped:
-                out[name] = torch.lerp(ours, t, tau / d)
+                out[name] = _lerp_into(ours, t, tau / d) if reuse else torch.lerp(ours, t, tau / d)
             # A clipped distance counts as the threshold: a bad partner cannot drag the median
             # up, while a swarm whose honest distances grow moves it up within half a window.
             seen = self._seen.setdefault(name, deque(maxlen=self.cfg.clip_window))
@@ -136,11 +143,23 @@ class Clipper:
         }
 
 
+def _lerp_into(ours: Tensor, theirs: Tensor, weight: float) -> Tensor:
+    """``torch.lerp(ours, theirs, weight)`` written into ``theirs``, a chunk at a time: the same
+    kernel on the same operands, element by element, so the same bits, and no new tensor."""
+    if not theirs.is_contiguous() or theirs.shape != ours.shape:
+        return torch.lerp(ours, theirs, weight)
+    a, b = ours.reshape(-1), theirs.view(-1)
+    for i0 in range(0, b.numel(), _CHUNK):
+        c = b[i0 : i0 + _CHUNK]
+        torch.lerp(a[i0 : i0 + _CHUNK], c, weight, out=c)
+    return theirs
+
+
 WEIGHTS = frozenset({"theta", "phi", "proposal"})
 """Message tensors that are weights (their partners' distance scales with our own step)."""
 
 
-def _own_step(own: Mapping[str, Tensor], phi: Tensor | None) -> float | None:
+def own_step(own: Mapping[str, Tensor], phi: Tensor | None) -> float | None:
     """How far our message's weights moved from ``phi`` (relative), or None."""
     if phi is None:
         return None

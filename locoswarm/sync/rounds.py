@@ -217,15 +217,30 @@ def _block_values(per_block: Tensor, index: Tensor, block_size: int) -> Tensor:
     return per_block[index[::block_size] // block_size]
 
 
-def _nesterov(cfg: RoundConfig, state: OuterState, theta: Tensor) -> tuple[Tensor, Tensor]:
-    """Our own Nesterov step: (proposal, momentum). torch SGD(nesterov=True)'s op order."""
+def _nesterov(
+    cfg: RoundConfig, state: OuterState, theta: Tensor, in_place: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Our own Nesterov step: (proposal, momentum). torch SGD(nesterov=True)'s op order.
+    ``in_place``: the new momentum is computed in the old one's memory (the same kernels, the
+    same bits)."""
     g = state.phi - theta
-    m = g.clone() if state.momentum is None else state.momentum.mul(cfg.momentum).add_(g)
+    if state.momentum is None:
+        m = g.clone()
+    elif in_place and state.momentum.is_contiguous():
+        m = state.momentum.mul_(cfg.momentum).add_(g)
+    else:
+        m = state.momentum.mul(cfg.momentum).add_(g)
     return state.phi.add(g.add_(m, alpha=cfg.momentum), alpha=-cfg.lr), m  # g is ours: in place
 
 
-def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -> Message:
-    """Our message for ``round`` from the fast weights ``theta`` (CPU work)."""
+def prepare(
+    cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int, in_place: bool = False
+) -> Message:
+    """Our message for ``round`` from the fast weights ``theta`` (CPU work).
+
+    ``in_place`` (diloco, ef): nobody reads ``state``'s momentum after this call (the caller
+    swaps in ``alone(cfg, state, msg)`` at once and holds off the state's other readers): the
+    new momentum is computed in the old one's memory. The same message either way."""
     if cfg.mode == "noloco":
         delta = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
         parts = [fp32_part(theta, "theta")]
@@ -234,7 +249,7 @@ def prepare(cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int) -
             parts.append(fp32_part(state.phi, "phi"))
             own["phi"] = state.phi
         return Message(round, tuple(parts), own, momentum=delta)
-    proposal, momentum = _nesterov(cfg, state, theta)
+    proposal, momentum = _nesterov(cfg, state, theta, in_place)
     if cfg.mode == "diloco":
         side: dict[str, Tensor] = {}
         parts, own = [fp32_part(proposal, "proposal")], {"proposal": proposal}
@@ -347,7 +362,7 @@ def read(
             if bool(bad.any()):
                 wrapped += int(bad.sum())
                 mask = bad.repeat_interleave(part.block_size)[: values.numel()]
-                values = torch.where(mask, ours, values)
+                values = torch.where(mask, ours, values, out=values)  # values is ours
             out[part.name] = values
         else:
             if part.codec == "siq":
@@ -437,6 +452,7 @@ def combine(
     *,
     reuse_means: bool = False,
     reuse_message: bool = False,
+    reuse_state: bool = False,
     spread: float = 2.0,
 ) -> OuterState:
     """Our new state from the group's means of every member's ``own`` (ours included).
@@ -451,6 +467,9 @@ def combine(
     - ``reuse_message``: ``msg`` is finished with this call (neither combined again nor used
       ``alone``): ef computes its new residual in the message's own round temporaries
       (``proposal`` / ``sent``, never ``own``, ``state`` or theta).
+    - ``reuse_state``: nobody reads ``state``'s momentum after this call (the caller swaps in
+      the result and holds off the state's other readers): noloco computes its new phi in the
+      old delta's memory.
     """
     if cfg.mode == "noloco":
         gamma = cfg.lr if cfg.gamma is None else cfg.gamma
@@ -464,6 +483,8 @@ def combine(
             beta=cfg.lr,
             gamma=gamma,
             reuse=reuse_means,
+            # The delta is the state's momentum (or zeros made for this message).
+            reuse_delta=reuse_state and _private(msg.momentum, msg, state, own_momentum=False),
         )
         return replace(state, phi=phi, momentum=delta)
     if cfg.mode == "diloco":
@@ -528,14 +549,19 @@ def disagreement(msg: Message, means: Mapping[str, Tensor], spread: float = 2.0)
     return None if math.isnan(distance) else spread * distance
 
 
-def _private(t: Tensor, msg: Message, state: OuterState) -> bool:
+def _private(t: Tensor, msg: Message, state: OuterState, *, own_momentum: bool = True) -> bool:
     """Whether ``t`` is one of ``msg``'s round temporaries that no reader of the round's result
-    holds: it shares no memory with ``msg.own``, ``msg.momentum`` or ``state``."""
+    holds: it shares no memory with ``msg.own``, ``msg.momentum`` or ``state`` (with
+    ``own_momentum`` False: the state's momentum and ``msg.momentum`` may be ``t`` itself)."""
     if not t.is_contiguous():
         return False
-    others = [*msg.own.values(), *state.tensors().values()]
-    if msg.momentum is not None:
-        others.append(msg.momentum)
+    others = [*msg.own.values(), state.phi]
+    if own_momentum:
+        others += [v for k, v in state.tensors().items() if k != "phi"]
+        if msg.momentum is not None:
+            others.append(msg.momentum)
+    else:
+        others += [v for k, v in state.tensors().items() if k not in ("phi", "momentum")]
     return all(t.untyped_storage().data_ptr() != o.untyped_storage().data_ptr() for o in others)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,9 +94,15 @@ class InnerLoop:
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
 
 
-def weights_digest(flat: Tensor) -> str:
-    """A short hash of a weight vector (round logs, checkpoints, and their replay)."""
-    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
+def weights_digest(weights: Tensor | Iterable[Tensor]) -> str:
+    """A short hash of a weight vector (round logs, checkpoints, and their replay), or of the
+    concatenation of several (a model's parameters, in order: the same digest as of their flat
+    fp32 vector). Hashed in place: no copy of an fp32 CPU tensor."""
+    h = hashlib.sha256()
+    for t in [weights] if isinstance(weights, Tensor) else weights:
+        flat = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(flat.numpy().data.cast("B"))
+    return h.hexdigest()[:16]
 
 
 def flat_params(model: nn.Module) -> Tensor:

@@ -127,3 +127,13 @@ def test_histogram_quantile_is_the_upper_bound_of_the_bucket_that_holds_it() -> 
     assert histogram_quantile(samples, "lag_seconds", 0.98) == 0.05
     assert histogram_quantile(samples, "lag_seconds", 0.99) == 0.1
     assert histogram_quantile(samples, "missing", 0.99) is None
+
+
+def test_the_plain_baseline_trains_the_batch_size_and_length_it_is_given(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--role", "plain", "--task", "tiny", "--steps", "1", "--max-bytes", "20000"]
+    assert main([*argv, "--batch-size", "3", "--seq-len", "16"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["batch_size"], report["seq_len"], report["steps"]) == (3, 16, 1)
+    assert report["vmhwm_bytes"] > 0

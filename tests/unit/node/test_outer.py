@@ -4,6 +4,10 @@ hold the whole outer state."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import weakref
+
 import pytest
 import torch
 from torch import Tensor
@@ -42,19 +46,26 @@ def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
     for r in range(3):
         thetas = [a.phi - _randn(10 + r, 0.01), b.phi - _randn(20 + r, 0.01)]
         before = (a.state, b.state)
-        pa, pb = a.prepare(r, thetas[0]), b.prepare(r, thetas[1])
-        assert pa.outgoing.header.total_bytes == pa.message.num_bytes
-        got_a, got_b = a.decode(_wire(pb)), b.decode(_wire(pa))
-        assert a.heard == {"b": r}
-        assert b.heard == {"a": r}
-        (phi_a, far_a, _), (phi_b, far_b, _) = a.apply(pa, got_a), b.apply(pb, got_b)
-        # What the shared round computes from the same states and thetas.
+        # What the shared round computes from the same states and thetas (before the node's
+        # round: it works in the old state's memory).
         msg_a = rounds.prepare(a.rc, before[0], thetas[0], round=r)
         msg_b = rounds.prepare(a.rc, before[1], thetas[1], round=r)
         theirs = rounds.read(a.rc, msg_a, msg_b.parts).tensors
         want = rounds.combine(a.rc, before[0], msg_a, rounds.member_mean([msg_a.own, theirs]))
+        pa, pb = a.prepare(r, thetas[0]), b.prepare(r, thetas[1])
+        assert pa.outgoing.header.total_bytes == pa.message.num_bytes
+        assert payload_bytes(pa.outgoing.payload) == b"".join(  # the same message
+            payload_bytes(p.payload) for p in msg_a.parts
+        )
+        got_a, got_b = a.decode(_wire(pb)), b.decode(_wire(pa))
+        assert a.heard == {"b": r}
+        assert b.heard == {"a": r}
+        (phi_a, far_a, _), (phi_b, far_b, _) = a.apply(pa, got_a), b.apply(pb, got_b)
         assert torch.equal(phi_a, want.phi)
         assert a.phi is phi_a
+        # noloco from the first round (its delta then is zeros made for it); diloco and ef from
+        # the second (the first starts without a momentum).
+        assert a.in_place == (r + 1 if mode == "noloco" else r)
         # The disagreement: how far the weights each side sent were apart, relative to ours.
         name = "phi" if "phi" in msg_a.own else msg_a.names[0]
         ours, other = msg_a.own[name], msg_b.own[name]
@@ -111,7 +122,10 @@ def test_checkpoints_hold_the_whole_outer_state(mode: str) -> None:
     if mode == "ef":  # what is owed and the distance seen survive a restart
         assert {"residual", "bound"} <= set(saved["state"])
     fresh, _ = _pair(mode)
-    fresh.load_state_dict(saved)
+    written = io.BytesIO()  # through a file's bytes, as a checkpoint is
+    torch.save(saved, written)
+    written.seek(0)
+    fresh.load_state_dict(torch.load(written))
     assert fresh.next_round == 1
     for name, tensor in a.state.tensors().items():
         assert torch.equal(fresh.state.tensors()[name], tensor), name
@@ -138,16 +152,30 @@ def test_state_payload_carries_phi_and_momentum_for_a_late_joiner() -> None:
 
 def test_a_reader_sees_one_rounds_state_and_its_label_together() -> None:
     a, b = _pair("diloco")
-    before_round, before = a.snapshot
+    noloco, c = _pair("noloco")
+    before_round, before = noloco.snapshot
+    pn, pc = noloco.prepare(4, noloco.phi - _randn(74, 0.01)), c.prepare(4, c.phi - _randn(75))
+    # While noloco's round 4 is open, readers get the state it started from, labelled round 4's
+    # start (its solo result would be a new phi: not made unless needed).
+    started = noloco.state_payload()
+    assert started.header.outer_step == before_round
+    got = noloco.decode(
+        Received(started.header, payload_bytes(started.payload)), ("phi", "momentum")
+    )
+    assert torch.equal(got[0], before.phi)
+    noloco.apply(pn, noloco.decode(_wire(pc)))
+    assert noloco.snapshot[0] == 5
+    # diloco swaps in its solo result at prepare: readers get it, labelled as the round's end.
+    before = a.state
     pa = a.prepare(4, a.phi - _randn(70, 0.01))
     pb = b.prepare(4, b.phi - _randn(71, 0.01))
-    # While round 4 is open, readers get the state it started from, labelled round 4's start.
     open_round = a.state_payload()
-    assert open_round.header.outer_step == before_round
+    assert open_round.header.outer_step == 5
     got = a.decode(
         Received(open_round.header, payload_bytes(open_round.payload)), ("phi", "momentum")
     )
-    assert torch.equal(got[0], before.phi)
+    assert pa.message.proposal is not None
+    assert torch.equal(got[0], pa.message.proposal)
     a.apply(pa, a.decode(_wire(pb)))
     after_round, after = a.snapshot
     assert after_round == 5
@@ -158,6 +186,47 @@ def test_a_reader_sees_one_rounds_state_and_its_label_together() -> None:
     assert after.momentum is not None
     assert torch.equal(momentum, after.momentum)
     assert before.phi is not after.phi  # the old value was replaced, never written into
+    del open_round, out  # the readers are done: their leases end
+    # Round 5 starts with a momentum, computed over the old one's memory: from then on readers
+    # get the round's solo result, labelled as the round's end, and never half a state.
+    pa = a.prepare(5, a.phi - _randn(72, 0.01))
+    pb = b.prepare(5, b.phi - _randn(73, 0.01))
+    assert a.in_place == 1
+    mid = a.state_payload()
+    assert mid.header.outer_step == 6
+    got = a.decode(Received(mid.header, payload_bytes(mid.payload)), ("phi", "momentum"))
+    assert pa.message.proposal is not None
+    assert torch.equal(got[0], pa.message.proposal)
+    assert pa.message.momentum is not None
+    assert torch.equal(got[1], pa.message.momentum)
+    sent = payload_bytes(mid.payload)
+    a.apply(pa, a.decode(_wire(pb)))
+    assert payload_bytes(mid.payload) == sent  # leased: the round wrote nothing into it
+    assert a.snapshot[0] == 6
+    assert not torch.equal(a.phi, got[0])  # the pair's mean replaced the solo result
+
+
+@pytest.mark.parametrize("reader", ["fetch_state", "checkpoint", "none"])
+def test_a_round_writes_over_the_old_state_only_while_nobody_reads_it(reader: str) -> None:
+    a, b = _pair("noloco")
+    for r in range(2):  # round 0's delta is zeros made for it; round 1's is the state's
+        pa, pb = a.prepare(r, a.phi - _randn(80 + r, 0.01)), b.prepare(r, b.phi - _randn(90 + r))
+        old = a.state
+        out = a.state_payload() if reader == "fetch_state" else None
+        sent = None if out is None else payload_bytes(out.payload)
+        with a.reading() if reader == "checkpoint" else contextlib.nullcontext():
+            a.apply(pa, a.decode(_wire(pb)))
+        assert old.momentum is None or (a.phi.data_ptr() == old.momentum.data_ptr()) == (
+            reader == "none"
+        )
+        if out is not None:  # what the late joiner is being sent is still the old state
+            assert payload_bytes(out.payload) == sent
+            del out
+    assert a.in_place == (2 if reader == "none" else 0)
+    # Leases end with their reader: the next round writes in place again.
+    pa, pb = a.prepare(2, a.phi - _randn(82, 0.01)), b.prepare(2, b.phi - _randn(92))
+    a.apply(pa, a.decode(_wire(pb)))
+    assert a.in_place == (3 if reader == "none" else 1)
 
 
 def test_a_group_members_shard_records_the_round_it_came_from() -> None:
@@ -171,3 +240,21 @@ def test_a_group_members_shard_records_the_round_it_came_from() -> None:
     shard = a.decode_shard(Received(out.header, payload_bytes(out.payload)), 10)
     assert shard.shape == (10,)
     assert a.heard == {"b": 4}
+
+
+@pytest.mark.parametrize("mode", ["diloco", "ef"])
+def test_the_old_phi_is_freed_once_the_round_is_prepared(mode: str) -> None:
+    a, b = _pair(mode)
+    pa, pb = a.prepare(0, a.phi - _randn(100, 0.01)), b.prepare(0, b.phi - _randn(101, 0.01))
+    a.apply(pa, a.decode(_wire(pb)))
+    b.apply(pb, b.decode(_wire(pa)))
+    del pa, pb
+    old_phi = weakref.ref(a.phi)
+    pa, pb = a.prepare(1, a.phi - _randn(102, 0.01)), b.prepare(1, b.phi - _randn(103, 0.01))
+    assert a.in_place == 1
+    assert old_phi() is None  # neither the state (now the solo result) nor the round holds it
+    assert pa.step is not None
+    assert pa.step > 0  # measured from it first: how far the proposal moved
+    phi, _, clips = a.apply(pa, a.decode(_wire(pb)))
+    assert [c.name for c in clips] == list(pa.message.names)
+    assert a.phi is phi

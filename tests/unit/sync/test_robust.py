@@ -53,6 +53,22 @@ def test_a_far_partner_is_pulled_to_the_threshold_along_its_direction() -> None:
     assert far.tolist() == [-30.0, -40.0]  # the caller's tensor is not written
 
 
+@pytest.mark.parametrize("scale", [-3.0, 1.9, 40.0])  # lerp weights on both sides of 1/2
+def test_clipping_in_the_partners_own_memory_gives_the_same_bits(scale: float) -> None:
+    gen = torch.Generator().manual_seed(3)
+    ours = {"w": torch.randn(200_003, generator=gen)}
+    theirs = ours["w"] * scale + torch.randn(200_003, generator=gen)
+    copy, new = Clipper(CFG), Clipper(CFG)
+    want, want_clips = copy.clip(ours, {"w": theirs.clone()})
+    given = theirs.clone()
+    got, clips = new.clip(ours, {"w": given}, reuse=True)
+    assert clips == want_clips
+    assert clips[0].clipped
+    assert got["w"] is given  # written in place: no new tensor
+    assert torch.equal(got["w"].view(torch.int32), want["w"].view(torch.int32))
+    assert copy.state() == new.state()
+
+
 def test_clipping_off_and_a_zero_norm_clip_nothing() -> None:
     off = Clipper(RoundConfig(clip=False))
     far = torch.tensor([100.0, 0.0])

@@ -39,7 +39,10 @@ def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("with_phis", [False, True])
 @pytest.mark.parametrize("reuse", [False, True])
-def test_noloco_step_from_means_is_the_outer_step_bit_for_bit(with_phis: bool, reuse: bool) -> None:
+@pytest.mark.parametrize("reuse_delta", [False, True])
+def test_noloco_step_from_means_is_the_outer_step_bit_for_bit(
+    with_phis: bool, reuse: bool, reuse_delta: bool
+) -> None:
     alpha, beta = 0.5, 0.7
     gamma = 0.3 if with_phis else beta
     phi, delta = _randn(1, 3.0), _randn(2, 1e-2)
@@ -57,13 +60,25 @@ def test_noloco_step_from_means_is_the_outer_step_bit_for_bit(with_phis: bool, r
     tm = theta_mean.clone()
     pm = None if phi_mean is None else phi_mean.clone()
     kept = (phi.clone(), delta.clone())
+    given_delta = delta.clone()
     got_phi, got_delta = noloco_step_from_means(
-        phi, delta, tm, pm, alpha=alpha, beta=beta, gamma=gamma, reuse=reuse
+        phi,
+        given_delta,
+        tm,
+        pm,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        reuse=reuse,
+        reuse_delta=reuse_delta,
     )
     assert torch.equal(_bits(got_phi), _bits(want_phi))
     assert torch.equal(_bits(got_delta), _bits(want_delta))
     assert torch.equal(phi, kept[0])
-    assert torch.equal(delta, kept[1])
+    if reuse_delta:
+        assert got_phi is given_delta  # the new phi in the old delta's memory
+    else:
+        assert torch.equal(given_delta, kept[1])
     if reuse:
         assert got_delta is tm  # computed in the given-up mean
     else:
@@ -111,20 +126,38 @@ def test_reuse_gives_the_same_state_and_writes_only_what_was_given_up(
     thetas = [s.phi - _randn(10 + i, 0.01) for i, s in enumerate(states)]
     before = [_snapshot(s, t) for s, t in zip(states, thetas, strict=True)]
 
-    def finish(i: int, reuse: bool) -> tuple[OuterState, dict[str, Tensor]]:
-        msgs = [rounds.prepare(cfg, s, t, round=round) for s, t in zip(states, thetas, strict=True)]
+    def finish(i: int, reuse: bool, state: OuterState) -> tuple[OuterState, dict[str, Tensor]]:
+        msgs = [
+            rounds.prepare(cfg, state if j == i else s, t, round=round)
+            for j, (s, t) in enumerate(zip(states, thetas, strict=True))
+        ]
         own = {k: v.clone() for k, v in msgs[i].own.items()}
         got = rounds.read(cfg, msgs[i], msgs[1 - i].parts).tensors
         means = rounds.pair_mean_into(msgs[i].own, dict(got))
-        new = rounds.combine(cfg, states[i], msgs[i], means, reuse_means=reuse, reuse_message=reuse)
+        new = rounds.combine(
+            cfg,
+            state,
+            msgs[i],
+            means,
+            reuse_means=reuse,
+            reuse_message=reuse,
+            reuse_state=reuse and state is not states[i],
+        )
         for k, v in own.items():  # our entry of the mean is never written
             assert torch.equal(msgs[i].own[k], v)
         return new, own
 
     for i in range(2):
-        plain, _ = finish(i, False)
-        reused, _ = finish(i, True)
+        plain, _ = finish(i, False, states[i])
+        reused, _ = finish(i, True, states[i])
         assert _same(plain, reused)
+        # Given up as well: the state's own memory (noloco's new phi over the old delta).
+        copy = OuterState(**{k: v.clone() for k, v in states[i].tensors().items()})
+        in_place, _ = finish(i, True, copy)
+        assert _same(plain, in_place)
+        if cfg.mode == "noloco":
+            assert copy.momentum is not None
+            assert in_place.phi.data_ptr() == copy.momentum.data_ptr()
     after = [_snapshot(s, t) for s, t in zip(states, thetas, strict=True)]
     for old, new in zip(before, after, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(old, new, strict=True))

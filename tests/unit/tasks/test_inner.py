@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from torch import nn
 
-from locoswarm.tasks.inner import add_difference, flat_params, set_flat
+from locoswarm.tasks.inner import add_difference, flat_params, set_flat, weights_digest
 
 
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -51,3 +53,15 @@ def test_flat_params_from_cuda_lands_in_pinned_host_memory() -> None:
     assert flat.device.type == "cpu"
     assert flat.is_pinned()
     assert torch.equal(flat, torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()]))
+
+
+def test_weights_digest_hashes_in_place_the_bytes_of_the_flat_vector() -> None:
+    model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2))
+    flat = flat_params(model)
+    want = hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
+    assert weights_digest(flat) == want
+    assert weights_digest(model.parameters()) == want  # one parameter at a time, no flat copy
+    assert weights_digest(p.to(torch.bfloat16) for p in model.parameters()) == weights_digest(
+        [p.to(torch.bfloat16).float() for p in model.parameters()]
+    )
+    assert weights_digest(flat[::2]) == hashlib.sha256(flat[::2].numpy().tobytes()).hexdigest()[:16]
