@@ -23,7 +23,8 @@ N --rounds R --inner-steps H --max-upload-mbps CAP --match-deadline D`` and stop
    its name), where the process's fixed overhead weighs a tenth as much per copy;
    ``--small-batch-size`` / ``--small-seq-len`` shrink its batches (activations are the same in
    the node and the plain baseline, so the copies above it do not depend on them) so that it
-   trains on CPU in minutes.
+   trains on CPU in minutes (give it ``--max-upload-mbps 0``: its 457 MB messages take longer
+   than the exchange timeout at the default cap).
 
 While a node runs, the benchmark polls (every ``POLL_S``) its Prometheus ``/metrics`` (URL from
 the ready file), and ``VmHWM`` / ``VmRSS`` of the node and of every process below it (the

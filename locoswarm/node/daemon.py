@@ -274,9 +274,9 @@ class Daemon:
             self.ranks.objects(seed)  # the followers build their data streams from it
         trainer = build_trainer(cfg, seed, self.ranks)
         device = trainer.device
-        phi = flat_params(trainer.model)
+        phi = flat_params(trainer.model)  # a fresh buffer: the outer state keeps it
         shapes = [tuple(p.shape) for p in trainer.model.parameters()]
-        outer = OuterStep(cfg, phi, peer_id=self.peer_id, fp=fingerprint(cfg, shapes))
+        outer = OuterStep(cfg, phi, peer_id=self.peer_id, fp=fingerprint(cfg, shapes), copy=False)
         outer.tokens = trainer.tokens_per_step * cfg.sync.inner_steps
         if self.ranks is not None:
             self.info["ranks"] = self.ranks.world

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import threading
 import weakref
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from locoswarm.sync import rounds
 from locoswarm.sync.robust import Clip, Clipper, own_step
 from locoswarm.sync.round_config import RoundConfig
 from locoswarm.sync.rounds import Message, OuterState
+
+log = logging.getLogger("locoswarm.node")
 
 STATE_NAMES = ("phi", "momentum")
 
@@ -94,7 +97,20 @@ def _parts(received: Received) -> list[Encoded]:
 
 
 class _Lease:
-    """A reader's hold on the outer state's memory (a checkpoint being written)."""
+    """A reader's hold on the outer state's memory (a checkpoint being written, a FetchState
+    payload being sent)."""
+
+
+def _finite(t: Tensor) -> bool:
+    """Every value of ``t`` is finite (a chunk at a time: no model-sized mask)."""
+    flat = t.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[i : i + _FINITE_CHUNK]).all())
+        for i in range(0, flat.numel(), _FINITE_CHUNK)
+    )
+
+
+_FINITE_CHUNK = 1 << 20
 
 
 class OuterStep:
@@ -109,13 +125,17 @@ class OuterStep:
     way). ``_lock`` orders the leases against the one round that writes.
     """
 
-    def __init__(self, config: NodeConfig, phi: Tensor, *, peer_id: str, fp: str) -> None:
+    def __init__(
+        self, config: NodeConfig, phi: Tensor, *, peer_id: str, fp: str, copy: bool = True
+    ) -> None:
+        """``copy`` False: ``phi`` is ours (a fresh flat copy of the model's weights), kept as
+        it is instead of copied once more."""
         self.config = config
         self.mode = config.sync.mode
         self.rc: RoundConfig = config.sync.round_config
         self.peer_id = peer_id
         self.fingerprint = fp
-        self._snapshot: tuple[int, OuterState] = (0, OuterState(phi=phi.clone()))
+        self._snapshot: tuple[int, OuterState] = (0, OuterState(phi=phi.clone() if copy else phi))
         self.numel = phi.numel()
         self.limits = DecodeLimits(max_numel=self.numel)
         self._fp32 = get_codec("fp32")
@@ -231,8 +251,19 @@ class OuterStep:
         round finishes) and work in the old momentum's memory when nobody reads the state."""
         with self._lock:
             start = self.state
-            in_place = self.mode != "noloco" and start.momentum is not None and not self._leases
-            message = rounds.prepare(self.rc, start, theta, round=outer_step, in_place=in_place)
+            in_place = (
+                self.mode != "noloco"
+                and start.momentum is not None
+                and not self._leases
+                and _finite(theta)  # a theta that fails the message's checks leaves no trace
+            )
+            try:
+                message = rounds.prepare(self.rc, start, theta, round=outer_step, in_place=in_place)
+            except BaseException:
+                if in_place:  # the old momentum may be overwritten: start it afresh instead
+                    log.warning("round %d: prepare failed; the momentum starts afresh", outer_step)
+                    self._snapshot = (self.next_round, dataclasses.replace(start, momentum=None))
+                raise
             if self.mode != "noloco":  # our solo result costs nothing: the message's tensors
                 self._snapshot = (outer_step + 1, rounds.alone(self.rc, start, message))
             self.in_place += in_place

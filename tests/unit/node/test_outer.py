@@ -258,3 +258,39 @@ def test_the_old_phi_is_freed_once_the_round_is_prepared(mode: str) -> None:
     phi, _, clips = a.apply(pa, a.decode(_wire(pb)))
     assert [c.name for c in clips] == list(pa.message.names)
     assert a.phi is phi
+
+
+def test_a_theta_that_fails_its_checks_leaves_the_state_as_it_was() -> None:
+    a, b = _pair("diloco")
+    pa, pb = a.prepare(0, a.phi - _randn(110, 0.01)), b.prepare(0, b.phi - _randn(111, 0.01))
+    a.apply(pa, a.decode(_wire(pb)))
+    del pa, pb
+    label, state = a.snapshot
+    kept = {k: v.clone() for k, v in state.tensors().items()}
+    bad = a.phi.clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        a.prepare(1, bad)
+    assert a.snapshot == (label, state)
+    assert all(torch.equal(state.tensors()[k], v) for k, v in kept.items())
+
+
+def test_a_prepare_that_fails_after_the_momentum_was_overwritten_drops_the_momentum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = _pair("ef")
+    pa, pb = a.prepare(0, a.phi - _randn(112, 0.01)), b.prepare(0, b.phi - _randn(113, 0.01))
+    a.apply(pa, a.decode(_wire(pb)))
+    del pa, pb
+    label, state = a.snapshot
+
+    def fail(*args: object, **kwargs: object) -> object:
+        raise MemoryError("no room for the quantized proposal")
+
+    monkeypatch.setattr(rounds, "_siq_part", fail)  # after the Nesterov step, in place
+    with pytest.raises(MemoryError):
+        a.prepare(1, a.phi - _randn(114, 0.01))
+    assert a.next_round == label
+    assert a.momentum is None  # never half a round's momentum
+    assert a.phi is state.phi
+    assert a.state.residual is state.residual
