@@ -37,7 +37,7 @@ PHASES: tuple[str, ...] = (
     #             we send are poisoned, our own state stays honest: a bad peer)
     "round",  # node: at a round boundary, before matchmaking (delay, stall, kill)
     "exchange",  # node: inside a round's exchange (raise: an unexpected error of our own)
-    "apply",  # node: before the round's outer state is computed (raise)
+    "apply",  # node: after the exchange, before the round's result is computed (raise)
     "checkpoint",  # node: after the temporary checkpoint file is written, before the rename (kill)
 )
 

@@ -107,13 +107,14 @@ def save_node(
             "config": json.dumps(to_dict(config)),
         }
         path = save(Path(directory), outer_step, state, keep=config.checkpoint.keep, faults=faults)
+        phi = weights_digest(outer_state["state"]["phi"])
     log.info(
         "checkpoint %s at round %d, step %d: weights %s, phi %s",
         path,
         outer_step,
         trainer_state["step"],
         weights_digest(trainer_state["model"].values()),  # one tensor at a time: no copy
-        weights_digest(outer_state["state"]["phi"]),
+        phi,
     )
 
 

@@ -357,6 +357,9 @@ class Daemon:
                 except Exception:  # a bug in one round must not end the node
                     log.exception("round %d failed on our side; training on", self.next_round)
                     self._round_crashed(boundary, trainer, runner)
+                else:
+                    if round_task.cancelled():  # abandoned at a stop: the final checkpoint next
+                        self._round_crashed(boundary, trainer, runner, counted=False)
                 if cfg.sync.rounds and self.next_round >= cfg.sync.rounds:
                     log.info("finished %d rounds", cfg.sync.rounds)
                     self.request_stop()
@@ -370,8 +373,8 @@ class Daemon:
     async def _await_round(self, task: asyncio.Future[Any]) -> None:
         """Wait for the round in flight. A stop gives it half of ``shutdown_grace_s`` (counted
         from the stop request; the other half is for the checkpoint and the teardown), then
-        cancels it and waits for it to unwind. A cancelled round changed nothing: the outer
-        state is swapped in one step at its end. Re-raises the round's own error."""
+        cancels it and waits for it to unwind (the caller then hands the trainer what the outer
+        state holds, ``_round_crashed``). Re-raises the round's own error."""
         stopper: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -431,16 +434,22 @@ class Daemon:
         self.next_round = next_round
         runner.handler.outer_step = next_round
 
-    def _round_crashed(self, b: Boundary, trainer: Trainer, runner: RoundRunner) -> None:
-        """A round ended by an unexpected error of ours: count it, log its traceback, and let
-        the trainer go on. The outer state is swapped as one value, so it is either this round's
-        or the last one's; if the update never reached the trainer, theta keeps its progress
-        (the next round's pseudo-gradient carries this one's)."""
-        self.metrics.exchanges.labels(result="error").inc()
+    def _round_crashed(
+        self, b: Boundary, trainer: Trainer, runner: RoundRunner, *, counted: bool = True
+    ) -> None:
+        """A round ended by an unexpected error of ours (counted), or abandoned at a stop: let
+        the trainer go on. The outer state is swapped as one value, so it is the last round's
+        (noloco until it finishes), or one that already holds this round's step (diloco and ef
+        swap in their solo result when they prepare; any mode once it finished): then the
+        trainer gets that phi as from a finished round, so the step is counted once. Otherwise
+        theta keeps its progress (the next round's pseudo-gradient carries this one's)."""
+        if counted:
+            self.metrics.exchanges.labels(result="error").inc()
         if self._delivered != b.outer_step:
-            trainer.deliver(b.outer_step, b.theta, b.theta)  # no change to theta
+            r = b.outer_step + runner.view.round_offset
+            trainer.deliver(b.outer_step, runner.outer.phi_after(r, b.theta), b.theta)
             self._delivered = b.outer_step
-            self._advance(max(self.next_round, b.outer_step + runner.view.round_offset + 1), runner)
+            self._advance(max(self.next_round, r + 1), runner)
 
 
 def build_trainer(cfg: NodeConfig, data_seed: int, ranks: Ranks | None = None) -> Trainer:

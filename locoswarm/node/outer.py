@@ -1,8 +1,9 @@
 """The node's outer step: the daemon's driver of ``sync/rounds.py`` (the simulator is the other).
 
-``prepare`` turns this round's theta into the round's message and its wire form; ``decode`` reads
-a partner's message (side-information parts are decoded against our own); ``apply`` /
-``apply_mean`` / ``solo`` finish the round and swap in the new outer state as one value. The maths
+``prepare`` turns this round's theta into the round's message and its wire form (diloco and ef
+swap in the round's solo result there); ``decode`` reads a partner's message (side-information
+parts are decoded against our own); ``apply`` / ``apply_mean`` / ``solo`` finish the round and
+swap in the new outer state as one value. The maths
 lives in ``sync/rounds.py``; this module only wires it to the wire format of ``protocol/``.
 """
 
@@ -122,7 +123,8 @@ class OuterStep:
     freed), noloco writes its new phi over the old delta when it finishes. FetchState payloads
     (views of the state's tensors, sent while the round goes on) and checkpoints hold a lease
     until they are done, and a round that finds one allocates instead (the same bits either
-    way). ``_lock`` orders the leases against the one round that writes.
+    way; a round that fails while it writes drops the momentum rather than keep half of it).
+    ``_lock`` orders the leases against the one round that writes.
     """
 
     def __init__(
@@ -245,24 +247,28 @@ class OuterStep:
 
     # -- one round ------------------------------------------------------------------------------
 
-    def prepare(self, outer_step: int, theta: Tensor) -> Prepared:
+    def prepare(self, outer_step: int, theta: Tensor, bad: Tensor | None = None) -> Prepared:
         """This round's message (CPU work: call it from a worker thread). diloco and ef swap in
         the round's solo result at once (readers see it, labelled as the round's end, until the
-        round finishes) and work in the old momentum's memory when nobody reads the state."""
+        round finishes) and work in the old momentum's memory when nobody reads the state.
+        ``bad`` (test seam, a bad peer): send the message of these weights instead of ours, made
+        from the same start state; our own round goes on with our honest message."""
         with self._lock:
             start = self.state
+            sent_as_view = self.rc.share_momentum and self.rc.momentum_bits == 32
             in_place = (
                 self.mode != "noloco"
                 and start.momentum is not None
+                and not sent_as_view  # a solo round's momentum may still be on the wire
                 and not self._leases
                 and _finite(theta)  # a theta that fails the message's checks leaves no trace
             )
+            sent = None if bad is None else rounds.prepare(self.rc, start, bad, round=outer_step)
             try:
                 message = rounds.prepare(self.rc, start, theta, round=outer_step, in_place=in_place)
             except BaseException:
-                if in_place:  # the old momentum may be overwritten: start it afresh instead
-                    log.warning("round %d: prepare failed; the momentum starts afresh", outer_step)
-                    self._snapshot = (self.next_round, dataclasses.replace(start, momentum=None))
+                if in_place:  # the old momentum may be half overwritten
+                    self._drop_momentum(outer_step, "prepare")
                 raise
             if self.mode != "noloco":  # our solo result costs nothing: the message's tensors
                 self._snapshot = (outer_step + 1, rounds.alone(self.rc, start, message))
@@ -271,7 +277,7 @@ class OuterStep:
         finish = start
         if message.proposal is not None and not (self.mode == "ef" and self.rc.design == "pull"):
             finish = dataclasses.replace(start, phi=message.proposal)  # the old phi is not read
-        outgoing = self._outgoing(outer_step, message)
+        outgoing = self._outgoing(outer_step, message if sent is None else sent)
         self._current = message
         self.heard = {}
         self.tokens_of = {}
@@ -281,14 +287,6 @@ class OuterStep:
         specs = tuple(_spec(e, e.name) for e in message.parts)
         payload = tuple(e.payload for e in message.parts)  # sent back to back, never joined
         return Outgoing(self.header(outer_step, specs, "outer"), payload)
-
-    def poisoned(self, prepared: Prepared, theta: Tensor) -> None:
-        """Test seam (a bad peer): send the message of ``theta`` instead of ours; our own round
-        goes on with our honest message."""
-        # From the round's start state (its momentum may hold this round's already, and its phi
-        # our proposal).
-        message = rounds.prepare(self.rc, prepared.state, theta, round=prepared.outer_step)
-        prepared.outgoing = self._outgoing(prepared.outer_step, message)
 
     def decode(self, received: Received, names: tuple[str, ...] | None = None) -> list[Tensor]:
         """A partner's message for our open round (``names`` None), or a state message, checked
@@ -316,6 +314,20 @@ class OuterStep:
         self.heard[peer] = received.header.outer_step
         self.tokens_of[peer] = received.header.tokens
         return [got[name] for name in self._current.names]
+
+    def phi_after(self, round: int, theta: Tensor) -> Tensor:
+        """What the trainer gets when round ``round`` ended without an outcome (an error of
+        ours, a stop): the outer weights when the state already holds the round's step (diloco
+        and ef swap in their solo result at prepare), else ``theta`` (no change: the next
+        round's pseudo-gradient carries this one's). Either way the step counts once."""
+        with self._lock:
+            return self.state.phi if self.next_round > round else theta
+
+    def _drop_momentum(self, round: int, what: str) -> None:
+        """After a failure while the old momentum was being overwritten (the lock is held):
+        the momentum starts afresh rather than keep half of it."""
+        log.warning("round %d: %s failed; the momentum starts afresh", round, what)
+        self._snapshot = (self.next_round, dataclasses.replace(self.state, momentum=None))
 
     def _commit(self, prepared: Prepared, new: OuterState) -> Tensor:
         self._snapshot = (prepared.outer_step + 1, new)  # one assignment: readers see either
@@ -352,16 +364,21 @@ class OuterStep:
             # Unread: nobody holds the state (nor the solo result swapped in at prepare, whose
             # tensors are the message's).
             unread = not self._leases
-            new = rounds.combine(
-                self.rc,
-                prepared.state,
-                msg,
-                means,
-                reuse_means=True,
-                reuse_message=unread,
-                reuse_state=unread,
-                spread=spread,
-            )
+            try:
+                new = rounds.combine(
+                    self.rc,
+                    prepared.state,
+                    msg,
+                    means,
+                    reuse_means=True,
+                    reuse_message=unread,
+                    reuse_state=unread,
+                    spread=spread,
+                )
+            except BaseException:
+                if unread and self.mode == "noloco":  # the old delta may be half overwritten
+                    self._drop_momentum(msg.round, "the update")
+                raise
             self.in_place += unread and self.mode == "noloco"
             return self._commit(prepared, new), distance, clips
 

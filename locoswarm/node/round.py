@@ -3,7 +3,8 @@ group), finish (apply, group mean or solo). Returns a typed ``RoundOutcome``; de
 the trainer and reporting it are the daemon's.
 
 Everything that happens within one round lives in one ``_Attempt``; nothing of a round is left on
-long-lived objects except the outer state, which ``OuterStep`` swaps as one value at the end.
+long-lived objects except the outer state, which ``OuterStep`` swaps as one value (diloco and ef
+swap in their solo result when they prepare, every mode its result at the end).
 """
 
 from __future__ import annotations
@@ -129,8 +130,12 @@ class RoundRunner:
         sync = self.config.sync
         records = await self.view.refresh()
         r = self.view.catch_up(b.outer_step, self.outer)
-        prepared = await asyncio.to_thread(self.outer.prepare, r, b.theta)
-        await self._round_faults(r, prepared, b.theta)
+        bad, nan = await self._round_faults(r, b.theta)
+        prepared = await asyncio.to_thread(self.outer.prepare, r, b.theta, bad)
+        if nan:  # a NaN in place of our message's first value
+            data = payload_bytes(prepared.outgoing.payload)
+            if data:
+                prepared.outgoing.payload = struct.pack("<f", float("nan")) + data[4:]
         attempt = _Attempt(r, prepared, self.handler.open_round(prepared, group=self.grouped))
         try:
             async with asyncio.timeout(sync.match_deadline_s + sync.exchange_timeout_s):
@@ -212,9 +217,9 @@ class RoundRunner:
             path=attempt.current.path,
         )
 
-    async def _round_faults(self, r: int, prepared: Prepared, theta: Tensor) -> None:
-        """Test seam: stall or kill at a round boundary; poison our message with a NaN, or send
-        scaled, inverted or noisy weights (a bad peer)."""
+    async def _round_faults(self, r: int, theta: Tensor) -> tuple[Tensor | None, bool]:
+        """Test seam: stall or kill at a round boundary; then what our message will carry
+        instead of ours: scaled, inverted or noisy weights (a bad peer), or a NaN (True)."""
         fault = self.faults.fire("round", outer_step=r)
         if fault is not None and fault.action in ("delay", "stall"):
             await asyncio.sleep(fault.seconds)
@@ -222,12 +227,8 @@ class RoundRunner:
             os.kill(os.getpid(), signal.SIGKILL)
         fault = self.faults.fire("prepare", outer_step=r)
         if fault is not None and fault.action in ATTACKS:
-            bad = poison(theta, fault.action, fault.factor, seed=r)
-            await asyncio.to_thread(self.outer.poisoned, prepared, bad)
-        elif fault is not None:
-            data = payload_bytes(prepared.outgoing.payload)
-            if data:
-                prepared.outgoing.payload = struct.pack("<f", float("nan")) + data[4:]
+            return await asyncio.to_thread(poison, theta, fault.action, fault.factor, seed=r), False
+        return None, fault is not None
 
     def _count_refusal(self, peer: str, exc: PeerError) -> None:
         """Payloads we refused as the dialler count like the ones the server refuses; a refusal

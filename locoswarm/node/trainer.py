@@ -107,8 +107,8 @@ class Trainer:
         self._update_ready = threading.Condition(self._lock)
         self._applied = -1  # last outer step whose result was applied
         self._phi: Tensor | None = None
-        """The outer weights last received (never changed in place; the outer step holds them
-        too, so keeping the reference costs no memory)."""
+        """The outer weights last received (never changed in place), for the next boundary's
+        validation only: dropped after it, so a round that moves on from them frees them."""
         self.overlap = True
 
     # -- called from the event loop --------------------------------------------------------------

@@ -136,6 +136,8 @@ def replay(
                 label = int(event["round"])  # type: ignore[call-overload]
                 node.message = rounds.prepare(rc, node.replica.state, node.snapshot, round=label)
                 node.messages[node.next] = node.message
+                if rc.mode != "noloco":  # what the daemon serves a late joiner mid-round
+                    node.history.append(rounds.alone(rc, node.replica.state, node.message))
                 progress = True
             partners = [str(p) for p in event["partners"]]  # type: ignore[attr-defined]
             labels = [int(x) for x in event.get("partner_rounds", [event["round"]] * len(partners))]  # type: ignore[attr-defined]

@@ -25,8 +25,9 @@ Modes (``consensus.md``):
   error-feedback codec every round and the whole proposal at 16 bits every ``pull_every``
   rounds (§3.3).
 
-Every function returns new tensors and never writes into its inputs, except ``combine`` into
-what its caller gives up (``reuse_means``, ``reuse_message``). Knows nothing about peers,
+Every function returns new tensors and never writes into its inputs, except into what its caller
+gives up: ``combine`` (``reuse_means``, ``reuse_message``, ``reuse_state``) and ``prepare``
+(``in_place``: the state's momentum). Knows nothing about peers,
 sockets, asyncio or how a group was formed.
 """
 

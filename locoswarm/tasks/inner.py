@@ -100,7 +100,7 @@ def weights_digest(weights: Tensor | Iterable[Tensor]) -> str:
     fp32 vector). Hashed in place: no copy of an fp32 CPU tensor."""
     h = hashlib.sha256()
     for t in [weights] if isinstance(weights, Tensor) else weights:
-        flat = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        flat = t.detach().to(device="cpu", dtype=torch.float32).reshape(-1).contiguous()
         h.update(flat.numpy().data.cast("B"))
     return h.hexdigest()[:16]
 

@@ -294,3 +294,38 @@ def test_a_prepare_that_fails_after_the_momentum_was_overwritten_drops_the_momen
     assert a.momentum is None  # never half a round's momentum
     assert a.phi is state.phi
     assert a.state.residual is state.residual
+
+
+@pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
+def test_a_round_that_ends_without_an_outcome_hands_the_trainer_its_step_once(mode: str) -> None:
+    a, b = _pair(mode)
+    theta = a.phi - _randn(120, 0.01)
+    assert a.phi_after(0, theta) is theta  # nothing prepared: theta keeps its progress
+    pa = a.prepare(0, theta)
+    if mode == "noloco":  # the state is the round's start: the step is in theta alone
+        assert a.phi_after(0, theta) is theta
+    else:  # the solo result is in: the trainer takes it, as from a solo round
+        assert pa.message.proposal is not None
+        assert a.phi_after(0, theta) is pa.message.proposal
+    pb = b.prepare(0, b.phi - _randn(121, 0.01))
+    phi, _, _ = a.apply(pa, a.decode(_wire(pb)))
+    assert a.phi_after(0, theta) is phi  # finished (an error after it): the round's result
+
+
+@pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
+def test_a_bad_peers_message_is_made_from_the_same_start_state(mode: str) -> None:
+    a, b = _pair(mode)
+    pa, pb = a.prepare(0, a.phi - _randn(130, 0.01)), b.prepare(0, b.phi - _randn(131, 0.01))
+    a.apply(pa, a.decode(_wire(pb)))
+    del pa, pb
+    start = {k: v.clone() for k, v in a.state.tensors().items()}  # prepare may overwrite it
+    theta, bad = a.phi - _randn(132, 0.01), -a.phi
+    want_bad = rounds.prepare(a.rc, rounds.OuterState.from_tensors(start), bad, round=1)
+    want_ours = rounds.prepare(a.rc, rounds.OuterState.from_tensors(start), theta, round=1)
+    prepared = a.prepare(1, theta, bad)
+    assert payload_bytes(prepared.outgoing.payload) == b"".join(
+        payload_bytes(p.payload) for p in want_bad.parts
+    )
+    assert all(  # our own round goes on with our honest message
+        torch.equal(prepared.message.own[k], v) for k, v in want_ours.own.items()
+    )
