@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from locoswarm.compression.codecs import decode, get_codec
-from locoswarm.compression.encoded import DecodeLimits, Encoded
+from locoswarm.compression.encoded import DecodeLimits, Encoded, all_finite
 from locoswarm.errors import ProtocolViolation
 from locoswarm.node.config import NodeConfig
 from locoswarm.protocol import Header, Outgoing, Received, TensorSpec
@@ -100,18 +100,6 @@ def _parts(received: Received) -> list[Encoded]:
 class _Lease:
     """A reader's hold on the outer state's memory (a checkpoint being written, a FetchState
     payload being sent)."""
-
-
-def _finite(t: Tensor) -> bool:
-    """Every value of ``t`` is finite (a chunk at a time: no model-sized mask)."""
-    flat = t.reshape(-1)
-    return all(
-        bool(torch.isfinite(flat[i : i + _FINITE_CHUNK]).all())
-        for i in range(0, flat.numel(), _FINITE_CHUNK)
-    )
-
-
-_FINITE_CHUNK = 1 << 20
 
 
 class OuterStep:
@@ -261,7 +249,7 @@ class OuterStep:
                 and start.momentum is not None
                 and not sent_as_view  # a solo round's momentum may still be on the wire
                 and not self._leases
-                and _finite(theta)  # a theta that fails the message's checks leaves no trace
+                and all_finite(theta)  # a theta that fails the message's checks leaves no trace
             )
             sent = None if bad is None else rounds.prepare(self.rc, start, bad, round=outer_step)
             try:
@@ -273,7 +261,8 @@ class OuterStep:
             if self.mode != "noloco":  # our solo result costs nothing: the message's tensors
                 self._snapshot = (outer_step + 1, rounds.alone(self.rc, start, message))
             self.in_place += in_place
-        step = own_step(message.own, start.phi) if self.rc.clip else None
+        pair = self.config.sync.group_size <= 2  # groups average by reduce-scatter: no clipping
+        step = own_step(message.own, start.phi) if self.rc.clip and pair else None
         finish = start
         if message.proposal is not None and not (self.mode == "ef" and self.rc.design == "pull"):
             finish = dataclasses.replace(start, phi=message.proposal)  # the old phi is not read
