@@ -250,7 +250,11 @@ def plain_main(
 
         # The node's C allocator settings too: the node's own tuning is not counted as saving.
         defaults = TrainerConfig()
-        tune_allocator(defaults.malloc_mmap_threshold, defaults.malloc_arena_max)
+        tune_allocator(
+            defaults.malloc_mmap_threshold,
+            defaults.malloc_arena_max,
+            defaults.malloc_trim_threshold,
+        )
     import torch
 
     from locoswarm.tasks.inner import InnerConfig, InnerLoop

@@ -36,10 +36,11 @@ class AllocatorTuning:
     """Why nothing was applied (not glibc, settings off), or None."""
 
 
-def tune_allocator(mmap_threshold: int, arena_max: int) -> AllocatorTuning:
-    """Fix glibc's mmap threshold (and trim threshold) at ``mmap_threshold`` bytes and cap its
-    arenas at ``arena_max``; 0 leaves a setting as glibc chose it. Call it early, before the
-    model is built (arenas already made stay)."""
+def tune_allocator(mmap_threshold: int, arena_max: int, trim_threshold: int = 0) -> AllocatorTuning:
+    """Fix glibc's mmap threshold at ``mmap_threshold`` bytes and its trim threshold at
+    ``trim_threshold`` (0: the mmap threshold), and cap its arenas at ``arena_max``; an
+    ``mmap_threshold`` or ``arena_max`` of 0 leaves that setting as glibc chose it. Call it
+    early, before the model is built (arenas already made stay)."""
     if mmap_threshold <= 0 and arena_max <= 0:
         return AllocatorTuning((), "off")
     if platform.libc_ver()[0] != "glibc":
@@ -55,7 +56,7 @@ def tune_allocator(mmap_threshold: int, arena_max: int) -> AllocatorTuning:
     if mmap_threshold > 0:
         wanted += [
             ("mmap_threshold", M_MMAP_THRESHOLD, mmap_threshold),
-            ("trim_threshold", M_TRIM_THRESHOLD, mmap_threshold),
+            ("trim_threshold", M_TRIM_THRESHOLD, trim_threshold or mmap_threshold),
         ]
     if arena_max > 0:
         wanted.append(("arena_max", M_ARENA_MAX, arena_max))

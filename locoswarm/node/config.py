@@ -174,9 +174,13 @@ class TrainerConfig:
     eval_every: int = 10
     """Measure the outer weights' validation loss on the task's held-out batches every this
     many rounds (task.val_batches of them; 0 never)."""
-    malloc_mmap_threshold: int = 128 * 1024
+    malloc_mmap_threshold: int = 8 * 1024 * 1024
     """glibc: allocations from this many bytes up are mapped and returned to the system when
-    freed (a fixed threshold; glibc's own raises itself to 32 MiB); 0 keeps glibc's."""
+    freed (a fixed threshold; glibc's own raises itself to 32 MiB); 0 keeps glibc's. Above the
+    4 MiB message chunks, so their buffers are reused instead of fresh pages each time."""
+    malloc_trim_threshold: int = 32 * 1024 * 1024
+    """glibc: free memory at the top of a heap beyond this many bytes goes back to the system
+    (0: the mmap threshold). Room for a few chunk buffers between messages."""
     malloc_arena_max: int = 2
     """glibc: at most this many malloc arenas (one per thread by default); 0 keeps glibc's."""
 
@@ -187,10 +191,10 @@ class TrainerConfig:
             raise ConfigError(f"trainer.nproc_per_node must be in 1..64, got {self.nproc_per_node}")
         if not self.rank_timeout_s > 0:
             raise ConfigError(f"trainer.rank_timeout_s must be > 0, got {self.rank_timeout_s}")
-        if self.malloc_mmap_threshold < 0 or self.malloc_arena_max < 0:
+        if min(self.malloc_mmap_threshold, self.malloc_trim_threshold, self.malloc_arena_max) < 0:
             raise ConfigError(
-                "trainer.malloc_mmap_threshold and trainer.malloc_arena_max must be >= 0 "
-                "(0 keeps glibc's setting)"
+                "trainer.malloc_mmap_threshold, trainer.malloc_trim_threshold and "
+                "trainer.malloc_arena_max must be >= 0 (0 keeps glibc's setting)"
             )
         if self.malloc_mmap_threshold > 32 * 1024 * 1024:
             raise ConfigError(

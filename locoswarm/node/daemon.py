@@ -118,7 +118,10 @@ class Daemon:
         cfg = self.config
         check_join_addresses(cfg.peers.initial_peers)
         # Before the threads and tensors of the node exist (the process's allocator settings).
-        tuning = tune_allocator(cfg.trainer.malloc_mmap_threshold, cfg.trainer.malloc_arena_max)
+        alloc = cfg.trainer
+        tuning = tune_allocator(
+            alloc.malloc_mmap_threshold, alloc.malloc_arena_max, alloc.malloc_trim_threshold
+        )
         log.debug("C allocator: %s", ", ".join(tuning.applied) or tuning.skipped)
         secret = _read_secret(cfg.secret_file)
         peers_cfg = dataclasses.replace(

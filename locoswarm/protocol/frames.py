@@ -8,9 +8,10 @@ payload into ``Frame`` messages, and checks incoming frames one at a time agains
 from __future__ import annotations
 
 import mmap
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from zlib_ng import zlib_ng
 
 from locoswarm.errors import ProtocolViolation
 from locoswarm.protocol._gen import locoswarm_pb2 as pb
@@ -133,12 +134,19 @@ MAPPED_BYTES = 1 << 20
 """Payloads of at least this many bytes are received into an anonymous memory mapping."""
 
 
+_PRIVATE = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+
+
 def receive_buffer(total: int) -> bytearray | mmap.mmap:
-    """The buffer a payload of ``total`` bytes is received into. A large one is an anonymous
-    mapping: page-aligned, and its pages are committed only as chunks land in them (a
+    """The buffer a payload of ``total`` bytes is received into. A large one is a private
+    anonymous mapping: page-aligned, and its pages are committed only as chunks land in them (a
     ``bytearray`` is zero-filled first, a pass over the whole payload before any byte arrives).
-    Freed when the last reference to it (or to a tensor read out of it) goes."""
-    return mmap.mmap(-1, total) if total >= MAPPED_BYTES else bytearray(total)
+    Private, not ``mmap``'s default shared mapping: shared anonymous pages are shmem, slower to
+    fault in (measured in docs/BENCHMARKS.md). Freed when the last reference to it (or to a
+    tensor read out of it) goes."""
+    if total < MAPPED_BYTES:
+        return bytearray(total)
+    return mmap.mmap(-1, total, flags=_PRIVATE) if _PRIVATE else mmap.mmap(-1, total)
 
 
 def header_to_pb(header: Header, chunk_bytes: int) -> pb.Header:
@@ -291,7 +299,7 @@ def encode_frames(
     crc = 0
     index = 0
     for data in _pieces(payload, chunk_bytes):
-        crc = zlib.crc32(data, crc)
+        crc = zlib_ng.crc32(data, crc)
         yield chunk_frame(index, data), len(data)
         index += 1
     yield pb.Frame(trailer=pb.Trailer(total_bytes=total, num_chunks=index, crc32=crc)), 0
@@ -472,7 +480,7 @@ class PayloadReader:
                 "size_mismatch", self.peer, f"{self.offset + size} bytes, declared {self.total}"
             )
         self.view[self.offset : self.offset + size] = data  # the one copy, into its place
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = zlib_ng.crc32(data, self.crc)
         self.offset += size
         self.index += 1
 

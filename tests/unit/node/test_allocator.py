@@ -28,12 +28,13 @@ def test_glibc_takes_the_node_defaults() -> None:
         "from locoswarm.node.allocator import tune_allocator\n"
         "from locoswarm.node.config import TrainerConfig\n"
         "d = TrainerConfig()\n"
-        "print(','.join(tune_allocator(d.malloc_mmap_threshold, d.malloc_arena_max).applied))\n"
+        "t = tune_allocator(d.malloc_mmap_threshold, d.malloc_arena_max, d.malloc_trim_threshold)\n"
+        "print(','.join(t.applied))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
-    assert out.stdout.strip() == "mmap_threshold=131072,trim_threshold=131072,arena_max=2"
+    assert out.stdout.strip() == "mmap_threshold=8388608,trim_threshold=33554432,arena_max=2"
 
 
 @pytest.mark.parametrize(
@@ -41,6 +42,7 @@ def test_glibc_takes_the_node_defaults() -> None:
     [
         ("trainer.malloc_arena_max", -1, "must be >= 0"),
         ("trainer.malloc_mmap_threshold", -5, "must be >= 0"),
+        ("trainer.malloc_trim_threshold", -1, "must be >= 0"),
         ("trainer.malloc_mmap_threshold", 64 * 1024 * 1024, "at most 32 MiB"),
     ],
 )
