@@ -30,6 +30,10 @@ round, then ``--repeats`` timed rounds; the median is reported with every time. 
 ``2 * N / seconds / 1e9`` (bytes moved in both directions). A method that fails is recorded as
 ``"error": "<type>: <message>"`` and the benchmark carries on. Writes JSON (header, per-method
 results, ratios and target checks) and a PNG bar chart; prints a table to stderr.
+
+The locoswarm workers apply a node's C allocator settings (``node.allocator``: the mmap and trim
+thresholds, the arena cap) and, after each round and outside its timing, hand the heaps' free
+memory back as a node does; ``--allocator glibc`` leaves glibc's defaults instead.
 """
 
 from __future__ import annotations
@@ -183,6 +187,7 @@ class WorkerArgs:
     num_bytes: int
     chunk_bytes: int
     cert_dir: str | None
+    allocator: str = "node"
 
 
 def _expect(conn: Connection, kind: str) -> Any:
@@ -323,7 +328,21 @@ def _raw_worker(conn: Connection, a: WorkerArgs) -> None:
 def _locoswarm_worker(conn: Connection, a: WorkerArgs) -> None:
     import uvloop
 
+    if a.allocator == "node":  # a node's C allocator settings, before any thread or tensor
+        from locoswarm.node.allocator import tune_allocator
+        from locoswarm.node.config import TrainerConfig
+
+        d = TrainerConfig()
+        tune_allocator(d.malloc_mmap_threshold, d.malloc_arena_max, d.malloc_trim_threshold)
     uvloop.run(_locoswarm_main(conn, a))
+
+
+def _between_rounds(a: WorkerArgs) -> None:
+    """What a node does after a round, outside the timing: hands the heaps' free memory back."""
+    if a.allocator == "node":
+        from locoswarm.node.allocator import release_free_memory
+
+        release_free_memory()
 
 
 async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
@@ -462,6 +481,7 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
                     handler.received.clear()
                     done = {"t_done": handler.t_done, "tensor_s": handler.tensor_s}
                     conn.send(("done", done | _usage_since(before)))
+                    _between_rounds(a)
                 elif msg[0] == "check":
                     conn.send(("check", {"mean_crc": zlib.crc32(handler.x.numpy().data)}))
                 elif msg[0] == "stop":
@@ -498,6 +518,7 @@ async def _locoswarm_main(conn: Connection, a: WorkerArgs) -> None:
                 t_done = time.monotonic()
                 tensor_s = (t_sent - t_start) + (t_done - t_back)
                 conn.send(("done", {"t_done": t_done, "tensor_s": tensor_s} | _usage_since(before)))
+                _between_rounds(a)
             elif msg[0] == "check":
                 conn.send(("check", {"mean_crc": zlib.crc32(x.numpy().data)}))
             elif msg[0] == "stop":
@@ -642,6 +663,8 @@ class _Worker:
             str(a.num_bytes),
             "--chunk-bytes",
             str(a.chunk_bytes),
+            "--allocator",
+            a.allocator,
         ]
         if a.cert_dir is not None:
             cmd += ["--cert-dir", a.cert_dir]
@@ -793,7 +816,12 @@ def _verify(method: str, check_a: dict[str, Any], check_b: dict[str, Any]) -> bo
 
 
 def run_method(
-    method: str, num_bytes: int, repeats: int, chunk_bytes: int, cert_dir: str | None
+    method: str,
+    num_bytes: int,
+    repeats: int,
+    chunk_bytes: int,
+    cert_dir: str | None,
+    allocator: str = "node",
 ) -> MethodResult:
     """One warm-up and ``repeats`` timed rounds of ``method`` in a fresh pair of processes.
 
@@ -806,7 +834,9 @@ def run_method(
     workers: list[_Worker] = []
     try:
         for role in ROLES:
-            workers.append(_Worker(WorkerArgs(method, role, num_bytes, chunk_bytes, cert_dir)))
+            workers.append(
+                _Worker(WorkerArgs(method, role, num_bytes, chunk_bytes, cert_dir, allocator))
+            )
             res.worker_pids.append(workers[-1].pid)
         listen, dial = workers
         dial.send("addr", listen.expect("addr", SETUP_TIMEOUT_S))
@@ -1088,6 +1118,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(METHODS)}",
     )
     p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="locoswarm chunk size")
+    p.add_argument(
+        "--allocator",
+        choices=("node", "glibc"),
+        default="node",
+        help="node: locoswarm workers use a node's C allocator settings (default); glibc: none",
+    )
     p.add_argument("--note", default=None, help="free text kept in the JSON header")
     # One side of one method, started by the benchmark itself.
     p.add_argument("--role", choices=ROLES, default=None, help=argparse.SUPPRESS)
@@ -1102,7 +1138,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.role is not None:
         if a.method is None or a.fd is None:
             p.error("--role needs --method and --fd")
-        return worker_main(WorkerArgs(a.method, a.role, num_bytes, a.chunk_bytes, a.cert_dir), a.fd)
+        return worker_main(
+            WorkerArgs(a.method, a.role, num_bytes, a.chunk_bytes, a.cert_dir, a.allocator), a.fd
+        )
     if a.json is None:
         p.error("--json is required")
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -1124,7 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="locoswarm-bench-tls-") as tmp:
         make_certs(Path(tmp))
         for m in methods:
-            r = run_method(m, num_bytes, repeats, a.chunk_bytes, tmp)
+            r = run_method(m, num_bytes, repeats, a.chunk_bytes, tmp, a.allocator)
             results[m] = r
             print(
                 f"  {m}: {_fmt(r.seconds, '.3f')} s, {_fmt(r.gbps, '.3f')} GB/s "
@@ -1148,6 +1186,12 @@ def main(argv: list[str] | None = None) -> int:
             "--role listen|dial), each in its own session; the listening side binds port 0",
             "host": HOST,
             "chunk_bytes": a.chunk_bytes,
+            "allocator": {
+                "node": "locoswarm workers apply a node's C allocator settings "
+                "(node.allocator.tune_allocator with TrainerConfig's defaults) and hand the "
+                "heaps' free memory back after each round, outside the timing, as a node does",
+                "glibc": "every worker keeps glibc's allocator defaults",
+            }[a.allocator],
             "raw_recv_bytes": RAW_RECV_BYTES,
             "tls_send_bytes": TLS_SEND_BYTES,
             "tls": "throw-away EC P-256 CA and server certificate (SAN IP:127.0.0.1, "

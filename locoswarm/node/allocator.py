@@ -7,8 +7,11 @@ thread that allocated them (the trainer thread, ``asyncio.to_thread`` workers, g
 Freed heap memory is rarely returned to the system, so resident memory climbs with every round
 whose temporaries land at a new place, and its peak sits well above what is live. A fixed
 threshold (which also stops the dynamic adjustment) hands every large block back to the system
-when it is freed, and a small arena count stops each thread from growing its own heap. Measured
-in bench/swarm.py (README, issue 14). Other C libraries (musl, macOS) are left as they are.
+when it is freed, and a small arena count stops each thread from growing its own heap. The
+threshold sits above the 4 MiB message chunks (their buffers are reused within a round instead of
+being fresh pages for every message), and after each round ``release_free_memory`` hands what the
+round freed in the heaps back to the system. Measured in bench/swarm.py and bench/transport.py
+(docs/BENCHMARKS.md, issue 14). Other C libraries (musl, macOS) are left as they are.
 """
 
 from __future__ import annotations
@@ -34,6 +37,29 @@ class AllocatorTuning:
     """The settings glibc accepted, as ``name=value``."""
     skipped: str | None = None
     """Why nothing was applied (not glibc, settings off), or None."""
+
+
+def _libc() -> ctypes.CDLL | None:
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand the free memory inside glibc's heaps back to the system (``malloc_trim(0)``: every
+    arena, not only the top of each); False where there is no glibc. What a round freed stays
+    in the heaps otherwise, above what training needs between rounds."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
 
 
 def tune_allocator(mmap_threshold: int, arena_max: int, trim_threshold: int = 0) -> AllocatorTuning:

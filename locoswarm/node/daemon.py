@@ -27,7 +27,7 @@ from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import ConfigError
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.node import checkpoint
-from locoswarm.node.allocator import tune_allocator
+from locoswarm.node.allocator import release_free_memory, tune_allocator
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.diagnosis import Diagnosis
 from locoswarm.node.handler import NodeHandler
@@ -409,6 +409,9 @@ class Daemon:
         self._advance(outcome.round + 1, runner)
         await self.reporter.round_done(self.peer_id, b, outcome)
         self._after_round(b, trainer, runner)
+        del outcome
+        if self.config.trainer.malloc_mmap_threshold > 0:
+            release_free_memory()  # the round's buffers, kept in the heap while it ran
 
     def _after_round(self, b: Boundary, trainer: Trainer, runner: RoundRunner) -> None:
         """Say what the diagnosis found (log, status, metric) and put the round's figures in

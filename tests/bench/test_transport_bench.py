@@ -72,6 +72,7 @@ def test_quick_run_on_a_tiny_payload_measures_every_method(tmp_path: Path) -> No
     for key in ("cpu_count", "python", "grpcio_version", "hivemind_version", "torch_version"):
         assert header[key], key
     assert header["chunk_bytes"] > 0
+    assert "node's C allocator settings" in header["allocator"]
     assert "2 * bytes" in header["gb_per_s"]
     assert header["date"]
 

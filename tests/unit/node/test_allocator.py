@@ -50,3 +50,30 @@ def test_bad_allocator_settings_name_the_key(key: str, value: int, words: str) -
     with pytest.raises(ConfigError, match=words) as err:
         load_config(overrides={key: value}, environ={})
     assert key.split(".")[1] in str(err.value)
+
+
+@glibc
+def test_free_heap_memory_goes_back_to_the_system() -> None:
+    # In a child: 64 MiB in 1 MiB blocks from the heap (threshold 8 MiB), all freed but one at
+    # the top that pins the heap; malloc_trim(0) must hand the freed pages back.
+    code = (
+        "import ctypes, psutil\n"
+        "from locoswarm.node.allocator import release_free_memory, tune_allocator\n"
+        "tune_allocator(8 << 20, 1, 1 << 30)\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = (ctypes.c_void_p,)\n"
+        "blocks = [libc.malloc(1 << 20) for _ in range(65)]\n"
+        "for b in blocks:\n"
+        "    ctypes.memset(b, 1, 1 << 20)\n"
+        "for b in blocks[:-1]:\n"
+        "    libc.free(b)\n"
+        "before = psutil.Process().memory_info().rss\n"
+        "print(release_free_memory(), (before - psutil.Process().memory_info().rss) >> 20)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    done, freed_mib = out.stdout.split()
+    assert done == "True"
+    assert int(freed_mib) >= 48
