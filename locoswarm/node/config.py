@@ -194,7 +194,8 @@ class TrainerConfig:
         if min(self.malloc_mmap_threshold, self.malloc_trim_threshold, self.malloc_arena_max) < 0:
             raise ConfigError(
                 "trainer.malloc_mmap_threshold, trainer.malloc_trim_threshold and "
-                "trainer.malloc_arena_max must be >= 0 (0 keeps glibc's setting)"
+                "trainer.malloc_arena_max must be >= 0 (0 keeps glibc's setting; a trim "
+                "threshold of 0 follows the mmap threshold)"
             )
         if self.malloc_mmap_threshold > 32 * 1024 * 1024:
             raise ConfigError(

@@ -15,6 +15,15 @@ from locoswarm.node.config import load_config
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 
 
+def _in_child(code: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter: allocator settings are a process's for
+    good."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return out.stdout.strip()
+
+
 def test_zero_leaves_the_allocator_alone() -> None:
     tuning = tune_allocator(0, 0)
     assert tuning.applied == ()
@@ -23,7 +32,6 @@ def test_zero_leaves_the_allocator_alone() -> None:
 
 @glibc
 def test_glibc_takes_the_node_defaults() -> None:
-    # In a child: the settings are the process's for good.
     code = (
         "from locoswarm.node.allocator import tune_allocator\n"
         "from locoswarm.node.config import TrainerConfig\n"
@@ -31,10 +39,7 @@ def test_glibc_takes_the_node_defaults() -> None:
         "t = tune_allocator(d.malloc_mmap_threshold, d.malloc_arena_max, d.malloc_trim_threshold)\n"
         "print(','.join(t.applied))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert out.stdout.strip() == "mmap_threshold=8388608,trim_threshold=33554432,arena_max=2"
+    assert _in_child(code) == "mmap_threshold=8388608,trim_threshold=33554432,arena_max=2"
 
 
 @pytest.mark.parametrize(
@@ -54,7 +59,7 @@ def test_bad_allocator_settings_name_the_key(key: str, value: int, words: str) -
 
 @glibc
 def test_free_heap_memory_goes_back_to_the_system() -> None:
-    # In a child: 64 MiB in 1 MiB blocks from the heap (threshold 8 MiB), all freed but one at
+    # 64 MiB in 1 MiB blocks from the heap (threshold 8 MiB), all freed but one at
     # the top that pins the heap; malloc_trim(0) must hand the freed pages back.
     code = (
         "import ctypes, psutil\n"
@@ -71,9 +76,6 @@ def test_free_heap_memory_goes_back_to_the_system() -> None:
         "before = psutil.Process().memory_info().rss\n"
         "print(release_free_memory(), (before - psutil.Process().memory_info().rss) >> 20)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    done, freed_mib = out.stdout.split()
+    done, freed_mib = _in_child(code).split()
     assert done == "True"
     assert int(freed_mib) >= 48
