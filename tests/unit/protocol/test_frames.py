@@ -21,6 +21,7 @@ from locoswarm.protocol.frames import (
     encode_frames,
     frame_messages,
     parse_frame,
+    receive_buffer,
 )
 
 LIMITS = Limits(max_payload_bytes=1 << 20, max_chunk_bytes=1 << 16, max_tensors=4)
@@ -271,3 +272,19 @@ def test_a_payload_in_parts_is_framed_as_if_joined(sizes: tuple[int, ...]) -> No
     split = frame_messages(header(len(data)), tuple(parts), 256)
     assert [f.SerializeToString() for f in split] == [f.SerializeToString() for f in joined]
     assert read(split) == data
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_large_receive_buffer_is_private_memory() -> None:
+    # A private mapping (not mmap's default shared one, which is shmem and slower to fault in):
+    # a forked child's write stays in the child.
+    buffer = receive_buffer(MAPPED_BYTES)
+    assert isinstance(buffer, mmap.mmap)
+    buffer[:4] = b"ours"
+    pid = os.fork()
+    if pid == 0:  # the child: write, and leave at once
+        buffer[:4] = b"kids"
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert buffer[:4] == b"ours"
