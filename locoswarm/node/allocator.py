@@ -17,8 +17,10 @@ round freed in the heaps back to the system. Measured in bench/swarm.py and benc
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("locoswarm.node")
@@ -39,25 +41,28 @@ class AllocatorTuning:
     """Why nothing was applied (not glibc, settings off), or None."""
 
 
-def _libc() -> ctypes.CDLL | None:
-    if platform.libc_ver()[0] != "glibc":
-        return None
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once; None without glibc."""
     try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
+        if platform.libc_ver()[0] != "glibc":
+            return None
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
         return None
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return trim
 
 
 def release_free_memory() -> bool:
     """Hand the free memory inside glibc's heaps back to the system (``malloc_trim(0)``: every
     arena, not only the top of each); False where there is no glibc. What a round freed stays
-    in the heaps otherwise, above what training needs between rounds."""
-    libc = _libc()
-    trim = getattr(libc, "malloc_trim", None)
+    in the heaps otherwise, above what training needs between rounds. Releases the GIL while it
+    runs (ctypes): call it from a worker thread to keep an event loop free."""
+    trim = _malloc_trim()
     if trim is None:
         return False
-    trim.argtypes = (ctypes.c_size_t,)
-    trim.restype = ctypes.c_int
     trim(0)
     return True
 
@@ -65,9 +70,10 @@ def release_free_memory() -> bool:
 def tune_allocator(mmap_threshold: int, arena_max: int, trim_threshold: int = 0) -> AllocatorTuning:
     """Fix glibc's mmap threshold at ``mmap_threshold`` bytes and its trim threshold at
     ``trim_threshold`` (0: the mmap threshold), and cap its arenas at ``arena_max``; an
-    ``mmap_threshold`` or ``arena_max`` of 0 leaves that setting as glibc chose it. Call it
-    early, before the model is built (arenas already made stay)."""
-    if mmap_threshold <= 0 and arena_max <= 0:
+    ``mmap_threshold`` or ``arena_max`` of 0 leaves that setting as glibc chose it (and a trim
+    threshold of 0 then too). Call it early, before the model is built (arenas already made
+    stay)."""
+    if mmap_threshold <= 0 and arena_max <= 0 and trim_threshold <= 0:
         return AllocatorTuning((), "off")
     if platform.libc_ver()[0] != "glibc":
         return AllocatorTuning((), f"the C library is not glibc ({platform.libc_ver()[0] or '?'})")
@@ -80,10 +86,9 @@ def tune_allocator(mmap_threshold: int, arena_max: int, trim_threshold: int = 0)
     mallopt.restype = ctypes.c_int
     wanted: list[tuple[str, int, int]] = []
     if mmap_threshold > 0:
-        wanted += [
-            ("mmap_threshold", M_MMAP_THRESHOLD, mmap_threshold),
-            ("trim_threshold", M_TRIM_THRESHOLD, trim_threshold or mmap_threshold),
-        ]
+        wanted.append(("mmap_threshold", M_MMAP_THRESHOLD, mmap_threshold))
+    if trim_threshold > 0 or mmap_threshold > 0:
+        wanted.append(("trim_threshold", M_TRIM_THRESHOLD, trim_threshold or mmap_threshold))
     if arena_max > 0:
         wanted.append(("arena_max", M_ARENA_MAX, arena_max))
     applied = []

@@ -197,6 +197,15 @@ class TrainerConfig:
                 "trainer.malloc_arena_max must be >= 0 (0 keeps glibc's setting; a trim "
                 "threshold of 0 follows the mmap threshold)"
             )
+        if self.malloc_trim_threshold > 1 << 30:
+            raise ConfigError(
+                f"trainer.malloc_trim_threshold must be at most 1 GiB, got "
+                f"{self.malloc_trim_threshold}"
+            )
+        if self.malloc_arena_max > 1024:
+            raise ConfigError(
+                f"trainer.malloc_arena_max must be at most 1024, got {self.malloc_arena_max}"
+            )
         if self.malloc_mmap_threshold > 32 * 1024 * 1024:
             raise ConfigError(
                 f"trainer.malloc_mmap_threshold must be at most 32 MiB (glibc's limit), got "

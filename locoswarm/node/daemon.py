@@ -409,9 +409,10 @@ class Daemon:
         self._advance(outcome.round + 1, runner)
         await self.reporter.round_done(self.peer_id, b, outcome)
         self._after_round(b, trainer, runner)
-        del outcome
-        if self.config.trainer.malloc_mmap_threshold > 0:
-            release_free_memory()  # the round's buffers, kept in the heap while it ran
+        alloc = self.config.trainer
+        if alloc.malloc_mmap_threshold > 0 or alloc.malloc_trim_threshold > 0:
+            # The round's buffers, kept in the heaps while it ran; off the loop (it walks them).
+            await asyncio.to_thread(release_free_memory)
 
     def _after_round(self, b: Boundary, trainer: Trainer, runner: RoundRunner) -> None:
         """Say what the diagnosis found (log, status, metric) and put the round's figures in

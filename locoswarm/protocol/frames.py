@@ -134,7 +134,11 @@ MAPPED_BYTES = 1 << 20
 """Payloads of at least this many bytes are received into an anonymous memory mapping."""
 
 
-_PRIVATE = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+_PRIVATE = (
+    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")
+    else 0
+)
 
 
 def receive_buffer(total: int) -> bytearray | mmap.mmap:

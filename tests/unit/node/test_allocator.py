@@ -48,6 +48,8 @@ def test_glibc_takes_the_node_defaults() -> None:
         ("trainer.malloc_arena_max", -1, "must be >= 0"),
         ("trainer.malloc_mmap_threshold", -5, "must be >= 0"),
         ("trainer.malloc_trim_threshold", -1, "must be >= 0"),
+        ("trainer.malloc_trim_threshold", 1 << 31, "at most 1 GiB"),
+        ("trainer.malloc_arena_max", 5000, "at most 1024"),
         ("trainer.malloc_mmap_threshold", 64 * 1024 * 1024, "at most 32 MiB"),
     ],
 )
@@ -79,3 +81,27 @@ def test_free_heap_memory_goes_back_to_the_system() -> None:
     done, freed_mib = _in_child(code).split()
     assert done == "True"
     assert int(freed_mib) >= 48
+
+
+@glibc
+def test_a_trim_threshold_alone_is_applied_and_zero_follows_the_mmap_threshold() -> None:
+    code = (
+        "from locoswarm.node.allocator import tune_allocator\n"
+        "print(','.join(tune_allocator(0, 0, 1 << 20).applied))\n"
+        "print(','.join(tune_allocator(1 << 20, 0).applied))\n"
+    )
+    alone, follows = _in_child(code).splitlines()
+    assert alone == "trim_threshold=1048576"
+    assert follows == "mmap_threshold=1048576,trim_threshold=1048576"
+
+
+def test_without_glibc_nothing_is_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    from locoswarm.node import allocator
+
+    allocator._malloc_trim.cache_clear()
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
+    try:
+        assert allocator.release_free_memory() is False
+        assert allocator.tune_allocator(1 << 20, 2).skipped == "the C library is not glibc (musl)"
+    finally:
+        allocator._malloc_trim.cache_clear()

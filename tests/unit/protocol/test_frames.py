@@ -282,9 +282,13 @@ def test_a_large_receive_buffer_is_private_memory() -> None:
     assert isinstance(buffer, mmap.mmap)
     buffer[:4] = b"ours"
     pid = os.fork()
-    if pid == 0:  # the child: write, and leave at once
-        buffer[:4] = b"kids"
-        os._exit(0)
+    if pid == 0:  # the child: write, and leave at once whatever happens
+        code = 1
+        try:
+            buffer[:4] = b"kids"
+            code = 0
+        finally:
+            os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert buffer[:4] == b"ours"
