@@ -24,6 +24,7 @@ Knows nothing about what the vectors mean, who the partner is or the network.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -31,7 +32,15 @@ from torch import Tensor
 
 from locoswarm.compression.encoded import DEFAULT_LIMITS, CorruptPayload, DecodeLimits, Encoded
 
-__all__ = ["SIQ_BITS", "siq_bytes", "siq_decode", "siq_encode", "siq_steps"]
+__all__ = [
+    "SIQ_BITS",
+    "SiqChunk",
+    "siq_bytes",
+    "siq_decode",
+    "siq_decode_chunks",
+    "siq_encode",
+    "siq_steps",
+]
 
 SIQ_BITS = (1, 2, 4, 8, 16)
 _NAME = "siq"
@@ -150,6 +159,37 @@ def siq_decode(
         CorruptPayload: Wrong codec, shape, bit width or length, a bad step, or (unless
             ``limits.allow_nonfinite``) a value that is not finite.
     """
+    values = torch.empty(side.numel(), dtype=torch.float32)
+    bad = torch.empty(_blocks(side.numel(), max(1, encoded.block_size)), dtype=torch.bool)
+    for _, _, b0, b1, _, flags in siq_decode_chunks(
+        encoded, side, limits=limits, chunk=chunk, out=values
+    ):
+        bad[b0:b1] = flags
+    return values, bad
+
+
+SiqChunk = tuple[int, int, int, int, Tensor, Tensor]
+"""(first element, end, first block, end block, the chunk's values, its blocks' failed
+checksums)."""
+
+
+def siq_decode_chunks(
+    encoded: Encoded,
+    side: Tensor,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    chunk: int = CHUNK_ELEMENTS,
+    out: Tensor | None = None,
+) -> Iterator[SiqChunk]:
+    """``siq_decode`` a chunk at a time (the same bits): the header is checked before the first
+    chunk, each chunk's values as they are decoded. Each chunk's values go into ``out``'s slice
+    (1-D fp32 of ``side``'s length; it may be ``side`` itself: a chunk of ``side`` is read before
+    its values are written), or without ``out`` into one chunk-sized buffer reused for every chunk
+    (read a chunk before taking the next).
+
+    Raises:
+        CorruptPayload: as ``siq_decode``, when the chunk that holds the fault is reached.
+    """
     name = encoded.name
     if encoded.codec != _NAME:
         raise CorruptPayload(encoded.codec, name, f"expected codec {_NAME!r}")
@@ -168,17 +208,20 @@ def siq_decode(
             name,
             f"payload is {len(encoded.payload)} bytes, expected {siq_bytes(n, bits, block_size)}",
         )
+    if out is not None and (out.shape != (n,) or out.dtype != torch.float32):
+        raise ValueError(f"siq_decode_chunks: out must be ({n},) float32")
     payload = memoryview(encoded.payload)
     raw = np.frombuffer(payload, dtype=np.int16, count=nb)
     steps = torch.from_numpy(raw.copy()).view(torch.bfloat16)
     if not bool(torch.isfinite(steps).all()) or not bool((steps > 0).all()):
         raise CorruptPayload(_NAME, name, "a block step is not a positive finite number")
     sums = np.frombuffer(payload, np.uint8, nb, 2 * nb)
-    values = torch.empty(n, dtype=torch.float32)
-    bad = torch.empty(nb, dtype=torch.bool)
+    spans = _chunks(n, block_size, chunk)
+    size = spans[0][1] - spans[0][0] if spans else 0
+    buffer = out if out is not None else torch.empty(size, dtype=torch.float32)
     modulus = float(2**bits)
     residues = 3 * nb
-    for i0, i1, b0, b1 in _chunks(n, block_size, chunk):
+    for i0, i1, b0, b1 in spans:
         data = payload[residues + i0 * bits // 8 : residues + (i1 * bits + 7) // 8]
         residue = _unpack(data, bits, i1 - i0).double()
         s = _expand(steps[b0:b1], i1 - i0, block_size)
@@ -187,14 +230,13 @@ def siq_decode(
         index = side[i0:i1].double().div_(s).sub_(residue).div_(modulus).round_()
         index.mul_(modulus).add_(residue)
         del residue
-        part = values[i0:i1]
+        part = buffer[i0:i1] if out is not None else buffer[: i1 - i0]
         part.copy_(s.mul_(index))  # index * s, rounded to float32 as it is stored
         del s
         if not limits.allow_nonfinite and not bool(torch.isfinite(part).all()):
             raise CorruptPayload(_NAME, name, "a decoded value is not finite")
         expected = torch.from_numpy(sums[b0:b1].copy())
-        bad[b0:b1] = _checksums(index, block_size) != expected
-    return values, bad
+        yield i0, i1, b0, b1, part, _checksums(index, block_size) != expected
 
 
 def _pack(residue: Tensor, bits: int) -> bytes:

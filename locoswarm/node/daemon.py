@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from locoswarm import __version__
 from locoswarm.compression.config import CODEC_CHOICES
@@ -47,6 +46,7 @@ from locoswarm.peers.reach import ProbeService
 from locoswarm.peers.records import LIBP2P, PeerStats
 from locoswarm.protocol import PeerClient, PeerServer, ProtocolConfig
 from locoswarm.protocol.server import Servicer
+from locoswarm.sync.rounds import Partner
 from locoswarm.tasks.task import TaskFactory, node_data_seed
 
 log = logging.getLogger("locoswarm.node")
@@ -151,9 +151,7 @@ class Daemon:
                 stack.callback(self.metrics.close)
                 self.info["metrics"] = f"http://{_display_host(cfg.metrics_host)}:{port}/metrics"
             health = PeerHealth(peers_cfg)
-            matchmaker: Matchmaker[list[Tensor]] = Matchmaker(
-                peers_cfg, self.peer_id, health=health
-            )
+            matchmaker: Matchmaker[Partner] = Matchmaker(peers_cfg, self.peer_id, health=health)
             protocol = _protocol_config(cfg.protocol, secret)
             bucket = protocol.make_bucket()
             handler = NodeHandler(
@@ -165,7 +163,7 @@ class Daemon:
                 match_wait_s=cfg.sync.match_deadline_s,
                 exchange_wait_s=cfg.sync.exchange_timeout_s,
                 group_size=cfg.sync.group_size,
-                decode=lambda received, names: asyncio.to_thread(outer.decode, received, names),
+                decode=lambda received: asyncio.to_thread(outer.decode, received),
                 num_peers=lambda: view.num_peers,
             )
             handler.outer_step = self.next_round

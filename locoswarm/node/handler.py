@@ -21,7 +21,7 @@ from locoswarm.node.metrics import PATHS, NodeMetrics
 from locoswarm.node.outer import OuterStep, Prepared
 from locoswarm.peers import Matchmaker, PeerHealth
 from locoswarm.protocol import Header, LocalView, Outgoing, Received, StatusInfo, bytestream
-from locoswarm.sync.rounds import compatible_rounds
+from locoswarm.sync.rounds import Partner, compatible_rounds
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Round:
     """This node's open round: its message and, as a responder, what the dialler sent."""
 
     prepared: Prepared
-    partner: asyncio.Future[list[Tensor] | None] = field(
+    partner: asyncio.Future[Partner | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     responder_peer: str | None = None
@@ -76,14 +76,14 @@ class NodeHandler:
         self,
         *,
         outer: OuterStep,
-        matchmaker: Matchmaker[list[Tensor]],
+        matchmaker: Matchmaker[Partner],
         health: PeerHealth,
         metrics: NodeMetrics,
         version: str,
         match_wait_s: float,
         exchange_wait_s: float,
         group_size: int,
-        decode: Callable[[Received, tuple[str, ...] | None], Awaitable[list[Tensor]]],
+        decode: Callable[[Received], Awaitable[Partner]],
         num_peers: Callable[[], int],
     ) -> None:
         self.outer = outer
@@ -222,7 +222,7 @@ class NodeHandler:
         if current.responder_peer != peer:
             raise PeerUnavailable(peer, "the round closed meanwhile", reason="busy")
         try:
-            tensors = await self.decode(received, None)
+            tensors = await self.decode(received)
         except ProtocolViolation as exc:
             self.health.violated(peer, asyncio.get_running_loop().time())
             if not current.partner.done():

@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ from locoswarm.errors import ProtocolViolation
 from locoswarm.node.config import NodeConfig
 from locoswarm.protocol import Header, Outgoing, Received, TensorSpec
 from locoswarm.sync import rounds
-from locoswarm.sync.robust import Clip, Clipper, own_step
+from locoswarm.sync.robust import Clip, Clipper, own_step, relative_distance
 from locoswarm.sync.round_config import RoundConfig
 from locoswarm.sync.rounds import Message, OuterState
 
@@ -147,6 +147,8 @@ class OuterStep:
         the array its view was cut from is freed, after the last view of it), a checkpoint."""
         self.in_place = 0
         """Rounds that worked in the old state's memory (tests)."""
+        self.in_place_means = 0
+        """Pair rounds whose mean was decoded into our solo result's memory (tests)."""
 
     @property
     def snapshot(self) -> tuple[int, OuterState]:
@@ -277,9 +279,20 @@ class OuterStep:
         payload = tuple(e.payload for e in message.parts)  # sent back to back, never joined
         return Outgoing(self.header(outer_step, specs, "outer"), payload)
 
-    def decode(self, received: Received, names: tuple[str, ...] | None = None) -> list[Tensor]:
+    @overload
+    def decode(self, received: Received, names: None = None) -> rounds.Partner: ...
+
+    @overload
+    def decode(self, received: Received, names: tuple[str, ...]) -> list[Tensor]: ...
+
+    def decode(
+        self, received: Received, names: tuple[str, ...] | None = None
+    ) -> rounds.Partner | list[Tensor]:
         """A partner's message for our open round (``names`` None), or a state message, checked
-        and decoded; raises ``ProtocolViolation`` (CorruptPayload) naming what was wrong."""
+        and decoded; raises ``ProtocolViolation`` (CorruptPayload) naming what was wrong. A
+        partner's side-information parts are checked (every value decoded once, and its distance
+        from ours measured) and left encoded in the received payload: ``apply`` decodes them
+        again into the pair's mean, so no decoded copy of them is held meanwhile."""
         peer = received.header.sender_id
         parts = _parts(received)
         if names is not None:
@@ -297,12 +310,11 @@ class OuterStep:
             return [decode(p, limits=self.limits) for p in parts]
         if self._current is None:
             raise ProtocolViolation(peer, "no round is open", reason="rejected")
-        partner = rounds.read(self.rc, self._current, parts, limits=self.limits)
-        got = partner.tensors
+        partner = rounds.read(self.rc, self._current, parts, limits=self.limits, defer=True)
         self.wrapped_blocks += partner.wrapped_blocks
         self.heard[peer] = received.header.outer_step
         self.tokens_of[peer] = received.header.tokens
-        return [got[name] for name in self._current.names]
+        return partner
 
     def phi_after(self, round: int, theta: Tensor) -> Tensor:
         """What the trainer gets when round ``round`` ended without an outcome (an error of
@@ -332,27 +344,46 @@ class OuterStep:
         return rounds.member_shares(weights, self.rc.max_weight_ratio)
 
     def apply(
-        self, prepared: Prepared, partner: list[Tensor], partner_id: str = ""
+        self, prepared: Prepared, partner: rounds.Partner, partner_id: str = ""
     ) -> tuple[Tensor, float | None, list[Clip]]:
-        """Finish the round with one partner's decoded message, clipped toward ours first;
-        returns the new phi, how far apart we were (``rounds.disagreement``, after clipping) and
-        each tensor's clipping. The mean weights us and the partner by the tokens each trained."""
+        """Finish the round with one partner's checked message (``decode``), clipped toward ours
+        first; returns the new phi, how far apart we were (``rounds.disagreement``, after
+        clipping) and each tensor's clipping. The mean weights us and the partner by the tokens
+        each trained."""
         msg = prepared.message
-        # The decoded message is ours: a clipped tensor is computed in its own memory.
-        theirs, clips = self.clipper.clip(
-            msg.own, dict(zip(msg.names, partner, strict=True)), step=prepared.step, reuse=True
-        )
+        weights: dict[str, float] = {}
+        clips: list[Clip] = []
+        for name in msg.names:
+            if name in partner.tensors:
+                d = relative_distance(msg.own[name], partner.tensors[name])
+            else:
+                d = partner.distances[name]
+            clip = self.clipper.judge(name, d, prepared.step)
+            clips.append(clip)
+            if clip.clipped:
+                weights[name] = clip.weight
         shares = self.shares([self.peer_id, partner_id])
         pair = None if shares is None else (shares[0], shares[1])
-        # The decoded message is ours to reuse: the means are computed in it, and (once the
-        # disagreement is read from them) noloco's new delta is computed in the means.
-        means = rounds.pair_mean_into(msg.own, theirs, pair)
         spread = rounds.spread_of(shares, 0)
-        distance = rounds.disagreement(msg, means, spread)
         with self._lock:  # no new reader until the new state is in
             # Unread: nobody holds the state (nor the solo result swapped in at prepare, whose
             # tensors are the message's).
             unread = not self._leases
+            # The decoded message is ours to reuse: the means are computed in it (a clipped
+            # tensor first in its own memory); a deferred part is decoded into its mean, in our
+            # solo result's memory when nobody reads it.
+            into = rounds.destinations(self.rc, msg) if unread else {}
+            try:
+                means = rounds.pair_means(
+                    msg, partner, pair, weights, into=into, limits=self.limits
+                )
+            except BaseException:
+                if into:  # our solo result may be half overwritten
+                    self._lose_solo_result(msg, "the pair's mean")
+                raise
+            # Once the disagreement is read from the means, noloco's new delta is computed in
+            # them.
+            distance = rounds.disagreement(msg, means, spread)
             try:
                 new = rounds.combine(
                     self.rc,
@@ -369,7 +400,20 @@ class OuterStep:
                     self._drop_momentum(msg.round, "the update")
                 raise
             self.in_place += unread and self.mode == "noloco"
+            self.in_place_means += bool(into)
             return self._commit(prepared, new), distance, clips
+
+    def _lose_solo_result(self, msg: Message, what: str) -> None:
+        """After a failure while the pair's mean was being written over our solo result (the
+        lock is held): the outer weights become our own entry of the mean (our proposal as the
+        partner reconstructs it, within the lattice's rounding of it) and the momentum starts
+        afresh, rather than keep half of either."""
+        log.warning("round %d: %s failed; keeping our quantized proposal", msg.round, what)
+        own = msg.own.get("proposal")
+        state = self.state
+        phi = own.clone() if own is not None else state.phi
+        self._snapshot = (self.next_round, dataclasses.replace(state, phi=phi, momentum=None))
+        self._current = None
 
     def group_vector(self, prepared: Prepared) -> Tensor:
         """Our entry of a group's mean, flat (every named tensor, in message order)."""

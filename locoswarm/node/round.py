@@ -38,6 +38,7 @@ from locoswarm.protocol.bytestream import StreamRoute
 from locoswarm.protocol.frames import payload_bytes
 from locoswarm.protocol.reasons import REASONS
 from locoswarm.sync.robust import ATTACKS, Clip, poison
+from locoswarm.sync.rounds import Partner
 
 log = logging.getLogger("locoswarm.node")
 
@@ -45,7 +46,7 @@ REFUSALS = ("busy", "stale_round", "shutting_down", "relay_budget")
 """Reasons a peer declines an exchange without anything being wrong: no backoff."""
 
 Result = Literal["ok", "solo", "failed", "error"]
-Propose = Callable[[str, int], Awaitable[list[Tensor] | None]]
+Propose = Callable[[str, int], Awaitable[Partner | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,7 @@ class _Attempt:
     current: Round
     failed: bool = False
     """An exchange was accepted or attempted and then failed (not refused)."""
-    partner: list[Tensor] | None = None
+    partner: Partner | None = None
     partner_id: str = ""
     mean: Tensor | None = None
     result: Result = "solo"
@@ -101,7 +102,7 @@ class RoundRunner:
         peer_id: str,
         outer: OuterStep,
         handler: NodeHandler,
-        matchmaker: Matchmaker[list[Tensor]],
+        matchmaker: Matchmaker[Partner],
         view: SwarmView,
         client: PeerClient,
         record: PeerRecord,
@@ -248,7 +249,7 @@ class RoundRunner:
     def _join_proposer(self, attempt: _Attempt) -> Propose:
         """Group proposals: an Exchange of kind ``join`` without tensors."""
 
-        async def propose(peer: str, outer_step: int) -> list[Tensor] | None:
+        async def propose(peer: str, outer_step: int) -> Partner | None:
             route = self.route(peer)
             if route is None:
                 return None
@@ -266,7 +267,7 @@ class RoundRunner:
                     return None
                 attempt.failed = True
                 raise
-            return []
+            return Partner({})  # accepted: a group exchanges no tensors here
 
         return propose
 
@@ -274,15 +275,15 @@ class RoundRunner:
         """Pair proposals: our message; the partner's comes back checked and decoded."""
         outer = self.outer
 
-        async def propose(peer: str, outer_step: int) -> list[Tensor] | None:
+        async def propose(peer: str, outer_step: int) -> Partner | None:
             route = self.route(peer)
             if route is None:
                 return None
-            decoded: list[list[Tensor]] = []
+            decoded: list[Partner] = []
 
             async def check(received: Received) -> None:
                 try:
-                    decoded.append(await asyncio.to_thread(outer.decode, received, None))
+                    decoded.append(await asyncio.to_thread(outer.decode, received))
                 except ProtocolViolation as exc:
                     raise ProtocolViolation(
                         peer, f"payload did not decode: {exc}", reason="rejected"
@@ -309,7 +310,7 @@ class RoundRunner:
         return propose
 
     async def _group_step(
-        self, match: Match[list[Tensor]], current: Round, prepared: Prepared
+        self, match: Match[Partner], current: Round, prepared: Prepared
     ) -> Tensor:
         """Leader: send the roster; member: wait for it. Then average over the group."""
         sync, outer = self.config.sync, self.outer

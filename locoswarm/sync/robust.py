@@ -34,9 +34,20 @@ from torch import Tensor
 
 from locoswarm.sync.round_config import RoundConfig
 
-__all__ = ["ATTACKS", "Clip", "Clipper", "own_step", "poison", "relative_distance"]
+__all__ = [
+    "ATTACKS",
+    "DISTANCE_CHUNK",
+    "Clip",
+    "Clipper",
+    "Distance",
+    "lerp_into",
+    "own_step",
+    "poison",
+    "relative_distance",
+]
 
 _CHUNK = 1 << 16
+DISTANCE_CHUNK = _CHUNK
 """Distances are summed this many elements at a time: no model-sized temporary (at 2^20 the
 float64 temporaries of two chunks, 32 MB, were alive at once: measured at a node's peak)."""
 
@@ -57,18 +68,41 @@ class Clip:
     """Far beyond the threshold (``clip_violation`` times it): what counts toward a ban. A
     partner just past the threshold is clipped but not blamed (honest distances vary)."""
 
+    @property
+    def weight(self) -> float:
+        """How far toward the partner's tensor a clipped one goes from ours (``torch.lerp``'s
+        weight): ``threshold / distance``; 1 when not clipped."""
+        return self.threshold / self.distance if self.clipped else 1.0
+
 
 def relative_distance(ours: Tensor, theirs: Tensor) -> float:
     """``|theirs - ours| / |ours|``, in float64, a chunk at a time (nan when ``|ours|`` is 0)."""
     a, b = ours.reshape(-1), theirs.reshape(-1)
-    diff = norm = 0.0
+    total = Distance()
     for i0 in range(0, a.numel(), _CHUNK):
+        total.add(a[i0 : i0 + _CHUNK], b[i0 : i0 + _CHUNK])
+    return total.value
+
+
+class Distance:
+    """``relative_distance`` summed a chunk at a time by its caller: fed the chunks of
+    ``relative_distance``'s (``DISTANCE_CHUNK`` elements from the start, in order), the same
+    bits."""
+
+    def __init__(self) -> None:
+        self.diff = 0.0
+        self.norm = 0.0
+
+    def add(self, ours: Tensor, theirs: Tensor) -> None:
         # Two float64 temporaries per chunk, squared in place: the same sums as
         # ``(y - x).square().sum()`` and ``x.square().sum()``.
-        x, y = a[i0 : i0 + _CHUNK].double(), b[i0 : i0 + _CHUNK].double()
-        diff += float(y.sub_(x).square_().sum())
-        norm += float(x.square_().sum())
-    return math.sqrt(diff / norm) if norm > 0 else math.nan
+        x, y = ours.double(), theirs.double()
+        self.diff += float(y.sub_(x).square_().sum())
+        self.norm += float(x.square_().sum())
+
+    @property
+    def value(self) -> float:
+        return math.sqrt(self.diff / self.norm) if self.norm > 0 else math.nan
 
 
 class Clipper:
@@ -111,26 +145,31 @@ class Clipper:
             step = own_step(own, phi)
         for name, t in theirs.items():
             ours = own[name]
-            d = relative_distance(ours, t)
-            if not self.cfg.clip or math.isnan(d):
-                clips.append(Clip(name, d, math.inf, False))
-                continue
-            tau = self.threshold(name, step if name in WEIGHTS else None)
-            known = len(self._seen.get(name, ())) >= self.cfg.clip_warmup
-            clipped = d > tau
-            if clipped:
-                out[name] = _lerp_into(ours, t, tau / d) if reuse else torch.lerp(ours, t, tau / d)
-            # A clipped distance counts as the threshold: a bad partner cannot drag the median
-            # up, while a swarm whose honest distances grow moves it up within half a window.
-            seen = self._seen.setdefault(name, deque(maxlen=self.cfg.clip_window))
-            seen.append(min(d, tau))
-            # Before the median is known, blame against clip_initial only: a late joiner's first
-            # exchanges (weights of another round) are clipped to our own step's scale, but not
-            # held against it.
-            blame_at = tau if known else self.cfg.clip_initial
-            violation = d > self.cfg.clip_violation * blame_at
-            clips.append(Clip(name, d, tau, clipped, violation))
+            clip = self.judge(name, relative_distance(ours, t), step)
+            clips.append(clip)
+            if clip.clipped:
+                weight = clip.weight
+                out[name] = lerp_into(ours, t, weight) if reuse else torch.lerp(ours, t, weight)
         return out, clips
+
+    def judge(self, name: str, d: float, step: float | None) -> Clip:
+        """The clipping of a partner's ``name`` that lies ``d`` (``relative_distance``) from
+        ours; remembers the distance. ``step``: ``own_step`` of our message."""
+        if not self.cfg.clip or math.isnan(d):
+            return Clip(name, d, math.inf, False)
+        tau = self.threshold(name, step if name in WEIGHTS else None)
+        known = len(self._seen.get(name, ())) >= self.cfg.clip_warmup
+        clipped = d > tau
+        # A clipped distance counts as the threshold: a bad partner cannot drag the median
+        # up, while a swarm whose honest distances grow moves it up within half a window.
+        seen = self._seen.setdefault(name, deque(maxlen=self.cfg.clip_window))
+        seen.append(min(d, tau))
+        # Before the median is known, blame against clip_initial only: a late joiner's first
+        # exchanges (weights of another round) are clipped to our own step's scale, but not
+        # held against it.
+        blame_at = tau if known else self.cfg.clip_initial
+        violation = d > self.cfg.clip_violation * blame_at
+        return Clip(name, d, tau, clipped, violation)
 
     def state(self) -> dict[str, list[float]]:
         """The remembered distances (checkpoints)."""
@@ -143,7 +182,7 @@ class Clipper:
         }
 
 
-def _lerp_into(ours: Tensor, theirs: Tensor, weight: float) -> Tensor:
+def lerp_into(ours: Tensor, theirs: Tensor, weight: float) -> Tensor:
     """``torch.lerp(ours, theirs, weight)`` written into ``theirs``, a chunk at a time: the same
     kernel on the same operands, element by element, so the same bits, and no new tensor."""
     if not theirs.is_contiguous() or theirs.shape != ours.shape:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -50,10 +50,10 @@ from locoswarm.compression.encoded import (
     check_finite,
     flatten_input,
 )
-from locoswarm.compression.sideinfo import siq_decode, siq_encode, siq_steps
+from locoswarm.compression.sideinfo import siq_decode, siq_decode_chunks, siq_encode, siq_steps
 from locoswarm.sync.diloco import group_mean
 from locoswarm.sync.noloco import noloco_step_from_means
-from locoswarm.sync.robust import relative_distance
+from locoswarm.sync.robust import DISTANCE_CHUNK, Distance, lerp_into, relative_distance
 from locoswarm.sync.round_config import RoundConfig
 
 __all__ = [
@@ -64,12 +64,14 @@ __all__ = [
     "alone",
     "combine",
     "compatible_rounds",
+    "destinations",
     "disagreement",
     "fp32_part",
     "member_mean",
     "member_shares",
     "message_names",
     "pair_mean_into",
+    "pair_means",
     "prepare",
     "read",
     "spread_of",
@@ -331,6 +333,13 @@ class Partner:
     wrapped_blocks: int = 0
     """Side-information blocks whose checksum failed (our vector was out of the lattice's
     reach there)."""
+    deferred: dict[str, Encoded] = field(default_factory=dict)
+    """By name: side-information parts checked (every value decoded once) but not kept decoded
+    (``read(defer=True)``); ``pair_means`` decodes them again, a chunk at a time, into the
+    pair's mean."""
+    distances: dict[str, float] = field(default_factory=dict)
+    """By name, for the deferred parts: ``relative_distance(ours, theirs)``, what clipping
+    judges, summed as they were checked."""
 
 
 def read(
@@ -339,8 +348,11 @@ def read(
     parts: Sequence[Encoded],
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
+    defer: bool = False,
 ) -> Partner:
-    """A partner's message for the same round, checked and decoded.
+    """A partner's message for the same round, checked and decoded. ``defer``: side-information
+    parts are checked and measured a chunk at a time and left encoded (``Partner.deferred``), so
+    no decoded copy of them is held until ``pair_means`` forms the mean.
 
     Raises:
         CorruptPayload: Wrong tensor names or shapes, or a malformed part.
@@ -351,6 +363,8 @@ def read(
             "message", ",".join(names)[:80], f"holds {list(names)}, expected {list(msg.names)}"
         )
     out: dict[str, Tensor] = {}
+    deferred: dict[str, Encoded] = {}
+    distances: dict[str, float] = {}
     wrapped = 0
     for part in parts:
         ours = msg.own[part.name]
@@ -358,7 +372,14 @@ def read(
             raise CorruptPayload(
                 part.codec, part.name, f"shape {part.shape}, ours {tuple(ours.shape)}"
             )
-        if part.name in msg.side:
+        if part.name in msg.side and defer and _chunked(part):
+            distance = Distance()
+            for i0, i1, values, bad in _siq_chunks(part, msg, limits):
+                wrapped += int(bad.sum())
+                distance.add(ours[i0:i1], values)
+            deferred[part.name] = part
+            distances[part.name] = distance.value
+        elif part.name in msg.side:
             values, bad = siq_decode(part, msg.side[part.name], limits=limits)
             if bool(bad.any()):
                 wrapped += int(bad.sum())
@@ -369,7 +390,98 @@ def read(
             if part.codec == "siq":
                 raise CorruptPayload(part.codec, part.name, "side-information part not expected")
             out[part.name] = decode(part, limits=limits)
-    return Partner(out, wrapped)
+    return Partner(out, wrapped, deferred, distances)
+
+
+def _chunked(part: Encoded) -> bool:
+    """Whether ``part``'s decoding chunks are ``relative_distance``'s (so a distance summed over
+    them is the same bits)."""
+    block = part.block_size
+    return 1 <= block <= DISTANCE_CHUNK and DISTANCE_CHUNK % math.lcm(block, 8) == 0
+
+
+def _siq_chunks(
+    part: Encoded, msg: Message, limits: DecodeLimits, out: Tensor | None = None
+) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """A side-information part decoded a chunk at a time against our vector, each chunk's blocks
+    that failed their checksum replaced by our own entry: (start, end, values, failed blocks)."""
+    ours = msg.own[part.name].reshape(-1)
+    for i0, i1, _, _, values, bad in siq_decode_chunks(
+        part, msg.side[part.name], limits=limits, chunk=DISTANCE_CHUNK, out=out
+    ):
+        if bool(bad.any()):
+            mask = bad.repeat_interleave(part.block_size)[: i1 - i0]
+            torch.where(mask, ours[i0:i1], values, out=values)
+        yield i0, i1, values, bad
+
+
+def destinations(cfg: RoundConfig, msg: Message) -> dict[str, Tensor]:
+    """Round temporaries that a pair's mean may be formed in (``pair_means``' ``into``), by
+    message tensor: our solo result (proposal and momentum), which the round's result replaces;
+    each is read, a chunk at a time, before the mean is written there. Only where ``combine``
+    reads nothing else of it afterwards: not for a rotated ef round (it keeps our own step
+    outside the covered blocks) nor where the proposal is the value ef sent (its residual is
+    computed from it). The caller gives them up only while no reader holds the state."""
+    out: dict[str, Tensor] = {}
+    if cfg.mode == "noloco" or msg.index is not None:
+        return out
+    for name, t in (("proposal", msg.proposal), ("momentum", msg.momentum)):
+        if name not in msg.side or t is None or not t.is_contiguous() or t.dtype != torch.float32:
+            continue
+        if cfg.mode == "ef" and (
+            msg.sent is None or _shares_memory(msg.sent, t) or name != "proposal"
+        ):
+            continue
+        if any(_shares_memory(t, own) for own in msg.own.values()):
+            continue
+        out[name] = t
+    return out
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def pair_means(
+    msg: Message,
+    partner: Partner,
+    shares: tuple[float, float] | None = None,
+    weights: Mapping[str, float] | None = None,
+    *,
+    into: Mapping[str, Tensor] | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> dict[str, Tensor]:
+    """The pair's mean of every message tensor, ours and the partner's clipped toward ours
+    (``weights``: ``torch.lerp``'s weight of each clipped tensor, ``Clip.weight``), the same bits
+    as ``pair_mean_into(msg.own, clipped)``. Decoded tensors are used up (the mean is computed in
+    them); a deferred part is decoded again a chunk at a time straight into its mean, in
+    ``into``'s tensor of that name (given up by the caller, ``destinations``) or a new one."""
+    weights = weights or {}
+    means: dict[str, Tensor] = {}
+    for name in msg.names:
+        own = msg.own[name]
+        weight = weights.get(name, 1.0)
+        if name in partner.tensors:
+            t = partner.tensors[name]
+            if weight != 1.0:
+                t = lerp_into(own, t, weight)
+            means.update(pair_mean_into(msg.own, {name: t}, shares))
+            continue
+        part = partner.deferred[name]
+        dest = (into or {}).get(name)
+        if dest is None:
+            dest = torch.empty(own.numel(), dtype=torch.float32)
+        mine = own.reshape(-1)
+        for i0, i1, values, _ in _siq_chunks(part, msg, limits, out=dest.view(-1)):
+            ours = mine[i0:i1]
+            if weight != 1.0:
+                torch.lerp(ours, values, weight, out=values)
+            if shares is None:
+                values.add_(ours).div_(2)
+            else:
+                values.mul_(shares[1]).add_(ours * shares[0])
+        means[name] = dest.view(own.shape)
+    return means
 
 
 def member_shares(weights: Sequence[float], max_ratio: float) -> list[float] | None:

@@ -16,6 +16,7 @@ from locoswarm.node.metrics import NodeMetrics
 from locoswarm.node.outer import OuterStep
 from locoswarm.peers import Matchmaker, PeerHealth, PeersConfig
 from locoswarm.protocol import Header, Received
+from locoswarm.sync.rounds import Partner
 
 
 def _handler() -> NodeHandler:
@@ -26,8 +27,8 @@ def _handler() -> NodeHandler:
     peers = PeersConfig(run_id=config.run_id, group_size=4)
     health = PeerHealth(peers)
 
-    async def decode(received: Received, names: tuple[str, ...] | None) -> list[torch.Tensor]:
-        return outer.decode(received, names)
+    async def decode(received: Received) -> Partner:
+        return outer.decode(received)
 
     handler = NodeHandler(
         outer=outer,

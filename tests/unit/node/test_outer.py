@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from locoswarm.compression.encoded import CorruptPayload
 from locoswarm.errors import ProtocolViolation
 from locoswarm.node.config import load_config
 from locoswarm.node.outer import OuterStep, Prepared
@@ -66,6 +67,10 @@ def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
         # noloco from the first round (its delta then is zeros made for it); diloco and ef from
         # the second (the first starts without a momentum).
         assert a.in_place == (r + 1 if mode == "noloco" else r)
+        # diloco's mean is decoded into its solo result from the first round; ef's from the
+        # second (before, nothing is owed and the proposal is the value sent, which its residual
+        # is computed from).
+        assert a.in_place_means == {"noloco": 0, "diloco": r + 1, "ef": r}[mode]
         # The disagreement: how far the weights each side sent were apart, relative to ours.
         name = "phi" if "phi" in msg_a.own else msg_a.names[0]
         ours, other = msg_a.own[name], msg_b.own[name]
@@ -77,6 +82,30 @@ def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
             assert torch.equal(phi_a, phi_b)
     assert not torch.equal(a.phi, start.phi)
     assert a.wrapped_blocks == b.wrapped_blocks == 0
+
+
+def test_a_payload_changed_after_its_check_leaves_a_whole_state() -> None:
+    """The pair's mean is decoded into our solo result; when that fails part way (the payload
+    was checked, so only a fault of ours can), the state is our quantized proposal and a fresh
+    momentum, not half of each."""
+    a, b = _pair("diloco")
+    for r in range(2):  # the second round has a momentum to share
+        pa, pb = a.prepare(r, a.phi - _randn(80 + r, 0.01)), b.prepare(r, b.phi - _randn(90 + r))
+        wire = _wire(pb)
+        payload = bytearray(wire.payload)
+        partner = a.decode(Received(wire.header, payload))
+        if r == 0:
+            a.apply(pa, partner)
+            b.apply(pb, b.decode(_wire(pa)))
+    assert partner.deferred  # the proposal and the momentum, left encoded
+    # The proposal's first block step (bfloat16) becomes a NaN after the check.
+    payload[0:2] = b"\xc0\x7f"
+    with pytest.raises(CorruptPayload, match="step"):
+        a.apply(pa, partner)
+    assert torch.equal(a.phi, pa.message.own["proposal"])
+    assert a.phi.data_ptr() != pa.message.own["proposal"].data_ptr()
+    assert a.momentum is None
+    assert a.snapshot[0] == 2
 
 
 def test_solo_is_the_rounds_alone_step() -> None:
