@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -88,6 +89,7 @@ def _chunks(n: int, block_size: int, chunk: int) -> list[tuple[int, int, int, in
     ]
 
 
+@overload
 def siq_encode(
     v: Tensor,
     steps: Tensor,
@@ -96,11 +98,51 @@ def siq_encode(
     block_size: int,
     name: str = "",
     chunk: int = CHUNK_ELEMENTS,
-) -> tuple[Encoded, Tensor]:
+    keep_hat: Literal[True] = True,
+) -> tuple[Encoded, Tensor]: ...
+
+
+@overload
+def siq_encode(
+    v: Tensor,
+    steps: Tensor,
+    *,
+    bits: int,
+    block_size: int,
+    name: str = "",
+    chunk: int = CHUNK_ELEMENTS,
+    keep_hat: Literal[False],
+) -> tuple[Encoded, None]: ...
+
+
+@overload
+def siq_encode(
+    v: Tensor,
+    steps: Tensor,
+    *,
+    bits: int,
+    block_size: int,
+    name: str = "",
+    chunk: int = CHUNK_ELEMENTS,
+    keep_hat: bool,
+) -> tuple[Encoded, Tensor | None]: ...
+
+
+def siq_encode(
+    v: Tensor,
+    steps: Tensor,
+    *,
+    bits: int,
+    block_size: int,
+    name: str = "",
+    chunk: int = CHUNK_ELEMENTS,
+    keep_hat: bool = True,
+) -> tuple[Encoded, Tensor | None]:
     """``v`` (1-D fp32) on the lattice of ``steps`` (bfloat16, one per block).
 
-    Returns the message and ``v_hat``, the lattice point a receiver reconstructs (fp32). Works
-    ``chunk`` elements at a time into a payload allocated once.
+    Returns the message and ``v_hat``, the lattice point a receiver reconstructs (fp32), or None
+    with ``keep_hat`` False (``siq_decode`` of the message against ``v`` itself gives it back,
+    the same bits). Works ``chunk`` elements at a time into a payload allocated once.
     """
     if bits not in SIQ_BITS:
         raise ValueError(f"siq bits must be one of {SIQ_BITS}, got {bits}")
@@ -108,7 +150,7 @@ def siq_encode(
     nb = _blocks(n, block_size)
     payload = bytearray(siq_bytes(n, bits, block_size))
     payload[: 2 * nb] = steps.contiguous().view(torch.int16).numpy().tobytes()
-    v_hat = torch.empty(n, dtype=torch.float32)
+    v_hat = torch.empty(n, dtype=torch.float32) if keep_hat else None
     residues = 3 * nb
     for i0, i1, b0, b1 in _chunks(n, block_size, chunk):
         part = v[i0:i1]
@@ -117,7 +159,8 @@ def siq_encode(
         s = _expand(steps[b0:b1], i1 - i0, block_size)
         # floor(v / s + 0.5), each operation in place on one float64 temporary
         index = part.double().div_(s).add_(0.5).floor_()
-        v_hat[i0:i1] = s.mul_(index)  # index * s, rounded to float32 as it is stored
+        if v_hat is not None:
+            v_hat[i0:i1] = s.mul_(index)  # index * s, rounded to float32 as it is stored
         del s
         payload[2 * nb + b0 : 2 * nb + b1] = _checksums(index, block_size).numpy().tobytes()
         packed = _pack(torch.remainder(index, 2**bits).to(torch.int64), bits)

@@ -28,7 +28,7 @@ from locoswarm.errors import ProtocolViolation
 from locoswarm.node.config import NodeConfig
 from locoswarm.protocol import Header, Outgoing, Received, TensorSpec
 from locoswarm.sync import rounds
-from locoswarm.sync.robust import Clip, Clipper, own_step, relative_distance
+from locoswarm.sync.robust import Clip, Clipper, relative_distance
 from locoswarm.sync.round_config import RoundConfig
 from locoswarm.sync.rounds import Message, OuterState
 
@@ -254,8 +254,12 @@ class OuterStep:
                 and all_finite(theta)  # a theta that fails the message's checks leaves no trace
             )
             sent = None if bad is None else rounds.prepare(self.rc, start, bad, round=outer_step)
+            pair = self.config.sync.group_size <= 2  # groups average by reduce-scatter
             try:
-                message = rounds.prepare(self.rc, start, theta, round=outer_step, in_place=in_place)
+                # A pair's round reads our own entries a chunk at a time (``apply``): not kept.
+                message = rounds.prepare(
+                    self.rc, start, theta, round=outer_step, in_place=in_place, keep_own=not pair
+                )
             except BaseException:
                 if in_place:  # the old momentum may be half overwritten
                     self._drop_momentum(outer_step, "prepare")
@@ -263,8 +267,8 @@ class OuterStep:
             if self.mode != "noloco":  # our solo result costs nothing: the message's tensors
                 self._snapshot = (outer_step + 1, rounds.alone(self.rc, start, message))
             self.in_place += in_place
-        pair = self.config.sync.group_size <= 2  # groups average by reduce-scatter: no clipping
-        step = own_step(message.own, start.phi) if self.rc.clip and pair else None
+        # Groups are not clipped.
+        step = rounds.own_step(message, start.phi) if self.rc.clip and pair else None
         finish = start
         if message.proposal is not None and not (self.mode == "ef" and self.rc.design == "pull"):
             finish = dataclasses.replace(start, phi=message.proposal)  # the old phi is not read
@@ -374,16 +378,29 @@ class OuterStep:
             # solo result's memory when nobody reads it.
             into = rounds.destinations(self.rc, msg) if unread else {}
             try:
-                means = rounds.pair_means(
-                    msg, partner, pair, weights, into=into, limits=self.limits
+                means, against = rounds.pair_means(
+                    self.rc,
+                    prepared.state,
+                    msg,
+                    partner,
+                    pair,
+                    weights,
+                    into=into,
+                    reuse_message=unread,
+                    limits=self.limits,
                 )
             except BaseException:
-                if into:  # our solo result may be half overwritten
-                    self._lose_solo_result(msg, "the pair's mean")
+                if into:
+                    # Our solo result holds the pair's mean in the chunks written so far and our
+                    # own step in the others (each written whole): a state, if a mixed one.
+                    log.warning(
+                        "round %d: the pair's mean failed part way; keeping what was written",
+                        msg.round,
+                    )
                 raise
             # Once the disagreement is read from the means, noloco's new delta is computed in
             # them.
-            distance = rounds.disagreement(msg, means, spread)
+            distance = rounds.disagreement(msg, means, spread, against)
             try:
                 new = rounds.combine(
                     self.rc,
@@ -394,6 +411,7 @@ class OuterStep:
                     reuse_message=unread,
                     reuse_state=unread,
                     spread=spread,
+                    against=against,
                 )
             except BaseException:
                 if unread and self.mode == "noloco":  # the old delta may be half overwritten
@@ -402,18 +420,6 @@ class OuterStep:
             self.in_place += unread and self.mode == "noloco"
             self.in_place_means += bool(into)
             return self._commit(prepared, new), distance, clips
-
-    def _lose_solo_result(self, msg: Message, what: str) -> None:
-        """After a failure while the pair's mean was being written over our solo result (the
-        lock is held): the outer weights become our own entry of the mean (our proposal as the
-        partner reconstructs it, within the lattice's rounding of it) and the momentum starts
-        afresh, rather than keep half of either."""
-        log.warning("round %d: %s failed; keeping our quantized proposal", msg.round, what)
-        own = msg.own.get("proposal")
-        state = self.state
-        phi = own.clone() if own is not None else state.phi
-        self._snapshot = (self.next_round, dataclasses.replace(state, phi=phi, momentum=None))
-        self._current = None
 
     def group_vector(self, prepared: Prepared) -> Tensor:
         """Our entry of a group's mean, flat (every named tensor, in message order)."""

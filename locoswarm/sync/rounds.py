@@ -57,6 +57,7 @@ from locoswarm.sync.robust import DISTANCE_CHUNK, Distance, lerp_into, relative_
 from locoswarm.sync.round_config import RoundConfig
 
 __all__ = [
+    "Against",
     "Message",
     "OuterState",
     "Partner",
@@ -70,6 +71,8 @@ __all__ = [
     "member_mean",
     "member_shares",
     "message_names",
+    "own_chunks",
+    "own_step",
     "pair_mean_into",
     "pair_means",
     "prepare",
@@ -237,13 +240,24 @@ def _nesterov(
 
 
 def prepare(
-    cfg: RoundConfig, state: OuterState, theta: Tensor, *, round: int, in_place: bool = False
+    cfg: RoundConfig,
+    state: OuterState,
+    theta: Tensor,
+    *,
+    round: int,
+    in_place: bool = False,
+    keep_own: bool = True,
 ) -> Message:
     """Our message for ``round`` from the fast weights ``theta`` (CPU work).
 
     ``in_place`` (diloco, ef): nobody reads ``state``'s momentum after this call (the caller
     swaps in ``alone(cfg, state, msg)`` at once and holds off the state's other readers): the
-    new momentum is computed in the old one's memory. The same message either way."""
+    new momentum is computed in the old one's memory. The same message either way.
+
+    ``keep_own`` False (a pair's round that finishes with ``read(defer=True)`` and
+    ``pair_means``): our own entry of a side-information part is not kept in ``own``; whoever
+    needs it reads it a chunk at a time (``own_chunks``), decoded from our own part."""
+    lazy = not keep_own and _aligned(cfg.block_size)
     if cfg.mode == "noloco":
         delta = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
         parts = [fp32_part(theta, "theta")]
@@ -257,7 +271,7 @@ def prepare(
         side: dict[str, Tensor] = {}
         parts, own = [fp32_part(proposal, "proposal")], {"proposal": proposal}
         if cfg.bits != 32:
-            parts, own, side = _siq_part(cfg, "proposal", proposal, state, cfg.bits)
+            parts, own, side = _siq_part(cfg, "proposal", proposal, state, cfg.bits, lazy)
         if cfg.share_momentum:
             if cfg.momentum_bits == 32:
                 parts.append(fp32_part(momentum, "momentum"))
@@ -279,9 +293,12 @@ def prepare(
                     bits=cfg.momentum_bits,
                     block_size=cfg.block_size,
                     name="momentum",
+                    keep_hat=not lazy,
                 )
                 parts.append(enc)
-                own["momentum"], side["momentum"] = hat, momentum
+                side["momentum"] = momentum
+                if hat is not None:
+                    own["momentum"] = hat
         return Message(round, tuple(parts), own, side, proposal, momentum)
     # ef
     owed = state.residual if (state.residual is not None and cfg.error_feedback) else None
@@ -294,11 +311,11 @@ def prepare(
         return Message(round, (enc,), {"step": hat}, {}, proposal, momentum, value)
     value = proposal if owed is None else proposal + owed
     if cfg.design == "pull":
-        parts, own, side = _siq_part(cfg, "proposal", value, state, 16)
+        parts, own, side = _siq_part(cfg, "proposal", value, state, 16, lazy)
         return Message(round, tuple(parts), own, side, proposal, momentum, value)
     index = _selected(cfg, value.numel(), round)
     if index is None:
-        parts, own, side = _siq_part(cfg, "proposal", value, state, cfg.bits)
+        parts, own, side = _siq_part(cfg, "proposal", value, state, cfg.bits, lazy)
     else:
         view = OuterState(
             phi=state.phi[index],
@@ -312,13 +329,18 @@ def prepare(
 
 
 def _siq_part(
-    cfg: RoundConfig, name: str, value: Tensor, state: OuterState, bits: int
+    cfg: RoundConfig, name: str, value: Tensor, state: OuterState, bits: int, lazy: bool = False
 ) -> tuple[list[Encoded], dict[str, Tensor], dict[str, Tensor]]:
     bound = 2 * _block_max(value, cfg.block_size, minus=state.phi)
     if state.bound is not None and state.bound.shape == bound.shape:
         bound = torch.maximum(bound, state.bound)
     margin = cfg.effective_margin if bits == cfg.bits else 16.0
     steps = siq_steps(bound, bits, margin)
+    if lazy:
+        enc, _ = siq_encode(
+            value, steps, bits=bits, block_size=cfg.block_size, name=name, keep_hat=False
+        )
+        return [enc], {}, {name: value}
     enc, hat = siq_encode(value, steps, bits=bits, block_size=cfg.block_size, name=name)
     return [enc], {name: hat}, {name: value}
 
@@ -367,19 +389,26 @@ def read(
     distances: dict[str, float] = {}
     wrapped = 0
     for part in parts:
-        ours = msg.own[part.name]
-        if part.shape != tuple(ours.shape):
+        ours_part = _part(msg, part.name)
+        if part.shape != ours_part.shape:
             raise CorruptPayload(
-                part.codec, part.name, f"shape {part.shape}, ours {tuple(ours.shape)}"
+                part.codec, part.name, f"shape {part.shape}, ours {ours_part.shape}"
             )
-        if part.name in msg.side and defer and _chunked(part):
+        lazy = part.name not in msg.own
+        if lazy and part.block_size != ours_part.block_size:
+            raise CorruptPayload(
+                part.codec, part.name, f"block size {part.block_size}, ours {ours_part.block_size}"
+            )
+        if part.name in msg.side and (lazy or defer) and _chunked(part):
             distance = Distance()
-            for i0, i1, values, bad in _siq_chunks(part, msg, limits):
+            for _, _, theirs, mine, bad in _pair_chunks(part, msg, limits):
                 wrapped += int(bad.sum())
-                distance.add(ours[i0:i1], values)
+                distance.add(mine, theirs)
             deferred[part.name] = part
             distances[part.name] = distance.value
-        elif part.name in msg.side:
+            continue
+        ours = msg.own[part.name]
+        if part.name in msg.side:
             values, bad = siq_decode(part, msg.side[part.name], limits=limits)
             if bool(bad.any()):
                 wrapped += int(bad.sum())
@@ -396,23 +425,67 @@ def read(
 def _chunked(part: Encoded) -> bool:
     """Whether ``part``'s decoding chunks are ``relative_distance``'s (so a distance summed over
     them is the same bits)."""
-    block = part.block_size
-    return 1 <= block <= DISTANCE_CHUNK and DISTANCE_CHUNK % math.lcm(block, 8) == 0
+    return 1 <= part.block_size <= DISTANCE_CHUNK and _aligned(part.block_size)
 
 
-def _siq_chunks(
-    part: Encoded, msg: Message, limits: DecodeLimits, out: Tensor | None = None
-) -> Iterator[tuple[int, int, Tensor, Tensor]]:
-    """A side-information part decoded a chunk at a time against our vector, each chunk's blocks
-    that failed their checksum replaced by our own entry: (start, end, values, failed blocks)."""
-    ours = msg.own[part.name].reshape(-1)
-    for i0, i1, _, _, values, bad in siq_decode_chunks(
-        part, msg.side[part.name], limits=limits, chunk=DISTANCE_CHUNK, out=out
+def _aligned(block_size: int) -> bool:
+    return DISTANCE_CHUNK % math.lcm(block_size, 8) == 0
+
+
+def _part(msg: Message, name: str) -> Encoded:
+    return next(p for p in msg.parts if p.name == name)
+
+
+def own_chunks(msg: Message, name: str) -> Iterator[tuple[int, int, Tensor]]:
+    """Our own entry of ``name`` (what partners reconstruct of it), ``DISTANCE_CHUNK`` elements
+    at a time: slices of ``msg.own[name]``, or where the message does not keep it
+    (``prepare(keep_own=False)``) decoded from our own part against our own vector, the same
+    bits as the entry ``siq_encode`` returns (each chunk is a reused buffer: read it before
+    taking the next)."""
+    if name in msg.own:
+        flat = msg.own[name].reshape(-1)
+        for i0 in range(0, flat.numel(), DISTANCE_CHUNK):
+            i1 = min(flat.numel(), i0 + DISTANCE_CHUNK)
+            yield i0, i1, flat[i0:i1]
+        return
+    side = msg.side[name]
+    limits = DecodeLimits(max_numel=side.numel())
+    for i0, i1, _, _, values, _ in siq_decode_chunks(
+        _part(msg, name), side, limits=limits, chunk=DISTANCE_CHUNK
+    ):
+        yield i0, i1, values
+
+
+def own_step(msg: Message, phi: Tensor | None) -> float | None:
+    """``robust.own_step`` of our message (how far its weights moved from ``phi``, relative),
+    with our own entry read a chunk at a time."""
+    if phi is None:
+        return None
+    for name in ("theta", "proposal"):
+        if name in msg.names and _part(msg, name).shape == tuple(phi.shape):
+            if name in msg.own:
+                return relative_distance(phi, msg.own[name])
+            total, flat = Distance(), phi.reshape(-1)
+            for i0, i1, mine in own_chunks(msg, name):
+                total.add(flat[i0:i1], mine)
+            return total.value
+    return None
+
+
+def _pair_chunks(
+    part: Encoded, msg: Message, limits: DecodeLimits
+) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor]]:
+    """A partner's side-information part decoded a chunk at a time against our vector, beside
+    our own entry's chunk, each chunk's blocks that failed their checksum replaced by our own
+    entry: (start, end, theirs, ours, failed blocks); both chunks are reused buffers or views."""
+    theirs = siq_decode_chunks(part, msg.side[part.name], limits=limits, chunk=DISTANCE_CHUNK)
+    for (i0, i1, _, _, values, bad), (_, _, mine) in zip(
+        theirs, own_chunks(msg, part.name), strict=True
     ):
         if bool(bad.any()):
             mask = bad.repeat_interleave(part.block_size)[: i1 - i0]
-            torch.where(mask, ours[i0:i1], values, out=values)
-        yield i0, i1, values, bad
+            torch.where(mask, mine, values, out=values)
+        yield i0, i1, values, mine, bad
 
 
 def destinations(cfg: RoundConfig, msg: Message) -> dict[str, Tensor]:
@@ -442,46 +515,77 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+@dataclass(frozen=True, slots=True)
+class Against:
+    """What ``pair_means`` measured of a deferred tensor's mean against our own entry, for
+    ``combine`` and ``disagreement`` where the message does not keep our entry."""
+
+    distance: float
+    """``relative_distance(ours, mean)``."""
+    block_max: Tensor
+    """``_block_max(mean, block_size, minus=ours)``."""
+    residual: Tensor | None = None
+    """ef: ``sent - ours`` (our new residual), where ``combine`` would compute it."""
+
+
 def pair_means(
+    cfg: RoundConfig,
+    state: OuterState,
     msg: Message,
     partner: Partner,
     shares: tuple[float, float] | None = None,
     weights: Mapping[str, float] | None = None,
     *,
     into: Mapping[str, Tensor] | None = None,
+    reuse_message: bool = False,
     limits: DecodeLimits = DEFAULT_LIMITS,
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], dict[str, Against]]:
     """The pair's mean of every message tensor, ours and the partner's clipped toward ours
     (``weights``: ``torch.lerp``'s weight of each clipped tensor, ``Clip.weight``), the same bits
     as ``pair_mean_into(msg.own, clipped)``. Decoded tensors are used up (the mean is computed in
-    them); a deferred part is decoded again a chunk at a time straight into its mean, in
-    ``into``'s tensor of that name (given up by the caller, ``destinations``) or a new one."""
+    them); a deferred part is decoded again a chunk at a time and its mean written, a whole chunk
+    at once, into ``into``'s tensor of that name (given up by the caller, ``destinations``) or a
+    new one; with it, what ``combine`` and ``disagreement`` read of our own entry (``Against``),
+    and for ef our new residual (in ``msg.sent`` with ``reuse_message``, as ``combine``)."""
     weights = weights or {}
     means: dict[str, Tensor] = {}
+    against: dict[str, Against] = {}
     for name in msg.names:
-        own = msg.own[name]
         weight = weights.get(name, 1.0)
         if name in partner.tensors:
             t = partner.tensors[name]
             if weight != 1.0:
-                t = lerp_into(own, t, weight)
+                t = lerp_into(msg.own[name], t, weight)
             means.update(pair_mean_into(msg.own, {name: t}, shares))
             continue
         part = partner.deferred[name]
+        n, block = part.shape[0], part.block_size
         dest = (into or {}).get(name)
         if dest is None:
-            dest = torch.empty(own.numel(), dtype=torch.float32)
-        mine = own.reshape(-1)
-        for i0, i1, values, _ in _siq_chunks(part, msg, limits, out=dest.view(-1)):
-            ours = mine[i0:i1]
+            dest = torch.empty(n, dtype=torch.float32)
+        out = dest.view(-1)
+        residual, sent = None, msg.sent
+        # Where the message keeps our entry, ``combine`` computes the residual from it.
+        if cfg.mode == "ef" and cfg.error_feedback and sent is not None and name not in msg.own:
+            private = reuse_message and _private(sent, msg, state)
+            residual = sent if private else torch.empty(n, dtype=torch.float32)
+        distance = Distance()
+        block_max = torch.empty((n + block - 1) // block, dtype=torch.float32)
+        for i0, i1, theirs, mine, _ in _pair_chunks(part, msg, limits):
             if weight != 1.0:
-                torch.lerp(ours, values, weight, out=values)
+                torch.lerp(mine, theirs, weight, out=theirs)
             if shares is None:
-                values.add_(ours).div_(2)
+                mean = theirs.add_(mine).div_(2)
             else:
-                values.mul_(shares[1]).add_(ours * shares[0])
-        means[name] = dest.view(own.shape)
-    return means
+                mean = theirs.mul_(shares[1]).add_(mine * shares[0])
+            distance.add(mine, mean)
+            block_max[i0 // block : (i1 + block - 1) // block] = _block_max(mean, block, mine)
+            if residual is not None and sent is not None:
+                torch.sub(sent[i0:i1], mine, out=residual[i0:i1])
+            out[i0:i1] = mean  # a whole chunk of the mean at once, after its side was read
+        means[name] = dest
+        against[name] = Against(distance.value, block_max, residual)
+    return means, against
 
 
 def member_shares(weights: Sequence[float], max_ratio: float) -> list[float] | None:
@@ -567,6 +671,7 @@ def combine(
     reuse_message: bool = False,
     reuse_state: bool = False,
     spread: float = 2.0,
+    against: Mapping[str, Against] | None = None,
 ) -> OuterState:
     """Our new state from the group's means of every member's ``own`` (ours included).
     ``spread`` (``spread_of``) turns our distance to the mean into the distance to the others,
@@ -583,7 +688,11 @@ def combine(
     - ``reuse_state``: nobody reads ``state``'s momentum after this call (the caller swaps in
       the result and holds off the state's other readers): noloco computes its new phi in the
       old delta's memory.
+
+    ``against``: from ``pair_means``, what it measured against our own entries that the
+    message does not keep (``prepare(keep_own=False)``).
     """
+    against = against or {}
     if cfg.mode == "noloco":
         gamma = cfg.lr if cfg.gamma is None else cfg.gamma
         assert msg.momentum is not None  # prepare() sets it for every mode
@@ -603,7 +712,11 @@ def combine(
     if cfg.mode == "diloco":
         if not cfg.share_momentum:
             return replace(state, phi=means["proposal"], momentum=msg.momentum)
-        seen = spread * _block_max(means["momentum"], cfg.block_size, minus=msg.own["momentum"])
+        if "momentum" in msg.own:
+            block_max = _block_max(means["momentum"], cfg.block_size, minus=msg.own["momentum"])
+        else:
+            block_max = against["momentum"].block_max
+        seen = spread * block_max
         return replace(state, phi=means["proposal"], momentum=means["momentum"], mbound=seen)
     # ef
     assert msg.sent is not None
@@ -619,7 +732,16 @@ def combine(
         phi = step.add_(state.phi) if reuse_means else state.phi + step  # a sum either way round
         return replace(state, phi=phi, momentum=msg.momentum, residual=residual)
     name = msg.names[0]
-    own, mean = msg.own[name], means[name]
+    mean = means[name]
+    if name not in msg.own:  # not kept: pair_means measured it (never a rotated round)
+        measured = against[name]
+        return OuterState(
+            phi=mean,
+            momentum=msg.momentum,
+            residual=measured.residual,
+            bound=spread * measured.block_max,
+        )
+    own = msg.own[name]
     # The largest distance to the group's other members, from the mean (exact for pairs).
     seen = spread * _block_max(mean, cfg.block_size, minus=own)
     if msg.index is None:
@@ -645,7 +767,12 @@ def combine(
     return OuterState(phi=phi, momentum=msg.momentum, residual=residual, bound=bound)
 
 
-def disagreement(msg: Message, means: Mapping[str, Tensor], spread: float = 2.0) -> float | None:
+def disagreement(
+    msg: Message,
+    means: Mapping[str, Tensor],
+    spread: float = 2.0,
+    against: Mapping[str, Against] | None = None,
+) -> float | None:
     """How far apart the group's outer weights were, from what the exchange carried: the
     relative RMS distance ``|theirs - ours| / |ours|`` of the weights the message holds (phi for
     noloco when it is sent, else theta; the proposal for diloco and ef, on the blocks a rotated
@@ -656,9 +783,12 @@ def disagreement(msg: Message, means: Mapping[str, Tensor], spread: float = 2.0)
     name = "phi" if "phi" in msg.own else msg.names[0]
     if name == "step" or name not in means:
         return None
-    # In float64, a chunk at a time: no model-sized temporary (a whole one was alive at ef's
-    # peak).
-    distance = relative_distance(msg.own[name], means[name])
+    if name not in msg.own:  # not kept: ``pair_means`` measured it (``against``)
+        distance = (against or {})[name].distance
+    else:
+        # In float64, a chunk at a time: no model-sized temporary (a whole one was alive at
+        # ef's peak).
+        distance = relative_distance(msg.own[name], means[name])
     return None if math.isnan(distance) else spread * distance
 
 

@@ -61,12 +61,19 @@ def test_deferred_parts_give_the_same_mean_in_the_given_memory(
 
     into = rounds.destinations(cfg, msg)
     assert into["proposal"] is msg.proposal
-    got = rounds.pair_means(msg, deferred, shares, {"proposal": weight}, into=into)["proposal"]
+    state = rounds.OuterState(phi=ours)
+    means, against = rounds.pair_means(
+        cfg, state, msg, deferred, shares, {"proposal": weight}, into=into
+    )
+    got = means["proposal"]
     assert torch.equal(got, want)
     assert got.data_ptr() == into["proposal"].data_ptr()
     # Without a destination: a new tensor, the same bits.
-    fresh = rounds.pair_means(msg, deferred, shares, {"proposal": weight})["proposal"]
-    assert torch.equal(fresh, want)
+    fresh, _ = rounds.pair_means(cfg, state, msg, deferred, shares, {"proposal": weight})
+    assert torch.equal(fresh["proposal"], want)
+    # What combine and disagreement read of our entry, measured on the way.
+    assert against["proposal"].distance == relative_distance(own, want)
+    assert torch.equal(against["proposal"].block_max, rounds._block_max(want, BLOCK, minus=own))
 
 
 def test_destinations_leave_what_combine_reads() -> None:
@@ -110,3 +117,75 @@ def test_a_block_size_off_the_distance_chunks_is_decoded_whole() -> None:
     partner = rounds.read(cfg, msg, msg.parts, defer=True)
     assert partner.deferred == {}
     assert torch.equal(partner.tensors["proposal"], hat)
+
+
+def _clone(state: rounds.OuterState) -> rounds.OuterState:
+    return rounds.OuterState.from_tensors({k: v.clone() for k, v in state.tensors().items()})
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides"),
+    [
+        ("diloco", {"bits": 16, "momentum_bits": 8, "share_momentum": True}),
+        ("diloco", {"bits": 16, "momentum_bits": 16, "share_momentum": True}),
+        ("ef", {"bits": 4}),
+        ("ef", {"bits": 4, "design": "pull"}),
+    ],
+)
+@pytest.mark.parametrize("shares", [None, (0.4, 0.6)])
+def test_a_message_without_our_own_entries_finishes_the_same_round(
+    mode: str, overrides: dict[str, object], shares: tuple[float, float] | None
+) -> None:
+    """``prepare(keep_own=False)``: our own entries are decoded from our own parts where they
+    are read; every round leaves the same state and disagreement as the whole path."""
+    cfg = RoundConfig(mode=mode, block_size=BLOCK, **overrides)  # type: ignore[arg-type]
+    n = DISTANCE_CHUNK + 100  # a whole chunk and a short one
+    phi = _vector(10)[:n].clone()
+    whole = [rounds.OuterState(phi=phi.clone()), rounds.OuterState(phi=phi.clone())]
+    lazy = [_clone(s) for s in whole]
+    for r in range(3):
+        thetas = [phi - _vector(20 + 2 * r, 0.01)[:n], phi - _vector(21 + 2 * r, 0.01)[:n]]
+        msgs = [rounds.prepare(cfg, whole[i], thetas[i], round=r) for i in (0, 1)]
+        theirs = rounds.read(cfg, msgs[0], msgs[1].parts).tensors
+        means = rounds.pair_mean_into(msgs[0].own, theirs, shares)
+        want_far = rounds.disagreement(msgs[0], means)
+        want = rounds.combine(cfg, whole[0], msgs[0], means)
+
+        starts = [_clone(s) for s in lazy]
+        got_msgs = [
+            rounds.prepare(cfg, lazy[i], thetas[i], round=r, keep_own=False) for i in (0, 1)
+        ]
+        assert [p.payload for p in got_msgs[0].parts] == [p.payload for p in msgs[0].parts]
+        partner = rounds.read(cfg, got_msgs[0], got_msgs[1].parts, defer=True)
+        assert partner.tensors == {} or set(partner.tensors) == {"step"}
+        solo = starts[0]  # the state the round started from (a copy)
+        got_means, against = rounds.pair_means(
+            cfg,
+            solo,
+            got_msgs[0],
+            partner,
+            shares,
+            into=rounds.destinations(cfg, got_msgs[0]),
+            reuse_message=True,
+        )
+        assert rounds.disagreement(got_msgs[0], got_means, against=against) == want_far
+        got = rounds.combine(
+            cfg,
+            solo,
+            got_msgs[0],
+            got_means,
+            reuse_means=True,
+            reuse_message=True,
+            against=against,
+        )
+        assert got.tensors().keys() == want.tensors().keys()
+        for key, value in want.tensors().items():
+            assert torch.equal(got.tensors()[key], value), (r, key)
+        # The other member finishes its round the whole way, in both runs alike.
+        other = rounds.read(cfg, msgs[1], msgs[0].parts).tensors
+        flip = None if shares is None else (shares[1], shares[0])
+        whole = [
+            want,
+            rounds.combine(cfg, whole[1], msgs[1], rounds.pair_mean_into(msgs[1].own, other, flip)),
+        ]
+        lazy = [got, _clone(whole[1])]
