@@ -245,16 +245,10 @@ def plain_main(
 
         import locoswarm.node.daemon
         import locoswarm.node.run  # noqa: F401
-        from locoswarm.node.allocator import tune_allocator
-        from locoswarm.node.config import TrainerConfig
+        from locoswarm.node.allocator import tune_for
 
         # The node's C allocator settings too: the node's own tuning is not counted as saving.
-        defaults = TrainerConfig()
-        tune_allocator(
-            defaults.malloc_mmap_threshold,
-            defaults.malloc_arena_max,
-            defaults.malloc_trim_threshold,
-        )
+        tune_for()
     import torch
 
     from locoswarm.tasks.inner import InnerConfig, InnerLoop

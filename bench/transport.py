@@ -329,11 +329,9 @@ def _locoswarm_worker(conn: Connection, a: WorkerArgs) -> None:
     import uvloop
 
     if a.allocator == "node":  # a node's C allocator settings, before any thread or tensor
-        from locoswarm.node.allocator import tune_allocator
-        from locoswarm.node.config import TrainerConfig
+        from locoswarm.node.allocator import tune_for
 
-        d = TrainerConfig()
-        tune_allocator(d.malloc_mmap_threshold, d.malloc_arena_max, d.malloc_trim_threshold)
+        tune_for()
     uvloop.run(_locoswarm_main(conn, a))
 
 
@@ -1188,7 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_bytes": a.chunk_bytes,
             "allocator": {
                 "node": "locoswarm workers apply a node's C allocator settings "
-                "(node.allocator.tune_allocator with TrainerConfig's defaults) and hand the "
+                "(node.allocator.tune_for: TrainerConfig's defaults) and hand the "
                 "heaps' free memory back after each round, outside the timing, as a node does",
                 "glibc": "every worker keeps glibc's allocator defaults",
             }[a.allocator],

@@ -23,6 +23,8 @@ import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from locoswarm.node.config import TrainerConfig
+
 log = logging.getLogger("locoswarm.node")
 
 # mallopt parameters (glibc's malloc.h).
@@ -42,13 +44,26 @@ class AllocatorTuning:
 
 
 @functools.cache
+def _glibc() -> ctypes.CDLL | str:
+    """glibc, loaded once; or why not, in words."""
+    name = platform.libc_ver()[0]
+    if name != "glibc":
+        return f"the C library is not glibc ({name or '?'})"
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError as exc:
+        return f"libc.so.6 could not be loaded: {exc}"
+
+
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, looked up once; None without glibc."""
+    libc = _glibc()
+    if isinstance(libc, str):
+        return None
     try:
-        if platform.libc_ver()[0] != "glibc":
-            return None
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        trim = libc.malloc_trim
+    except AttributeError:
         return None
     trim.argtypes = (ctypes.c_size_t,)
     trim.restype = ctypes.c_int
@@ -75,12 +90,12 @@ def tune_allocator(mmap_threshold: int, arena_max: int, trim_threshold: int = 0)
     stay)."""
     if mmap_threshold <= 0 and arena_max <= 0 and trim_threshold <= 0:
         return AllocatorTuning((), "off")
-    if platform.libc_ver()[0] != "glibc":
-        return AllocatorTuning((), f"the C library is not glibc ({platform.libc_ver()[0] or '?'})")
+    libc = _glibc()
+    if isinstance(libc, str):
+        return AllocatorTuning((), libc)
     try:
-        libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
-    except (OSError, AttributeError) as exc:
+    except AttributeError as exc:
         return AllocatorTuning((), f"mallopt is not available: {exc}")
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
@@ -98,3 +113,10 @@ def tune_allocator(mmap_threshold: int, arena_max: int, trim_threshold: int = 0)
         else:
             log.warning("the C allocator refused %s=%d; it keeps its own setting", name, value)
     return AllocatorTuning(tuple(applied))
+
+
+def tune_for(trainer: TrainerConfig | None = None) -> AllocatorTuning:
+    """``tune_allocator`` with a node's settings (``trainer``'s, by default the node's defaults):
+    what the daemon applies, and what benchmarks that stand for a node apply."""
+    t = trainer if trainer is not None else TrainerConfig()
+    return tune_allocator(t.malloc_mmap_threshold, t.malloc_arena_max, t.malloc_trim_threshold)

@@ -26,7 +26,7 @@ from locoswarm.compression.config import CODEC_CHOICES
 from locoswarm.errors import ConfigError
 from locoswarm.faultplan import NO_FAULTS, FaultPlan
 from locoswarm.node import checkpoint
-from locoswarm.node.allocator import release_free_memory, tune_allocator
+from locoswarm.node.allocator import release_free_memory, tune_for
 from locoswarm.node.config import NodeConfig
 from locoswarm.node.diagnosis import Diagnosis
 from locoswarm.node.handler import NodeHandler
@@ -118,10 +118,7 @@ class Daemon:
         cfg = self.config
         check_join_addresses(cfg.peers.initial_peers)
         # Before the threads and tensors of the node exist (the process's allocator settings).
-        alloc = cfg.trainer
-        tuning = tune_allocator(
-            alloc.malloc_mmap_threshold, alloc.malloc_arena_max, alloc.malloc_trim_threshold
-        )
+        tuning = tune_for(cfg.trainer)
         log.debug("C allocator: %s", ", ".join(tuning.applied) or tuning.skipped)
         secret = _read_secret(cfg.secret_file)
         peers_cfg = dataclasses.replace(

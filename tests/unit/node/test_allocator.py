@@ -32,13 +32,7 @@ def test_zero_leaves_the_allocator_alone() -> None:
 
 @glibc
 def test_glibc_takes_the_node_defaults() -> None:
-    code = (
-        "from locoswarm.node.allocator import tune_allocator\n"
-        "from locoswarm.node.config import TrainerConfig\n"
-        "d = TrainerConfig()\n"
-        "t = tune_allocator(d.malloc_mmap_threshold, d.malloc_arena_max, d.malloc_trim_threshold)\n"
-        "print(','.join(t.applied))\n"
-    )
+    code = "from locoswarm.node.allocator import tune_for\nprint(','.join(tune_for().applied))\n"
     assert _in_child(code) == "mmap_threshold=8388608,trim_threshold=33554432,arena_max=2"
 
 
@@ -99,9 +93,11 @@ def test_without_glibc_nothing_is_released(monkeypatch: pytest.MonkeyPatch) -> N
     from locoswarm.node import allocator
 
     allocator._malloc_trim.cache_clear()
+    allocator._glibc.cache_clear()
     monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
     try:
         assert allocator.release_free_memory() is False
         assert allocator.tune_allocator(1 << 20, 2).skipped == "the C library is not glibc (musl)"
     finally:
         allocator._malloc_trim.cache_clear()
+        allocator._glibc.cache_clear()
