@@ -40,6 +40,7 @@ __all__ = [
     "siq_decode",
     "siq_decode_chunks",
     "siq_encode",
+    "siq_hat_chunks",
     "siq_steps",
 ]
 
@@ -176,6 +177,28 @@ def siq_encode(
         name=name,
     )
     return encoded, v_hat
+
+
+def siq_hat_chunks(
+    encoded: Encoded, v: Tensor, *, chunk: int = CHUNK_ELEMENTS
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``v_hat`` of our own message ``encoded`` (``siq_encode(v, ...)``, from our own ``v``) a
+    chunk at a time, recomputed from ``v`` and the message's steps by ``siq_encode``'s own
+    operations: the same bits, without keeping ``v_hat`` (``keep_hat=False``) and without
+    unpacking the residues. Each chunk is one reused buffer: read it before taking the next.
+    Trusted input (ours): not validated."""
+    n, block_size = v.numel(), encoded.block_size
+    nb = _blocks(n, block_size)
+    raw = np.frombuffer(memoryview(encoded.payload), dtype=np.int16, count=nb)
+    steps = torch.from_numpy(raw.copy()).view(torch.bfloat16)
+    spans = _chunks(n, block_size, chunk)
+    buffer = torch.empty(spans[0][1] - spans[0][0] if spans else 0, dtype=torch.float32)
+    for i0, i1, b0, b1 in spans:
+        s = _expand(steps[b0:b1], i1 - i0, block_size)
+        index = v[i0:i1].double().div_(s).add_(0.5).floor_()
+        part = buffer[: i1 - i0]
+        part.copy_(s.mul_(index))  # index * s, rounded to float32 as siq_encode stores it
+        yield i0, i1, part
 
 
 def _checksums(index: Tensor, block_size: int) -> Tensor:

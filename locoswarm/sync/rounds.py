@@ -50,7 +50,13 @@ from locoswarm.compression.encoded import (
     check_finite,
     flatten_input,
 )
-from locoswarm.compression.sideinfo import siq_decode, siq_decode_chunks, siq_encode, siq_steps
+from locoswarm.compression.sideinfo import (
+    siq_decode,
+    siq_decode_chunks,
+    siq_encode,
+    siq_hat_chunks,
+    siq_steps,
+)
 from locoswarm.sync.diloco import group_mean
 from locoswarm.sync.noloco import noloco_step_from_means
 from locoswarm.sync.robust import DISTANCE_CHUNK, Distance, lerp_into, relative_distance
@@ -256,7 +262,7 @@ def prepare(
 
     ``keep_own`` False (a pair's round that finishes with ``read(defer=True)`` and
     ``pair_means``): our own entry of a side-information part is not kept in ``own``; whoever
-    needs it reads it a chunk at a time (``own_chunks``), decoded from our own part."""
+    needs it reads it a chunk at a time (``own_chunks``), recomputed from our own vector."""
     lazy = not keep_own and _aligned(cfg.block_size)
     if cfg.mode == "noloco":
         delta = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
@@ -439,8 +445,8 @@ def _part(msg: Message, name: str) -> Encoded:
 def own_chunks(msg: Message, name: str) -> Iterator[tuple[int, int, Tensor]]:
     """Our own entry of ``name`` (what partners reconstruct of it), ``DISTANCE_CHUNK`` elements
     at a time: slices of ``msg.own[name]``, or where the message does not keep it
-    (``prepare(keep_own=False)``) decoded from our own part against our own vector, the same
-    bits as the entry ``siq_encode`` returns (each chunk is a reused buffer: read it before
+    (``prepare(keep_own=False)``) recomputed from our own vector and our own part's steps, the
+    same bits as the entry ``siq_encode`` returns (each chunk is a reused buffer: read it before
     taking the next)."""
     if name in msg.own:
         flat = msg.own[name].reshape(-1)
@@ -448,12 +454,7 @@ def own_chunks(msg: Message, name: str) -> Iterator[tuple[int, int, Tensor]]:
             i1 = min(flat.numel(), i0 + DISTANCE_CHUNK)
             yield i0, i1, flat[i0:i1]
         return
-    side = msg.side[name]
-    limits = DecodeLimits(max_numel=side.numel())
-    for i0, i1, _, _, values, _ in siq_decode_chunks(
-        _part(msg, name), side, limits=limits, chunk=DISTANCE_CHUNK
-    ):
-        yield i0, i1, values
+    yield from siq_hat_chunks(_part(msg, name), msg.side[name], chunk=DISTANCE_CHUNK)
 
 
 def own_step(msg: Message, phi: Tensor | None) -> float | None:
@@ -520,10 +521,12 @@ class Against:
     """What ``pair_means`` measured of a deferred tensor's mean against our own entry, for
     ``combine`` and ``disagreement`` where the message does not keep our entry."""
 
-    distance: float
-    """``relative_distance(ours, mean)``."""
-    block_max: Tensor
-    """``_block_max(mean, block_size, minus=ours)``."""
+    distance: float | None
+    """``relative_distance(ours, mean)``; None where nobody reads it (only the message's first
+    tensor's is read, by ``disagreement``)."""
+    block_max: Tensor | None
+    """``_block_max(mean, block_size, minus=ours)``; None where ``combine`` does not read it
+    (diloco's proposal)."""
     residual: Tensor | None = None
     """ef: ``sent - ours`` (our new residual), where ``combine`` would compute it."""
 
@@ -569,8 +572,12 @@ def pair_means(
         if cfg.mode == "ef" and cfg.error_feedback and sent is not None and name not in msg.own:
             private = reuse_message and _private(sent, msg, state)
             residual = sent if private else torch.empty(n, dtype=torch.float32)
-        distance = Distance()
-        block_max = torch.empty((n + block - 1) // block, dtype=torch.float32)
+        # Only what combine and disagreement read: the first tensor's distance, the bound of
+        # ef's proposal and of diloco's momentum.
+        distance = Distance() if name == msg.names[0] else None
+        block_max = None
+        if cfg.mode == "ef" or name == "momentum":
+            block_max = torch.empty((n + block - 1) // block, dtype=torch.float32)
         for i0, i1, theirs, mine, _ in _pair_chunks(part, msg, limits):
             if weight != 1.0:
                 torch.lerp(mine, theirs, weight, out=theirs)
@@ -578,13 +585,15 @@ def pair_means(
                 mean = theirs.add_(mine).div_(2)
             else:
                 mean = theirs.mul_(shares[1]).add_(mine * shares[0])
-            distance.add(mine, mean)
-            block_max[i0 // block : (i1 + block - 1) // block] = _block_max(mean, block, mine)
+            if distance is not None:
+                distance.add(mine, mean)
+            if block_max is not None:
+                block_max[i0 // block : (i1 + block - 1) // block] = _block_max(mean, block, mine)
             if residual is not None and sent is not None:
                 torch.sub(sent[i0:i1], mine, out=residual[i0:i1])
             out[i0:i1] = mean  # a whole chunk of the mean at once, after its side was read
         means[name] = dest
-        against[name] = Against(distance.value, block_max, residual)
+        against[name] = Against(None if distance is None else distance.value, block_max, residual)
     return means, against
 
 
@@ -715,7 +724,7 @@ def combine(
         if "momentum" in msg.own:
             block_max = _block_max(means["momentum"], cfg.block_size, minus=msg.own["momentum"])
         else:
-            block_max = against["momentum"].block_max
+            block_max = _bound_of(against, "momentum")
         seen = spread * block_max
         return replace(state, phi=means["proposal"], momentum=means["momentum"], mbound=seen)
     # ef
@@ -734,12 +743,11 @@ def combine(
     name = msg.names[0]
     mean = means[name]
     if name not in msg.own:  # not kept: pair_means measured it (never a rotated round)
-        measured = against[name]
         return OuterState(
             phi=mean,
             momentum=msg.momentum,
-            residual=measured.residual,
-            bound=spread * measured.block_max,
+            residual=against[name].residual,
+            bound=spread * _bound_of(against, name),
         )
     own = msg.own[name]
     # The largest distance to the group's other members, from the mean (exact for pairs).
@@ -767,6 +775,14 @@ def combine(
     return OuterState(phi=phi, momentum=msg.momentum, residual=residual, bound=bound)
 
 
+def _bound_of(against: Mapping[str, Against], name: str) -> Tensor:
+    """The lattice bound ``pair_means`` measured for ``name`` (our entry not kept)."""
+    bound = against[name].block_max if name in against else None
+    if bound is None:
+        raise ValueError(f"combine: no bound of {name!r} was measured (pass pair_means' against)")
+    return bound
+
+
 def disagreement(
     msg: Message,
     means: Mapping[str, Tensor],
@@ -783,8 +799,11 @@ def disagreement(
     name = "phi" if "phi" in msg.own else msg.names[0]
     if name == "step" or name not in means:
         return None
+    measured = None if against is None or name not in against else against[name].distance
     if name not in msg.own:  # not kept: ``pair_means`` measured it (``against``)
-        distance = (against or {})[name].distance
+        if measured is None:
+            raise ValueError(f"disagreement: no distance of {name!r} was measured")
+        distance = measured
     else:
         # In float64, a chunk at a time: no model-sized temporary (a whole one was alive at
         # ef's peak).

@@ -73,7 +73,12 @@ def test_deferred_parts_give_the_same_mean_in_the_given_memory(
     assert torch.equal(fresh["proposal"], want)
     # What combine and disagreement read of our entry, measured on the way.
     assert against["proposal"].distance == relative_distance(own, want)
-    assert torch.equal(against["proposal"].block_max, rounds._block_max(want, BLOCK, minus=own))
+    assert against["proposal"].block_max is None  # diloco reads no bound of its proposal
+    ef = RoundConfig(mode="ef", bits=bits, block_size=BLOCK)
+    _, measured = rounds.pair_means(ef, state, msg, deferred, shares, {"proposal": weight})
+    bound = measured["proposal"].block_max
+    assert bound is not None
+    assert torch.equal(bound, rounds._block_max(want, BLOCK, minus=own))
 
 
 def test_destinations_leave_what_combine_reads() -> None:
