@@ -401,7 +401,11 @@ def read(
                 part.codec, part.name, f"shape {part.shape}, ours {ours_part.shape}"
             )
         lazy = part.name not in msg.own
-        if lazy and part.block_size != ours_part.block_size:
+        # A partner of our round settings uses our blocks (and another block size could pick
+        # the decoder's chunk size: model-sized temporaries).
+        if part.name in msg.side and part.codec != ours_part.codec:
+            raise CorruptPayload(part.codec, part.name, f"expected codec {ours_part.codec!r}")
+        if part.name in msg.side and part.block_size != ours_part.block_size:
             raise CorruptPayload(
                 part.codec, part.name, f"block size {part.block_size}, ours {ours_part.block_size}"
             )
@@ -570,7 +574,13 @@ def pair_means(
         residual, sent = None, msg.sent
         # Where the message keeps our entry, ``combine`` computes the residual from it.
         if cfg.mode == "ef" and cfg.error_feedback and sent is not None and name not in msg.own:
-            private = reuse_message and _private(sent, msg, state)
+            # Not in the proposal's memory (ef's pull rounds with nothing owed send it as it
+            # is): it is our solo result's phi until the round's result is in.
+            private = (
+                reuse_message
+                and _private(sent, msg, state)
+                and (msg.proposal is None or not _shares_memory(sent, msg.proposal))
+            )
             residual = sent if private else torch.empty(n, dtype=torch.float32)
         # Only what combine and disagreement read: the first tensor's distance, the bound of
         # ef's proposal and of diloco's momentum.

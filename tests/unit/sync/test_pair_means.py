@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from locoswarm.compression.encoded import CorruptPayload
 from locoswarm.compression.sideinfo import siq_encode, siq_steps
 from locoswarm.sync import rounds
 from locoswarm.sync.robust import DISTANCE_CHUNK, relative_distance
@@ -194,3 +195,17 @@ def test_a_message_without_our_own_entries_finishes_the_same_round(
             rounds.combine(cfg, whole[1], msgs[1], rounds.pair_mean_into(msgs[1].own, other, flip)),
         ]
         lazy = [got, _clone(whole[1])]
+
+
+def test_a_partner_with_other_blocks_is_refused() -> None:
+    """A side-information part must use our block size (a partner of the same round settings
+    does; another block size would pick the decoder's chunk size)."""
+    value = _vector(5)
+    steps = siq_steps(torch.full(((N + BLOCK - 1) // BLOCK,), 0.1), 16, 4.0)
+    msg = _message(value, steps, 16)
+    other_steps = siq_steps(torch.full(((N + 2 * BLOCK - 1) // (2 * BLOCK),), 0.1), 16, 4.0)
+    enc, _ = siq_encode(value, other_steps, bits=16, block_size=2 * BLOCK, name="proposal")
+    cfg = RoundConfig(mode="diloco", bits=16, block_size=BLOCK)
+    for defer in (False, True):
+        with pytest.raises(CorruptPayload, match="block size"):
+            rounds.read(cfg, msg, (enc,), defer=defer)
