@@ -312,9 +312,10 @@ class OuterStep:
                         peer, f"tensor {part.name} has shape {part.shape}", reason="rejected"
                     )
             return [decode(p, limits=self.limits) for p in parts]
-        if self._current is None:
+        current = self._current  # read once: the round may close on another thread meanwhile
+        if current is None:
             raise ProtocolViolation(peer, "no round is open", reason="rejected")
-        partner = rounds.read(self.rc, self._current, parts, limits=self.limits, defer=True)
+        partner = rounds.read(self.rc, current, parts, limits=self.limits, defer=True)
         self.wrapped_blocks += partner.wrapped_blocks
         self.heard[peer] = received.header.outer_step
         self.tokens_of[peer] = received.header.tokens
