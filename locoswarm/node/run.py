@@ -327,6 +327,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
                 "5",
                 "--rounds",
                 str(a.rounds),
+                # Every node holds its first round until the others are up (the tiny task
+                # trains a few rounds in the time a node takes to start).
+                "--set",
+                f"peers.min_peers={a.nodes - 1}",
                 *(["--join", *join] if join else []),
             ]
             log = open(workdir / f"node{i}.log", "wb")  # noqa: SIM115 - closed with the process
