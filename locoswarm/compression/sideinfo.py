@@ -112,19 +112,6 @@ def siq_encode(
     block_size: int,
     name: str = "",
     chunk: int = CHUNK_ELEMENTS,
-    keep_hat: Literal[False],
-) -> tuple[Encoded, None]: ...
-
-
-@overload
-def siq_encode(
-    v: Tensor,
-    steps: Tensor,
-    *,
-    bits: int,
-    block_size: int,
-    name: str = "",
-    chunk: int = CHUNK_ELEMENTS,
     keep_hat: bool,
 ) -> tuple[Encoded, Tensor | None]: ...
 
