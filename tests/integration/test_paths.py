@@ -60,7 +60,7 @@ def test_a_diloco_group_of_three_client_mode_nodes_averages_over_libp2p(nodes: N
     and the three leave each round with the same outer weights."""
     boot = nodes.start("--run-id", "bootstrap-only")
     join = nodes.join_address(boot)
-    flags = ["--client-mode", "--join", join, "--rounds", "6", "--sync", "diloco"]
+    flags = ["--client-mode", "--join", join, "--rounds", "10", "--sync", "diloco"]
     flags += ["--bits", "32", "--set", "sync.group_size=3", "--set", "peers.min_peers=2"]
     trio = [nodes.start(*flags, name=f"member{i}") for i in range(3)]
     for node in trio:
