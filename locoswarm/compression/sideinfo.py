@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Literal, overload
+from dataclasses import dataclass
+from typing import Literal, TypeAlias, overload
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ from locoswarm.compression.encoded import DEFAULT_LIMITS, CorruptPayload, Decode
 __all__ = [
     "SIQ_BITS",
     "SiqChunk",
+    "Sum",
+    "Vector",
     "siq_bytes",
     "siq_decode",
     "siq_decode_chunks",
@@ -46,6 +49,37 @@ __all__ = [
 
 SIQ_BITS = (1, 2, 4, 8, 16)
 _NAME = "siq"
+
+
+@dataclass(frozen=True, slots=True)
+class Sum:
+    """The 1-D fp32 vector ``a + b``, never held whole: every slice read is summed from the two
+    (``torch.add`` of the slices: the same bits as the whole sum's slice)."""
+
+    a: Tensor
+    b: Tensor
+
+    def __post_init__(self) -> None:
+        for t in (self.a, self.b):
+            if t.dim() != 1 or t.dtype != torch.float32 or t.shape != self.a.shape:
+                raise ValueError(
+                    f"Sum: two 1-D float32 vectors of one length, got {self.a.shape} {self.a.dtype}"
+                    f" and {self.b.shape} {self.b.dtype}"
+                )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    def numel(self) -> int:
+        return self.a.numel()
+
+    def __getitem__(self, where: slice) -> Tensor:
+        return torch.add(self.a[where], self.b[where])
+
+
+Vector: TypeAlias = Tensor | Sum
+"""A vector the codec reads a slice at a time: a tensor, or a ``Sum`` it never holds whole."""
 
 
 def _blocks(n: int, block_size: int) -> int:
@@ -92,7 +126,7 @@ def _chunks(n: int, block_size: int, chunk: int) -> list[tuple[int, int, int, in
 
 @overload
 def siq_encode(
-    v: Tensor,
+    v: Vector,
     steps: Tensor,
     *,
     bits: int,
@@ -105,7 +139,7 @@ def siq_encode(
 
 @overload
 def siq_encode(
-    v: Tensor,
+    v: Vector,
     steps: Tensor,
     *,
     bits: int,
@@ -117,7 +151,7 @@ def siq_encode(
 
 
 def siq_encode(
-    v: Tensor,
+    v: Vector,
     steps: Tensor,
     *,
     bits: int,
@@ -167,7 +201,7 @@ def siq_encode(
 
 
 def siq_hat_chunks(
-    encoded: Encoded, v: Tensor, *, chunk: int = CHUNK_ELEMENTS
+    encoded: Encoded, v: Vector, *, chunk: int = CHUNK_ELEMENTS
 ) -> Iterator[tuple[int, int, Tensor]]:
     """``v_hat`` of our own message ``encoded`` (``siq_encode(v, ...)``, from our own ``v``) a
     chunk at a time, recomputed from ``v`` and the message's steps by ``siq_encode``'s own
@@ -199,7 +233,7 @@ def _checksums(index: Tensor, block_size: int) -> Tensor:
 
 def siq_decode(
     encoded: Encoded,
-    side: Tensor,
+    side: Vector,
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
     chunk: int = CHUNK_ELEMENTS,
@@ -228,7 +262,7 @@ checksums)."""
 
 def siq_decode_chunks(
     encoded: Encoded,
-    side: Tensor,
+    side: Vector,
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
     chunk: int = CHUNK_ELEMENTS,

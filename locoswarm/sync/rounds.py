@@ -51,6 +51,8 @@ from locoswarm.compression.encoded import (
     flatten_input,
 )
 from locoswarm.compression.sideinfo import (
+    Sum,
+    Vector,
     siq_decode,
     siq_decode_chunks,
     siq_encode,
@@ -129,14 +131,16 @@ class Message:
     """On the wire, in order (``Encoded.name`` is the tensor's name)."""
     own: dict[str, Tensor]
     """What every partner reconstructs from our parts (our entry of the group's means)."""
-    side: dict[str, Tensor] = field(default_factory=dict)
-    """Our vectors that decode partners' side-information parts, by name."""
+    side: dict[str, Vector] = field(default_factory=dict)
+    """Our vectors that decode partners' side-information parts, by name (ef's value sent, when
+    not held whole, a ``Sum`` of the proposal and the residual owed)."""
     proposal: Tensor | None = None
     """phi after our own step alone (diloco, ef)."""
     momentum: Tensor | None = None
     """Our momentum after our own step (diloco, ef) or noloco's current delta."""
     sent: Tensor | None = None
-    """ef: the value we compressed (proposal or step plus residual)."""
+    """ef: the value we compressed (proposal or step plus residual); None where it is not held
+    whole (``prepare(keep_own=False)``: ``side``'s ``Sum``)."""
     index: Tensor | None = None
     """ef rotate: the elements this round's message covers (None: all)."""
 
@@ -205,7 +209,7 @@ _CHUNK_BLOCKS_ELEMENTS = 1 << 16
 elements at a time (whole blocks for ``_block_max``)."""
 
 
-def _block_max(x: Tensor, block_size: int, minus: Tensor | None = None) -> Tensor:
+def _block_max(x: Vector, block_size: int, minus: Tensor | None = None) -> Tensor:
     """Per block of ``block_size``, the largest ``|x|`` (or ``|x - minus|``), a chunk of whole
     blocks at a time: no temporary the size of the model (a maximum is exact in any order)."""
     n = x.numel()
@@ -242,7 +246,8 @@ def _nesterov(
         m = state.momentum.mul_(cfg.momentum).add_(g)
     else:
         m = state.momentum.mul(cfg.momentum).add_(g)
-    return state.phi.add(g.add_(m, alpha=cfg.momentum), alpha=-cfg.lr), m  # g is ours: in place
+    g.add_(m, alpha=cfg.momentum)  # g is ours: in place
+    return torch.add(state.phi, g, alpha=-cfg.lr, out=g), m  # the proposal in g's memory
 
 
 def prepare(
@@ -274,7 +279,7 @@ def prepare(
         return Message(round, tuple(parts), own, momentum=delta)
     proposal, momentum = _nesterov(cfg, state, theta, in_place)
     if cfg.mode == "diloco":
-        side: dict[str, Tensor] = {}
+        side: dict[str, Vector] = {}
         parts, own = [fp32_part(proposal, "proposal")], {"proposal": proposal}
         if cfg.bits != 32:
             parts, own, side = _siq_part(cfg, "proposal", proposal, state, cfg.bits, lazy)
@@ -315,28 +320,31 @@ def prepare(
         enc = codec.encode(value, name="step")
         hat = codec.decode(enc)
         return Message(round, (enc,), {"step": hat}, {}, proposal, momentum, value)
-    value = proposal if owed is None else proposal + owed
-    if cfg.design == "pull":
-        parts, own, side = _siq_part(cfg, "proposal", value, state, 16, lazy)
-        return Message(round, tuple(parts), own, side, proposal, momentum, value)
-    index = _selected(cfg, value.numel(), round)
+    index = None if cfg.design == "pull" else _selected(cfg, proposal.numel(), round)
     if index is None:
-        parts, own, side = _siq_part(cfg, "proposal", value, state, cfg.bits, lazy)
-    else:
-        view = OuterState(
-            phi=state.phi[index],
-            bound=None
-            if state.bound is None
-            else _block_values(state.bound, index, cfg.block_size),
-        )
-        name = _rotated("proposal", cfg, round)
-        parts, own, side = _siq_part(cfg, name, value[index], view, cfg.bits)
+        bits = 16 if cfg.design == "pull" else cfg.bits
+        if lazy and owed is not None:
+            # Not held whole: the value sent is summed a slice at a time where it is read (its
+            # bound, its encoding, both decodings and our new residual), the same bits.
+            lazy_value = Sum(proposal, owed)
+            parts, own, side = _siq_part(cfg, "proposal", lazy_value, state, bits, lazy)
+            return Message(round, tuple(parts), own, side, proposal, momentum)
+        value = proposal if owed is None else proposal + owed
+        parts, own, side = _siq_part(cfg, "proposal", value, state, bits, lazy)
+        return Message(round, tuple(parts), own, side, proposal, momentum, value)
+    value = proposal if owed is None else proposal + owed
+    view = OuterState(
+        phi=state.phi[index],
+        bound=None if state.bound is None else _block_values(state.bound, index, cfg.block_size),
+    )
+    name = _rotated("proposal", cfg, round)
+    parts, own, side = _siq_part(cfg, name, value[index], view, cfg.bits)
     return Message(round, tuple(parts), own, side, proposal, momentum, value, index)
 
 
 def _siq_part(
-    cfg: RoundConfig, name: str, value: Tensor, state: OuterState, bits: int, lazy: bool = False
-) -> tuple[list[Encoded], dict[str, Tensor], dict[str, Tensor]]:
+    cfg: RoundConfig, name: str, value: Vector, state: OuterState, bits: int, lazy: bool = False
+) -> tuple[list[Encoded], dict[str, Tensor], dict[str, Vector]]:
     bound = 2 * _block_max(value, cfg.block_size, minus=state.phi)
     if state.bound is not None and state.bound.shape == bound.shape:
         bound = torch.maximum(bound, state.bound)
@@ -498,15 +506,22 @@ def destinations(cfg: RoundConfig, msg: Message) -> dict[str, Tensor]:
     each is read, a chunk at a time, before the mean is written there. Only where ``combine``
     reads nothing else of it afterwards: not for a rotated ef round (it keeps our own step
     outside the covered blocks) nor where the proposal is the value ef sent (its residual is
-    computed from it). The caller gives them up only while no reader holds the state."""
+    computed from it). For ef with a value not held whole (``Sum``), also ``"residual"``: the
+    residual owed, which our new residual replaces (each chunk of the value is read before it is
+    written). The caller gives them up only while no reader holds the state."""
     out: dict[str, Tensor] = {}
     if cfg.mode == "noloco" or msg.index is not None:
         return out
+    value = msg.side.get("proposal")
+    if cfg.mode == "ef" and cfg.error_feedback and isinstance(value, Sum):
+        owed = value.b
+        if owed.is_contiguous() and not any(_shares_memory(owed, t) for t in msg.own.values()):
+            out["residual"] = owed
     for name, t in (("proposal", msg.proposal), ("momentum", msg.momentum)):
         if name not in msg.side or t is None or not t.is_contiguous() or t.dtype != torch.float32:
             continue
         if cfg.mode == "ef" and (
-            msg.sent is None or _shares_memory(msg.sent, t) or name != "proposal"
+            name != "proposal" or (msg.sent is not None and _shares_memory(msg.sent, t))
         ):
             continue
         if any(_shares_memory(t, own) for own in msg.own.values()):
@@ -552,7 +567,8 @@ def pair_means(
     them); a deferred part is decoded again a chunk at a time and its mean written, a whole chunk
     at once, into ``into``'s tensor of that name (given up by the caller, ``destinations``) or a
     new one; with it, what ``combine`` and ``disagreement`` read of our own entry (``Against``),
-    and for ef our new residual (in ``msg.sent`` with ``reuse_message``, as ``combine``)."""
+    and for ef our new residual (in ``into``'s ``"residual"``, else in ``msg.sent`` with
+    ``reuse_message``, as ``combine``)."""
     weights = weights or {}
     means: dict[str, Tensor] = {}
     against: dict[str, Against] = {}
@@ -570,17 +586,22 @@ def pair_means(
         if dest is None:
             dest = torch.empty(n, dtype=torch.float32)
         out = dest.view(-1)
-        residual, sent = None, msg.sent
+        residual, sent = None, msg.side[name]
         # Where the message keeps our entry, ``combine`` computes the residual from it.
-        if cfg.mode == "ef" and cfg.error_feedback and sent is not None and name not in msg.own:
-            # Not in the proposal's memory (ef's pull rounds with nothing owed send it as it
-            # is): it is our solo result's phi until the round's result is in.
-            private = (
+        if cfg.mode == "ef" and cfg.error_feedback and name not in msg.own:
+            residual = (into or {}).get("residual")
+            # Else in the value sent where it is held whole, but not in the proposal's memory
+            # (ef's pull rounds with nothing owed send it as it is): it is our solo result's phi
+            # until the round's result is in.
+            if residual is None and (
                 reuse_message
+                and isinstance(sent, Tensor)
                 and _private(sent, msg, state)
                 and (msg.proposal is None or not _shares_memory(sent, msg.proposal))
-            )
-            residual = sent if private else torch.empty(n, dtype=torch.float32)
+            ):
+                residual = sent
+            if residual is None:
+                residual = torch.empty(n, dtype=torch.float32)
         # Only what combine and disagreement read: the first tensor's distance, the bound of
         # ef's proposal and of diloco's momentum.
         distance = Distance() if name == msg.names[0] else None
@@ -598,7 +619,7 @@ def pair_means(
                 distance.add(mine, mean)
             if block_max is not None:
                 block_max[i0 // block : (i1 + block - 1) // block] = _block_max(mean, block, mine)
-            if residual is not None and sent is not None:
+            if residual is not None:
                 torch.sub(sent[i0:i1], mine, out=residual[i0:i1])
             out[i0:i1] = mean  # a whole chunk of the mean at once, after its side was read
         means[name] = dest
@@ -737,9 +758,9 @@ def combine(
         seen = spread * block_max
         return replace(state, phi=means["proposal"], momentum=means["momentum"], mbound=seen)
     # ef
-    assert msg.sent is not None
     assert msg.proposal is not None
     if "step" in means:
+        assert msg.sent is not None  # the step's value is always held whole
         residual = None
         if cfg.error_feedback:
             if reuse_message and _private(msg.sent, msg, state):
@@ -759,6 +780,7 @@ def combine(
             bound=spread * _bound_of(against, name),
         )
     own = msg.own[name]
+    assert msg.sent is not None  # held whole wherever our entry is kept
     # The largest distance to the group's other members, from the mean (exact for pairs).
     seen = spread * _block_max(mean, cfg.block_size, minus=own)
     if msg.index is None:

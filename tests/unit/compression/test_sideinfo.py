@@ -12,9 +12,11 @@ import torch
 from locoswarm.compression.encoded import CorruptPayload, DecodeLimits, Encoded
 from locoswarm.compression.sideinfo import (
     SIQ_BITS,
+    Sum,
     siq_bytes,
     siq_decode,
     siq_encode,
+    siq_hat_chunks,
     siq_steps,
 )
 from locoswarm.errors import ProtocolViolation
@@ -329,3 +331,38 @@ def test_decode_reads_a_view_of_a_larger_payload_without_copying_it() -> None:
     values, bad = siq_decode(view, hat)
     assert torch.equal(values, hat)
     assert not bool(bad.any())
+
+
+def test_a_sum_read_a_slice_at_a_time_gives_the_bits_of_the_whole_sum() -> None:
+    """A ``Sum`` (ef's value sent, never held whole) encodes, decodes and recomputes our entry
+    exactly as the tensor ``a + b`` would."""
+    n, chunk = 3000, 512
+    a, b = _vector(n, 1), _vector(n, 2, 1e-3)
+    lazy, whole = Sum(a, b), a + b
+    steps = _steps(n, 0.01)
+    enc, hat = siq_encode(whole, steps, bits=4, block_size=BLOCK, name=NAME, chunk=chunk)
+    got, none = siq_encode(
+        lazy, steps, bits=4, block_size=BLOCK, name=NAME, chunk=chunk, keep_hat=False
+    )
+    assert none is None
+    assert got.payload == enc.payload
+    again = torch.cat([c.clone() for _, _, c in siq_hat_chunks(got, lazy, chunk=chunk)])
+    assert torch.equal(again, hat)
+    side = whole + _vector(n, 3, 1e-3)
+    near = Sum(a, b + _vector(n, 3, 1e-3))
+    values, bad = siq_decode(enc, side, chunk=chunk)
+    values_lazy, bad_lazy = siq_decode(enc, near, chunk=chunk)
+    assert torch.equal(bad, bad_lazy)
+    assert torch.equal(values, hat)
+    assert not bool(bad.any())
+    # (a + (b + c)) and ((a + b) + c) may round apart; each decodes the sender's point here.
+    assert torch.equal(values_lazy, hat)
+
+
+def test_a_sum_of_mismatched_vectors_is_refused() -> None:
+    with pytest.raises(ValueError, match="Sum"):
+        Sum(_vector(10), _vector(11))
+    with pytest.raises(ValueError, match="Sum"):
+        Sum(_vector(10), _vector(10).double())
+    with pytest.raises(ValueError, match="Sum"):
+        Sum(_vector(10).view(2, 5), _vector(10).view(2, 5))

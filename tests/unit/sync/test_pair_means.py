@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from locoswarm.compression.encoded import CorruptPayload
-from locoswarm.compression.sideinfo import siq_encode, siq_steps
+from locoswarm.compression.sideinfo import Sum, siq_encode, siq_steps
 from locoswarm.sync import rounds
 from locoswarm.sync.robust import DISTANCE_CHUNK, relative_distance
 from locoswarm.sync.round_config import RoundConfig
@@ -149,6 +149,7 @@ def test_a_message_without_our_own_entries_finishes_the_same_round(
     phi = _vector(10)[:n].clone()
     whole = [rounds.OuterState(phi=phi.clone()), rounds.OuterState(phi=phi.clone())]
     lazy = [_clone(s) for s in whole]
+    sums = 0
     for r in range(3):
         thetas = [phi - _vector(20 + 2 * r, 0.01)[:n], phi - _vector(21 + 2 * r, 0.01)[:n]]
         msgs = [rounds.prepare(cfg, whole[i], thetas[i], round=r) for i in (0, 1)]
@@ -162,6 +163,14 @@ def test_a_message_without_our_own_entries_finishes_the_same_round(
             rounds.prepare(cfg, lazy[i], thetas[i], round=r, keep_own=False) for i in (0, 1)
         ]
         assert [p.payload for p in got_msgs[0].parts] == [p.payload for p in msgs[0].parts]
+        owed = lazy[0].residual
+        summed = owed is not None and (cfg.design != "pull" or cfg.is_pull_round(r))
+        sums += summed
+        if summed:
+            # The value sent is not held whole; our new residual takes the old one's memory.
+            assert got_msgs[0].sent is None
+            assert isinstance(got_msgs[0].side["proposal"], Sum)
+            assert rounds.destinations(cfg, got_msgs[0])["residual"] is owed
         partner = rounds.read(cfg, got_msgs[0], got_msgs[1].parts, defer=True)
         assert partner.tensors == {} or set(partner.tensors) == {"step"}
         solo = starts[0]  # the state the round started from (a copy)
@@ -184,6 +193,8 @@ def test_a_message_without_our_own_entries_finishes_the_same_round(
             reuse_message=True,
             against=against,
         )
+        if summed:
+            assert got.residual is owed
         assert got.tensors().keys() == want.tensors().keys()
         for key, value in want.tensors().items():
             assert torch.equal(got.tensors()[key], value), (r, key)
@@ -195,6 +206,7 @@ def test_a_message_without_our_own_entries_finishes_the_same_round(
             rounds.combine(cfg, whole[1], msgs[1], rounds.pair_mean_into(msgs[1].own, other, flip)),
         ]
         lazy = [got, _clone(whole[1])]
+    assert sums >= (2 if mode == "ef" and cfg.design != "pull" else 0)
 
 
 def test_a_partner_with_other_blocks_is_refused() -> None:
