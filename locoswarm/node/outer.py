@@ -108,7 +108,8 @@ class OuterStep:
     A round may work in the old state's memory only while nobody else reads the state: diloco
     and ef compute the new momentum over the old one when they prepare (they swap in the
     round's solo result at once, so a reader never sees half a state, and the old phi is
-    freed), noloco writes its new phi over the old delta when it finishes. FetchState payloads
+    freed), noloco writes its new phi over the old delta when it finishes, and an ef pair its new
+    residual over the residual owed (``rounds.destinations``). FetchState payloads
     (views of the state's tensors, sent while the round goes on) and checkpoints hold a lease
     until they are done, and a round that finds one allocates instead (the same bits either
     way; a round that fails while it writes drops the momentum rather than keep half of it).
@@ -372,7 +373,7 @@ class OuterStep:
         spread = rounds.spread_of(shares, 0)
         with self._lock:  # no new reader until the new state is in
             # Unread: nobody holds the state (nor the solo result swapped in at prepare, whose
-            # tensors are the message's).
+            # tensors are the message's and, for ef, the residual owed).
             unread = not self._leases
             # The decoded message is ours to reuse: the means are computed in it (a clipped
             # tensor first in its own memory); a deferred part is decoded into its mean, in our
@@ -392,8 +393,9 @@ class OuterStep:
                 )
             except BaseException:
                 if into:
-                    # Our solo result holds the pair's mean in the chunks written so far and our
-                    # own step in the others (each written whole): a state, if a mixed one.
+                    # Our solo result holds the pair's mean (and ef's new residual) in the chunks
+                    # written so far and our own step in the others (each written whole): a
+                    # state, if a mixed one.
                     log.warning(
                         "round %d: the pair's mean failed part way; keeping what was written",
                         msg.round,

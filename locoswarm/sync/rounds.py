@@ -205,8 +205,8 @@ def fp32_part(t: Tensor, name: str) -> Encoded:
 
 
 _CHUNK_BLOCKS_ELEMENTS = 1 << 16
-"""Chunked work (``_block_max``, ``prepare``'s Nesterov step) goes through about this many
-elements at a time (whole blocks for ``_block_max``)."""
+"""Chunked work (``_block_max``) goes through about this many elements at a time (whole
+blocks)."""
 
 
 def _block_max(x: Vector, block_size: int, minus: Tensor | None = None) -> Tensor:
@@ -267,7 +267,9 @@ def prepare(
 
     ``keep_own`` False (a pair's round that finishes with ``read(defer=True)`` and
     ``pair_means``): our own entry of a side-information part is not kept in ``own``; whoever
-    needs it reads it a chunk at a time (``own_chunks``), recomputed from our own vector."""
+    needs it reads it a chunk at a time (``own_chunks``), recomputed from our own vector. ef's
+    value sent is then not held whole either: ``side`` holds a ``Sum`` of the proposal and
+    ``state``'s residual owed, whose memory ``destinations`` gives up for our new residual."""
     lazy = not keep_own and _aligned(cfg.block_size)
     if cfg.mode == "noloco":
         delta = state.momentum if state.momentum is not None else torch.zeros_like(state.phi)
@@ -323,7 +325,7 @@ def prepare(
     index = None if cfg.design == "pull" else _selected(cfg, proposal.numel(), round)
     if index is None:
         bits = 16 if cfg.design == "pull" else cfg.bits
-        if lazy and owed is not None:
+        if lazy and owed is not None and owed.shape == proposal.shape == (proposal.numel(),):
             # Not held whole: the value sent is summed a slice at a time where it is read (its
             # bound, its encoding, both decodings and our new residual), the same bits.
             lazy_value = Sum(proposal, owed)
