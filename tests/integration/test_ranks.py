@@ -100,9 +100,13 @@ def test_a_dead_rank_stops_the_node_and_a_restart_resumes(nodes: Nodes, tmp_path
     code = node.proc.wait(timeout=120)
     text = node.text()
     assert code == 1, text
-    assert "stopping the node: " in text, text  # rank 0 noticed and stopped cleanly
+    # Rank 0 stops cleanly either way: it notices the lost rank itself (its next collective
+    # fails), or the launcher, which polls its children every 0.5 s, saw rank 1 gone first and
+    # sent rank 0 a SIGTERM.
+    stopping = max(text.find("stopping the node: "), text.find("stopping: finishing"))
+    assert stopping >= 0, text
     assert "a rank of this node failed: rank 1" in text, text
-    assert text.rfind("checkpoint ") > text.find("stopping the node: "), text  # the final one
+    assert text.rfind("checkpoint ") > stopping, text  # the final one
     for proc in ranks.values():
         assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
     saved = load_latest(Path(ckpt))
