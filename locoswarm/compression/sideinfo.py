@@ -43,6 +43,7 @@ __all__ = [
     "siq_decode",
     "siq_decode_chunks",
     "siq_encode",
+    "siq_hat",
     "siq_hat_chunks",
     "siq_steps",
 ]
@@ -198,6 +199,16 @@ def siq_encode(
         name=name,
     )
     return encoded, v_hat
+
+
+def siq_hat(v: Tensor, steps: Tensor, block_size: int) -> Tensor:
+    """The lattice point a receiver reconstructs of ``v`` (fp32, whole blocks from a block's
+    start, possibly a last partial one) on the lattice of its blocks' ``steps``, by
+    ``siq_encode``'s own operations: the same bits as that slice of its ``v_hat``. Trusted input
+    (ours)."""
+    s = _expand(steps, v.numel(), block_size)
+    index = v.double().div_(s).add_(0.5).floor_()
+    return s.mul_(index).float()  # index * s, rounded to float32 as siq_encode stores it
 
 
 def siq_hat_chunks(

@@ -241,7 +241,9 @@ class OuterStep:
     def prepare(self, outer_step: int, theta: Tensor, bad: Tensor | None = None) -> Prepared:
         """This round's message (CPU work: call it from a worker thread). diloco and ef swap in
         the round's solo result at once (readers see it, labelled as the round's end, until the
-        round finishes) and work in the old momentum's memory when nobody reads the state.
+        round finishes) and work in the old momentum's memory when nobody reads the state (a
+        pair's siq round in the old phi's as well: its proposal is sent encoded, never as a
+        view, so no message of an earlier round reads phi's memory).
         ``bad`` (test seam, a bad peer): send the message of these weights instead of ours, made
         from the same start state; our own round goes on with our honest message."""
         with self._lock:
@@ -262,7 +264,11 @@ class OuterStep:
                     self.rc, start, theta, round=outer_step, in_place=in_place, keep_own=not pair
                 )
             except BaseException:
-                if in_place:  # the old momentum may be half overwritten
+                # The old momentum may be half overwritten. (A pair's siq round writes its step
+                # over phi too, after checking everything it sends: only a failure after that,
+                # such as no memory left for the encoded message, leaves part or all of our own
+                # step in phi; the momentum starts afresh either way.)
+                if in_place:
                     self._drop_momentum(outer_step, "prepare")
                 raise
             if self.mode != "noloco":  # our solo result costs nothing: the message's tensors

@@ -27,7 +27,7 @@ Modes (``consensus.md``):
 
 Every function returns new tensors and never writes into its inputs, except into what its caller
 gives up: ``combine`` (``reuse_means``, ``reuse_message``, ``reuse_state``) and ``prepare``
-(``in_place``: the state's momentum). Knows nothing about peers,
+(``in_place``: the state's momentum, and in a pair's siq round its phi). Knows nothing about peers,
 sockets, asyncio or how a group was formed.
 """
 
@@ -56,6 +56,7 @@ from locoswarm.compression.sideinfo import (
     siq_decode,
     siq_decode_chunks,
     siq_encode,
+    siq_hat,
     siq_hat_chunks,
     siq_steps,
 )
@@ -143,6 +144,9 @@ class Message:
     whole (``prepare(keep_own=False)``: ``side``'s ``Sum``)."""
     index: Tensor | None = None
     """ef rotate: the elements this round's message covers (None: all)."""
+    moved: float | None = None
+    """``own_step`` of this message, measured at prepare where the proposal was written over
+    the phi it moved from (``prepare(in_place=True, keep_own=False)``); None: not measured."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -219,13 +223,17 @@ def _block_max(x: Vector, block_size: int, minus: Tensor | None = None) -> Tenso
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
         part = x[i0:i1].abs() if minus is None else (x[i0:i1] - minus[i0:i1]).abs_()
-        pad = (-(i1 - i0)) % block_size
-        if pad:
-            part = torch.nn.functional.pad(part, (0, pad))
-        out[i0 // block_size : (i1 + block_size - 1) // block_size] = part.view(
-            -1, block_size
-        ).amax(dim=1)
+        out[i0 // block_size : (i1 + block_size - 1) // block_size] = _blocks_max(part, block_size)
     return out
+
+
+def _blocks_max(part: Tensor, block_size: int) -> Tensor:
+    """Per block of ``block_size`` of ``part`` (whole blocks from its start; values >= 0), the
+    largest; a last partial block is padded with zeros."""
+    pad = (-part.numel()) % block_size
+    if pad:
+        part = torch.nn.functional.pad(part, (0, pad))
+    return part.view(-1, block_size).amax(dim=1)
 
 
 def _block_values(per_block: Tensor, index: Tensor, block_size: int) -> Tensor:
@@ -233,21 +241,60 @@ def _block_values(per_block: Tensor, index: Tensor, block_size: int) -> Tensor:
     return per_block[index[::block_size] // block_size]
 
 
+_STEP_CHUNK = DISTANCE_CHUNK
+"""Our own Nesterov step is taken this many elements at a time (whole blocks wherever the round
+works in chunks: ``_aligned``, and ``relative_distance``'s chunks): every operation is per
+element, so its bits do not depend on where a chunk starts, and its temporaries are chunk-sized."""
+
+
+def _step_chunks(n: int, block_size: int) -> Iterator[tuple[int, int, int, int]]:
+    """(first element, end, first block, end block) of each of the step's chunks."""
+    for i0 in range(0, n, _STEP_CHUNK):
+        i1 = min(n, i0 + _STEP_CHUNK)
+        yield i0, i1, i0 // block_size, (i1 + block_size - 1) // block_size
+
+
+def _step_chunk(
+    cfg: RoundConfig,
+    phi: Tensor,
+    theta: Tensor,
+    momentum: Tensor | None,
+    i0: int,
+    i1: int,
+    *,
+    moved: bool = False,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Our own Nesterov step on elements ``[i0, i1)`` of the flat ``phi``, ``theta`` and
+    ``momentum`` (None: the first step), in torch SGD(nesterov=True)'s op order: (``|phi -
+    theta|`` where ``moved``, else None; the new momentum; the proposal), new chunk-sized
+    tensors. Reads its inputs, never writes them."""
+    g = phi[i0:i1] - theta[i0:i1]
+    away = g.abs() if moved else None  # the same bits as _block_max(phi, minus=theta)'s
+    m = g.clone() if momentum is None else momentum[i0:i1].mul(cfg.momentum).add_(g)
+    g.add_(m, alpha=cfg.momentum)
+    return away, m, torch.add(phi[i0:i1], g, alpha=-cfg.lr, out=g)  # the proposal in g's memory
+
+
 def _nesterov(
     cfg: RoundConfig, state: OuterState, theta: Tensor, in_place: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Our own Nesterov step: (proposal, momentum). torch SGD(nesterov=True)'s op order.
-    ``in_place``: the new momentum is computed in the old one's memory (the same kernels, the
-    same bits)."""
-    g = state.phi - theta
-    if state.momentum is None:
-        m = g.clone()
-    elif in_place and state.momentum.is_contiguous():
-        m = state.momentum.mul_(cfg.momentum).add_(g)
+    """Our own Nesterov step: (proposal, momentum), a chunk at a time (``_step_chunk``).
+    ``in_place``: the new momentum is written over the old one (each chunk read before it is
+    written: the same bits)."""
+    shape = state.phi.shape
+    phi, flat_theta = state.phi.reshape(-1), theta.reshape(-1)
+    old = None if state.momentum is None else state.momentum.reshape(-1)
+    n = phi.numel()
+    proposal = torch.empty(n, dtype=phi.dtype)
+    if in_place and state.momentum is not None and state.momentum.is_contiguous():
+        momentum = state.momentum.view(-1)
     else:
-        m = state.momentum.mul(cfg.momentum).add_(g)
-    g.add_(m, alpha=cfg.momentum)  # g is ours: in place
-    return torch.add(state.phi, g, alpha=-cfg.lr, out=g), m  # the proposal in g's memory
+        momentum = torch.empty(n, dtype=phi.dtype)
+    for i0, i1, _, _ in _step_chunks(n, cfg.block_size):
+        _, m, p = _step_chunk(cfg, phi, flat_theta, old, i0, i1)
+        momentum[i0:i1] = m
+        proposal[i0:i1] = p
+    return proposal.view(shape), momentum.view(shape)
 
 
 def prepare(
@@ -261,9 +308,12 @@ def prepare(
 ) -> Message:
     """Our message for ``round`` from the fast weights ``theta`` (CPU work).
 
-    ``in_place`` (diloco, ef): nobody reads ``state``'s momentum after this call (the caller
-    swaps in ``alone(cfg, state, msg)`` at once and holds off the state's other readers): the
-    new momentum is computed in the old one's memory. The same message either way.
+    ``in_place`` (diloco, ef): nobody reads ``state``'s momentum or phi after this call (the
+    caller swaps in ``alone(cfg, state, msg)`` at once and holds off the state's other readers):
+    the new momentum is computed in the old one's memory, and in a pair's round with a siq
+    proposal (``keep_own`` False, ``_prepare_in_place``) the proposal in the old phi's, which
+    ``own_step`` then no longer reads (the message carries it, ``Message.moved``). The same
+    message either way.
 
     ``keep_own`` False (a pair's round that finishes with ``read(defer=True)`` and
     ``pair_means``): our own entry of a side-information part is not kept in ``own``; whoever
@@ -279,6 +329,8 @@ def prepare(
             parts.append(fp32_part(state.phi, "phi"))
             own["phi"] = state.phi
         return Message(round, tuple(parts), own, momentum=delta)
+    if lazy and in_place and _fusable(cfg, state, theta, round):
+        return _prepare_in_place(cfg, state, theta, round)
     proposal, momentum = _nesterov(cfg, state, theta, in_place)
     if cfg.mode == "diloco":
         side: dict[str, Vector] = {}
@@ -290,24 +342,10 @@ def prepare(
                 parts.append(fp32_part(momentum, "momentum"))
                 own["momentum"] = momentum
             else:
-                # Momenta differ by this round's pseudo-gradients and what the last exchange saw;
-                # at 16 bits the whole magnitude fits (margin 16 costs nothing).
-                if cfg.momentum_bits >= 16:
-                    bound, margin = 2 * _block_max(momentum, cfg.block_size), 16.0
-                else:
-                    bound = 2 * _block_max(state.phi, cfg.block_size, minus=theta)
-                    if state.mbound is not None and state.mbound.shape == bound.shape:
-                        bound = torch.maximum(bound, state.mbound)
-                    margin = 4.0
-                steps = siq_steps(bound, cfg.momentum_bits, margin)
-                enc, hat = siq_encode(
-                    momentum,
-                    steps,
-                    bits=cfg.momentum_bits,
-                    block_size=cfg.block_size,
-                    name="momentum",
-                    keep_hat=not lazy,
-                )
+                away = None
+                if cfg.momentum_bits < 16:
+                    away = _block_max(state.phi, cfg.block_size, minus=theta)
+                enc, hat = _momentum_part(cfg, momentum, state, away, lazy)
                 parts.append(enc)
                 side["momentum"] = momentum
                 if hat is not None:
@@ -345,13 +383,19 @@ def prepare(
 
 
 def _siq_part(
-    cfg: RoundConfig, name: str, value: Vector, state: OuterState, bits: int, lazy: bool = False
+    cfg: RoundConfig,
+    name: str,
+    value: Vector,
+    state: OuterState,
+    bits: int,
+    lazy: bool = False,
+    steps: Tensor | None = None,
 ) -> tuple[list[Encoded], dict[str, Tensor], dict[str, Vector]]:
-    bound = 2 * _block_max(value, cfg.block_size, minus=state.phi)
-    if state.bound is not None and state.bound.shape == bound.shape:
-        bound = torch.maximum(bound, state.bound)
-    margin = cfg.effective_margin if bits == cfg.bits else 16.0
-    steps = siq_steps(bound, bits, margin)
+    """``value``'s side-information part, on the lattice of ``steps`` (None: from ``value``'s
+    distance to ``state.phi``, ``_proposal_steps``)."""
+    if steps is None:
+        bound = 2 * _block_max(value, cfg.block_size, minus=state.phi)
+        steps = _proposal_steps(cfg, bound, state, bits)
     if lazy:
         enc, _ = siq_encode(
             value, steps, bits=bits, block_size=cfg.block_size, name=name, keep_hat=False
@@ -359,6 +403,111 @@ def _siq_part(
         return [enc], {}, {name: value}
     enc, hat = siq_encode(value, steps, bits=bits, block_size=cfg.block_size, name=name)
     return [enc], {name: hat}, {name: value}
+
+
+def _proposal_steps(cfg: RoundConfig, bound: Tensor, state: OuterState, bits: int) -> Tensor:
+    """The lattice of a proposal (or ef's value sent) from ``bound``, twice its distance to phi
+    per block, and the distance seen at the last exchange (``state.bound``)."""
+    if state.bound is not None and state.bound.shape == bound.shape:
+        bound = torch.maximum(bound, state.bound)
+    margin = cfg.effective_margin if bits == cfg.bits else 16.0
+    return siq_steps(bound, bits, margin)
+
+
+def _momentum_part(
+    cfg: RoundConfig, momentum: Tensor, state: OuterState, away: Tensor | None, lazy: bool
+) -> tuple[Encoded, Tensor | None]:
+    """diloco's shared momentum at ``momentum_bits`` (side information), and our entry unless
+    ``lazy``. ``away``: per block the largest ``|phi - theta|``, which bounds the lattice below
+    16 bits."""
+    # Momenta differ by this round's pseudo-gradients and what the last exchange saw; at 16 bits
+    # the whole magnitude fits (margin 16 costs nothing).
+    if cfg.momentum_bits >= 16:
+        bound, margin = 2 * _block_max(momentum, cfg.block_size), 16.0
+    else:
+        if away is None:
+            raise ValueError("a momentum below 16 bits needs |phi - theta|'s bound")
+        bound = 2 * away
+        if state.mbound is not None and state.mbound.shape == bound.shape:
+            bound = torch.maximum(bound, state.mbound)
+        margin = 4.0
+    steps = siq_steps(bound, cfg.momentum_bits, margin)
+    return siq_encode(
+        momentum,
+        steps,
+        bits=cfg.momentum_bits,
+        block_size=cfg.block_size,
+        name="momentum",
+        keep_hat=not lazy,
+    )
+
+
+def _fusable(cfg: RoundConfig, state: OuterState, theta: Tensor, round: int) -> bool:
+    """Whether ``prepare`` can take its step in the old state's memory (``_prepare_in_place``):
+    a siq proposal over every element, from a flat state with a momentum, and for ef a residual
+    owed of the proposal's own shape (or none)."""
+    phi, momentum = state.phi, state.momentum
+    if momentum is None or phi.dim() != 1 or theta.shape != phi.shape:
+        return False
+    if not (phi.is_contiguous() and momentum.is_contiguous() and momentum.shape == phi.shape):
+        return False
+    if cfg.mode == "diloco":
+        return cfg.bits != 32 and not (cfg.share_momentum and cfg.momentum_bits == 32)
+    if cfg.design == "pull" and not cfg.is_pull_round(round):
+        return False
+    if cfg.design != "pull" and _selected(cfg, phi.numel(), round) is not None:
+        return False
+    owed = state.residual if cfg.error_feedback else None
+    return owed is None or owed.shape == phi.shape
+
+
+def _prepare_in_place(cfg: RoundConfig, state: OuterState, theta: Tensor, round: int) -> Message:
+    """``prepare(keep_own=False, in_place=True)`` of a siq proposal (``_fusable``), with the
+    round's step written over the old state: the new momentum over the old momentum and the
+    proposal over the old phi, so no model-sized temporary is made. The same message and the
+    same bits as the allocating path.
+
+    Two passes of the step, a chunk at a time: the first writes nothing (it measures the
+    proposal's distance to phi per block, the lattice's bound, and checks that everything sent
+    is finite, so a failure leaves the state as it was); the second measures how far our own
+    entry moved from the old phi (``Message.moved``: ``own_step`` could not read it afterwards)
+    and then writes the chunk. The parts are encoded from the state's new tensors."""
+    phi, old = state.phi, state.momentum
+    assert old is not None  # _fusable
+    owed = state.residual if (cfg.mode == "ef" and cfg.error_feedback) else None
+    bits = 16 if (cfg.mode == "ef" and cfg.design == "pull") else cfg.bits
+    shared = cfg.mode == "diloco" and cfg.share_momentum
+    away = shared and cfg.momentum_bits < 16  # the momentum's lattice is bounded by |phi - theta|
+    n, block = phi.numel(), cfg.block_size
+    blocks = (n + block - 1) // block
+    bound = torch.empty(blocks, dtype=torch.float32)
+    mbound = torch.empty(blocks, dtype=torch.float32) if away else None
+    for i0, i1, b0, b1 in _step_chunks(n, block):
+        moved, m, p = _step_chunk(cfg, phi, theta, old, i0, i1, moved=away)
+        value = p if owed is None else torch.add(p, owed[i0:i1])  # a Sum's slice
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError("siq: tensor proposal holds NaN or Inf")
+        if shared and not bool(torch.isfinite(m).all()):
+            raise ValueError("siq: tensor momentum holds NaN or Inf")
+        bound[b0:b1] = _blocks_max(value.sub_(phi[i0:i1]).abs_(), block)
+        if mbound is not None and moved is not None:
+            mbound[b0:b1] = _blocks_max(moved, block)
+    steps = _proposal_steps(cfg, 2 * bound, state, bits)
+    distance = Distance()
+    for i0, i1, b0, b1 in _step_chunks(n, block):
+        _, m, p = _step_chunk(cfg, phi, theta, old, i0, i1)
+        value = p if owed is None else torch.add(p, owed[i0:i1])
+        distance.add(phi[i0:i1], siq_hat(value, steps[b0:b1], block))
+        old[i0:i1] = m
+        phi[i0:i1] = p
+    proposal, momentum = phi, old
+    sent: Vector = proposal if owed is None else Sum(proposal, owed)
+    parts, own, side = _siq_part(cfg, "proposal", sent, state, bits, True, steps)
+    if shared:
+        enc, _ = _momentum_part(cfg, momentum, state, mbound, True)
+        parts.append(enc)
+        side["momentum"] = momentum
+    return Message(round, tuple(parts), own, side, proposal, momentum, moved=distance.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,10 +621,13 @@ def own_chunks(msg: Message, name: str) -> Iterator[tuple[int, int, Tensor]]:
 
 
 def own_step(msg: Message, phi: Tensor | None) -> float | None:
-    """``robust.own_step`` of our message (how far its weights moved from ``phi``, relative),
-    with our own entry read a chunk at a time."""
+    """``robust.own_step`` of our message (how far its weights moved from ``phi``, the outer
+    weights it was prepared from, relative), with our own entry read a chunk at a time; the
+    distance measured at prepare where the message was made in the old phi's memory."""
     if phi is None:
         return None
+    if msg.moved is not None:
+        return msg.moved
     for name in ("theta", "proposal"):
         if name in msg.names and _part(msg, name).shape == tuple(phi.shape):
             # Our entry's chunks are relative_distance's: the same sums, kept or not.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import weakref
 
 import pytest
 import torch
@@ -285,18 +284,28 @@ def test_a_group_members_shard_records_the_round_it_came_from() -> None:
 
 
 @pytest.mark.parametrize("mode", ["diloco", "ef"])
-def test_the_old_phi_is_freed_once_the_round_is_prepared(mode: str) -> None:
+def test_a_pair_round_writes_its_proposal_over_the_old_phi(mode: str) -> None:
     a, b = _pair(mode)
     pa, pb = a.prepare(0, a.phi - _randn(100, 0.01)), b.prepare(0, b.phi - _randn(101, 0.01))
     a.apply(pa, a.decode(_wire(pb)))
     b.apply(pb, b.decode(_wire(pa)))
     del pa, pb
-    old_phi = weakref.ref(a.phi)
-    pa, pb = a.prepare(1, a.phi - _randn(102, 0.01)), b.prepare(1, b.phi - _randn(103, 0.01))
+    assert a.momentum is not None
+    old_phi, old_momentum = a.phi.data_ptr(), a.momentum.data_ptr()
+    theta = a.phi - _randn(102, 0.01)
+    want = rounds.own_step(
+        rounds.prepare(a.rc, a.state, theta, round=1, keep_own=False), a.phi.clone()
+    )
+    pa, pb = a.prepare(1, theta), b.prepare(1, b.phi - _randn(103, 0.01))
     assert a.in_place == 1
-    assert old_phi() is None  # neither the state (now the solo result) nor the round holds it
+    # No copy of the old phi beside the proposal: the solo result is the old state's memory.
+    assert pa.message.proposal is a.phi
+    assert a.phi.data_ptr() == old_phi
+    assert a.momentum is not None
+    assert a.momentum.data_ptr() == old_momentum
+    assert pa.step == want  # measured from the old phi before it was written over
     assert pa.step is not None
-    assert pa.step > 0  # measured from it first: how far the proposal moved
+    assert pa.step > 0
     phi, _, clips = a.apply(pa, a.decode(_wire(pb)))
     assert [c.name for c in clips] == list(pa.message.names)
     assert a.phi is phi

@@ -221,3 +221,72 @@ def test_a_partner_with_other_blocks_is_refused() -> None:
     for defer in (False, True):
         with pytest.raises(CorruptPayload, match="block size"):
             rounds.read(cfg, msg, (enc,), defer=defer)
+
+
+FUSED = [
+    RoundConfig(mode="diloco", bits=16, block_size=BLOCK, share_momentum=True, momentum_bits=8),
+    RoundConfig(mode="diloco", bits=8, block_size=BLOCK, share_momentum=True, momentum_bits=16),
+    RoundConfig(mode="diloco", bits=16, block_size=BLOCK),
+    RoundConfig(mode="ef", bits=4, block_size=BLOCK),
+    RoundConfig(mode="ef", bits=4, block_size=BLOCK, error_feedback=False),
+    RoundConfig(mode="ef", bits=2, block_size=BLOCK, design="pull", pull_every=1),
+]
+
+
+def _start(seed: int, residual: bool) -> rounds.OuterState:
+    blocks = (N + BLOCK - 1) // BLOCK
+    return rounds.OuterState(
+        phi=_vector(seed),
+        momentum=_vector(seed + 1, 1e-3),
+        residual=_vector(seed + 2, 1e-4) if residual else None,
+        bound=torch.full((blocks,), 2e-3),
+        mbound=torch.full((blocks,), 1e-4),
+    )
+
+
+@pytest.mark.parametrize("cfg", FUSED, ids=lambda c: f"{c.mode}-{c.design}-{c.bits}")
+def test_a_pair_round_prepared_in_the_old_state_is_the_same_message(cfg: RoundConfig) -> None:
+    """prepare(in_place=True, keep_own=False) writes the step over the old phi and momentum:
+    the same parts, proposal, momentum, side information and own step as the allocating path,
+    and no tensor of the model's size beside them."""
+    start = _start(10, residual=cfg.mode == "ef")
+    theta = start.phi - _vector(20, 1e-2)
+    want = rounds.prepare(cfg, _clone(start), theta, round=3, keep_own=False)
+    want_step = rounds.own_step(want, start.phi)
+    given = _clone(start)
+    got = rounds.prepare(cfg, given, theta, round=3, in_place=True, keep_own=False)
+    assert got.proposal is given.phi  # the proposal in the old phi's memory
+    assert got.momentum is given.momentum
+    assert got.names == want.names
+    for a, b in zip(got.parts, want.parts, strict=True):
+        assert bytes(a.payload) == bytes(b.payload), a.name
+    assert got.proposal is not None
+    assert want.proposal is not None
+    assert torch.equal(got.proposal, want.proposal)
+    assert got.momentum is not None
+    assert want.momentum is not None
+    assert torch.equal(got.momentum, want.momentum)
+    assert got.own == want.own == {}
+    assert got.sent is None
+    for name, value in want.side.items():
+        mine = got.side[name]
+        assert isinstance(mine, type(value))
+        assert torch.equal(mine[0:N], value[0:N]), name
+    assert want_step is not None
+    assert got.moved == want_step
+    assert rounds.own_step(got, given.phi) == want_step  # measured at prepare, not from phi
+    if start.residual is not None:  # the residual owed is read at prepare, not written
+        assert given.residual is not None
+        assert torch.equal(given.residual, start.residual)
+
+
+def test_a_step_that_is_not_finite_leaves_the_old_state_whole() -> None:
+    cfg = RoundConfig(mode="ef", bits=4, block_size=BLOCK)
+    start = _start(30, residual=True)
+    theta = start.phi - _vector(31, 1e-2)
+    theta[N - 5] = float("inf")  # in the last chunk: every other chunk passed its checks
+    given = _clone(start)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rounds.prepare(cfg, given, theta, round=0, in_place=True, keep_own=False)
+    for name, t in start.tensors().items():
+        assert torch.equal(given.tensors()[name], t), name
