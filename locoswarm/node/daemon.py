@@ -399,7 +399,9 @@ class Daemon:
         """One round: run it, hand its update to the trainer, report it."""
         outcome = await runner.run(b)
         self.reporter.sync_metrics(trainer)
-        trainer.deliver(b.outer_step, outcome.phi, b.theta)  # phi is never changed in place
+        # phi is not changed in place before the trainer has applied it (the next round may
+        # write its step over it: prepare comes after the next boundary, which waits for this).
+        trainer.deliver(b.outer_step, outcome.phi, b.theta)
         self._delivered = b.outer_step
         self._advance(outcome.round + 1, runner)
         await self.reporter.round_done(self.peer_id, b, outcome)

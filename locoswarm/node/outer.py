@@ -251,7 +251,6 @@ class OuterStep:
             sent_as_view = self.rc.share_momentum and self.rc.momentum_bits == 32
             in_place = (
                 self.mode != "noloco"
-                and start.momentum is not None
                 and not sent_as_view  # a solo round's momentum may still be on the wire
                 and not self._leases
                 and all_finite(theta)  # a theta that fails the message's checks leaves no trace

@@ -444,12 +444,12 @@ def _momentum_part(
 
 def _fusable(cfg: RoundConfig, state: OuterState, theta: Tensor, round: int) -> bool:
     """Whether ``prepare`` can take its step in the old state's memory (``_prepare_in_place``):
-    a siq proposal over every element, from a flat state with a momentum, and for ef a residual
-    owed of the proposal's own shape (or none)."""
+    a siq proposal over every element, from a flat state (its momentum, if any, of phi's shape),
+    and for ef a residual owed of the proposal's own shape (or none)."""
     phi, momentum = state.phi, state.momentum
-    if momentum is None or phi.dim() != 1 or theta.shape != phi.shape:
+    if phi.dim() != 1 or theta.shape != phi.shape or not phi.is_contiguous():
         return False
-    if not (phi.is_contiguous() and momentum.is_contiguous() and momentum.shape == phi.shape):
+    if momentum is not None and not (momentum.is_contiguous() and momentum.shape == phi.shape):
         return False
     if cfg.mode == "diloco":
         return cfg.bits != 32 and not (cfg.share_momentum and cfg.momentum_bits == 32)
@@ -464,8 +464,8 @@ def _fusable(cfg: RoundConfig, state: OuterState, theta: Tensor, round: int) -> 
 def _prepare_in_place(cfg: RoundConfig, state: OuterState, theta: Tensor, round: int) -> Message:
     """``prepare(keep_own=False, in_place=True)`` of a siq proposal (``_fusable``), with the
     round's step written over the old state: the new momentum over the old momentum and the
-    proposal over the old phi, so no model-sized temporary is made. The same message and the
-    same bits as the allocating path.
+    proposal over the old phi (the first round's momentum is a new tensor), so no model-sized
+    temporary is made. The same message and the same bits as the allocating path.
 
     Two passes of the step, a chunk at a time: the first writes nothing (it measures the
     proposal's distance to phi per block, the lattice's bound, and checks that everything sent
@@ -473,7 +473,6 @@ def _prepare_in_place(cfg: RoundConfig, state: OuterState, theta: Tensor, round:
     entry moved from the old phi (``Message.moved``: ``own_step`` could not read it afterwards)
     and then writes the chunk. The parts are encoded from the state's new tensors."""
     phi, old = state.phi, state.momentum
-    assert old is not None  # _fusable
     owed = state.residual if (cfg.mode == "ef" and cfg.error_feedback) else None
     bits = 16 if (cfg.mode == "ef" and cfg.design == "pull") else cfg.bits
     shared = cfg.mode == "diloco" and cfg.share_momentum
@@ -493,14 +492,15 @@ def _prepare_in_place(cfg: RoundConfig, state: OuterState, theta: Tensor, round:
         if mbound is not None and moved is not None:
             mbound[b0:b1] = _blocks_max(moved, block)
     steps = _proposal_steps(cfg, 2 * bound, state, bits)
+    momentum = old if old is not None else torch.empty(n, dtype=phi.dtype)
     distance = Distance()
     for i0, i1, b0, b1 in _step_chunks(n, block):
         _, m, p = _step_chunk(cfg, phi, theta, old, i0, i1)
         value = p if owed is None else torch.add(p, owed[i0:i1])
         distance.add(phi[i0:i1], siq_hat(value, steps[b0:b1], block))
-        old[i0:i1] = m
+        momentum[i0:i1] = m
         phi[i0:i1] = p
-    proposal, momentum = phi, old
+    proposal = phi
     sent: Vector = proposal if owed is None else Sum(proposal, owed)
     parts, own, side = _siq_part(cfg, "proposal", sent, state, bits, True, steps)
     if shared:

@@ -43,7 +43,7 @@ def _wire(prepared: Prepared) -> Received:
 @pytest.mark.parametrize("mode", ["noloco", "diloco", "ef"])
 def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
     a, b = _pair(mode)
-    start = a.state
+    start = a.phi.clone()  # a round may write over the state it starts from
     clipper = Clipper(a.rc)
     for r in range(3):
         thetas = [a.phi - _randn(10 + r, 0.01), b.phi - _randn(20 + r, 0.01)]
@@ -71,13 +71,13 @@ def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
         # The whole state: momentum, ef's residual, the lattices' bounds.
         assert a.state.tensors().keys() == want.tensors().keys()
         assert all(torch.equal(a.state.tensors()[k], v) for k, v in want.tensors().items())
-        # noloco from the first round (its delta then is zeros made for it); diloco and ef from
-        # the second (the first starts without a momentum).
-        assert a.in_place == (r + 1 if mode == "noloco" else r)
-        # diloco's mean is decoded into its solo result from the first round; ef's from the
-        # second (before, nothing is owed and the proposal is the value sent, which its residual
-        # is computed from).
-        assert a.in_place_means == {"noloco": 0, "diloco": r + 1, "ef": r}[mode]
+        # From the first round: noloco's delta then is zeros made for it; diloco and ef write
+        # their proposal over the old phi (their first momentum is a new tensor).
+        assert a.in_place == r + 1
+        # diloco's and ef's mean is decoded into their solo result from the first round (ef's
+        # round 0, with nothing owed, reads each chunk of the value sent, its proposal, before it
+        # writes the mean there).
+        assert a.in_place_means == {"noloco": 0, "diloco": r + 1, "ef": r + 1}[mode]
         # The disagreement: how far the weights each side sent were apart, relative to ours.
         name = "phi" if "phi" in msg_a.own else msg_a.names[0]
         ours, other = msg_a.own[name], msg_b.own[name]
@@ -87,7 +87,7 @@ def test_a_pair_through_the_wire_computes_the_shared_round(mode: str) -> None:
         assert far_a > 0
         if mode != "noloco":  # proposal averaging: the pair leaves with the same phi
             assert torch.equal(phi_a, phi_b)
-    assert not torch.equal(a.phi, start.phi)
+    assert not torch.equal(a.phi, start)
     assert a.wrapped_blocks == b.wrapped_blocks == 0
 
 
@@ -123,8 +123,8 @@ def _own(msg: rounds.Message, name: str) -> Tensor:
 def test_solo_is_the_rounds_alone_step() -> None:
     a, _ = _pair("ef")
     theta = a.phi - _randn(30, 0.01)
-    state = a.state
-    prepared = a.prepare(0, theta)
+    state = rounds.OuterState.from_tensors({k: v.clone() for k, v in a.state.tensors().items()})
+    prepared = a.prepare(0, theta)  # in the state's memory
     phi = a.solo(prepared)
     want = rounds.alone(a.rc, state, rounds.prepare(a.rc, state, theta, round=0))
     assert torch.equal(phi, want.phi)
@@ -228,11 +228,12 @@ def test_a_reader_sees_one_rounds_state_and_its_label_together() -> None:
     assert torch.equal(momentum, after.momentum)
     assert before.phi is not after.phi  # the old value was replaced, never written into
     del open_round, out  # the readers are done: their leases end
-    # Round 5 starts with a momentum, computed over the old one's memory: from then on readers
-    # get the round's solo result, labelled as the round's end, and never half a state.
+    # Round 5 starts with a momentum, computed over the old one's memory (round 4 wrote only
+    # its proposal over the old phi): readers get the round's solo result, labelled as the
+    # round's end, and never half a state.
     pa = a.prepare(5, a.phi - _randn(72, 0.01))
     pb = b.prepare(5, b.phi - _randn(73, 0.01))
-    assert a.in_place == 1
+    assert a.in_place == 2
     mid = a.state_payload()
     assert mid.header.outer_step == 6
     got = a.decode(Received(mid.header, payload_bytes(mid.payload)), ("phi", "momentum"))
@@ -297,7 +298,7 @@ def test_a_pair_round_writes_its_proposal_over_the_old_phi(mode: str) -> None:
         rounds.prepare(a.rc, a.state, theta, round=1, keep_own=False), a.phi.clone()
     )
     pa, pb = a.prepare(1, theta), b.prepare(1, b.phi - _randn(103, 0.01))
-    assert a.in_place == 1
+    assert a.in_place == 2  # round 0 too (its momentum a new tensor)
     # No copy of the old phi beside the proposal: the solo result is the old state's memory.
     assert pa.message.proposal is a.phi
     assert a.phi.data_ptr() == old_phi

@@ -233,30 +233,34 @@ FUSED = [
 ]
 
 
-def _start(seed: int, residual: bool) -> rounds.OuterState:
+def _start(seed: int, residual: bool, momentum: bool = True) -> rounds.OuterState:
     blocks = (N + BLOCK - 1) // BLOCK
     return rounds.OuterState(
         phi=_vector(seed),
-        momentum=_vector(seed + 1, 1e-3),
+        momentum=_vector(seed + 1, 1e-3) if momentum else None,
         residual=_vector(seed + 2, 1e-4) if residual else None,
         bound=torch.full((blocks,), 2e-3),
         mbound=torch.full((blocks,), 1e-4),
     )
 
 
+@pytest.mark.parametrize("first", [False, True])
 @pytest.mark.parametrize("cfg", FUSED, ids=lambda c: f"{c.mode}-{c.design}-{c.bits}")
-def test_a_pair_round_prepared_in_the_old_state_is_the_same_message(cfg: RoundConfig) -> None:
+def test_a_pair_round_prepared_in_the_old_state_is_the_same_message(
+    cfg: RoundConfig, first: bool
+) -> None:
     """prepare(in_place=True, keep_own=False) writes the step over the old phi and momentum:
     the same parts, proposal, momentum, side information and own step as the allocating path,
-    and no tensor of the model's size beside them."""
-    start = _start(10, residual=cfg.mode == "ef")
+    and no tensor of the model's size beside them (``first``: no momentum yet, a new one)."""
+    start = _start(10, residual=cfg.mode == "ef", momentum=not first)
     theta = start.phi - _vector(20, 1e-2)
     want = rounds.prepare(cfg, _clone(start), theta, round=3, keep_own=False)
     want_step = rounds.own_step(want, start.phi)
     given = _clone(start)
     got = rounds.prepare(cfg, given, theta, round=3, in_place=True, keep_own=False)
     assert got.proposal is given.phi  # the proposal in the old phi's memory
-    assert got.momentum is given.momentum
+    if not first:
+        assert got.momentum is given.momentum
     assert got.names == want.names
     for a, b in zip(got.parts, want.parts, strict=True):
         assert bytes(a.payload) == bytes(b.payload), a.name
