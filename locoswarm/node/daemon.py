@@ -290,10 +290,12 @@ class Daemon:
 
     def _final_checkpoint(self, trainer: Trainer, outer: OuterStep) -> None:
         trainer._apply_pending()  # the trainer thread has stopped: apply the last outer update
+        if self.config.checkpoint.dir is None:
+            return
         try:
-            checkpoint.save_node(
-                self.config, outer.next_round, trainer.state_dict(), outer, faults=self.faults
-            )
+            # The thread has stopped: the trainer's tensors are saved as they are, not copied.
+            state = trainer.state_dict(copy_tensors=False)
+            checkpoint.save_node(self.config, outer.next_round, state, outer, faults=self.faults)
         except OSError as exc:
             log.error("could not write the final checkpoint: %s", exc)
 

@@ -81,3 +81,26 @@ def test_validation_measures_the_outer_weights_and_leaves_training_unchanged() -
     assert b[4].val_loss != measured.task.validation_loss(model)
     assert torch.equal(flat_params(measured.model), b[4].theta * 0.99)  # blocking: theta = phi
     assert measured.stats.eval_s > 0
+
+
+def test_a_state_without_copies_is_the_copied_state_in_the_trainers_own_tensors() -> None:
+    trainer = _trainer(0)
+    _run(trainer, 2)  # the optimizer has state
+    copied, shared = trainer.state_dict(), trainer.state_dict(copy_tensors=False)
+    params = dict(trainer.model.state_dict())
+    for name, t in shared["model"].items():
+        assert t.data_ptr() == params[name].data_ptr(), name  # the model's own memory
+        assert torch.equal(t, copied["model"][name])
+        assert copied["model"][name].data_ptr() != t.data_ptr()
+    moments = [
+        (k, v)
+        for state in shared["optimizer"]["state"].values()
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.numel() > 1
+    ]
+    assert moments
+    own = {v.data_ptr() for s in trainer.opt.state.values() for v in s.values()}
+    for key, value in moments:
+        assert value.data_ptr() in own, key
+    assert shared["optimizer"]["param_groups"] == copied["optimizer"]["param_groups"]
+    assert shared["step"] == copied["step"]
