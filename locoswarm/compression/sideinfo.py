@@ -201,14 +201,15 @@ def siq_encode(
     return encoded, v_hat
 
 
-def siq_hat(v: Tensor, steps: Tensor, block_size: int) -> Tensor:
+def siq_hat(v: Tensor, steps: Tensor, block_size: int, out: Tensor | None = None) -> Tensor:
     """The lattice point a receiver reconstructs of ``v`` (fp32, whole blocks from a block's
     start, possibly a last partial one) on the lattice of its blocks' ``steps``, by
-    ``siq_encode``'s own operations: the same bits as that slice of its ``v_hat``. Trusted input
-    (ours)."""
+    ``siq_encode``'s own operations: the same bits as that slice of its ``v_hat``; written into
+    ``out`` (fp32, ``v``'s size) when given. Trusted input (ours)."""
     s = _expand(steps, v.numel(), block_size)
     index = v.double().div_(s).add_(0.5).floor_()
-    return s.mul_(index).float()  # index * s, rounded to float32 as siq_encode stores it
+    hat = s.mul_(index)  # index * s, rounded to float32 as siq_encode stores it
+    return hat.float() if out is None else out.copy_(hat)
 
 
 def siq_hat_chunks(
@@ -226,11 +227,7 @@ def siq_hat_chunks(
     spans = _chunks(n, block_size, chunk)
     buffer = torch.empty(spans[0][1] - spans[0][0] if spans else 0, dtype=torch.float32)
     for i0, i1, b0, b1 in spans:
-        s = _expand(steps[b0:b1], i1 - i0, block_size)
-        index = v[i0:i1].double().div_(s).add_(0.5).floor_()
-        part = buffer[: i1 - i0]
-        part.copy_(s.mul_(index))  # index * s, rounded to float32 as siq_encode stores it
-        yield i0, i1, part
+        yield i0, i1, siq_hat(v[i0:i1], steps[b0:b1], block_size, out=buffer[: i1 - i0])
 
 
 def _checksums(index: Tensor, block_size: int) -> Tensor:

@@ -262,17 +262,17 @@ def _step_chunk(
     i0: int,
     i1: int,
     *,
-    moved: bool = False,
+    away: bool = False,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """Our own Nesterov step on elements ``[i0, i1)`` of the flat ``phi``, ``theta`` and
     ``momentum`` (None: the first step), in torch SGD(nesterov=True)'s op order: (``|phi -
-    theta|`` where ``moved``, else None; the new momentum; the proposal), new chunk-sized
+    theta|`` where ``away``, else None; the new momentum; the proposal), new chunk-sized
     tensors. Reads its inputs, never writes them."""
     g = phi[i0:i1] - theta[i0:i1]
-    away = g.abs() if moved else None  # the same bits as _block_max(phi, minus=theta)'s
+    apart = g.abs() if away else None  # the same bits as _block_max(phi, minus=theta)'s
     m = g.clone() if momentum is None else momentum[i0:i1].mul(cfg.momentum).add_(g)
     g.add_(m, alpha=cfg.momentum)
-    return away, m, torch.add(phi[i0:i1], g, alpha=-cfg.lr, out=g)  # the proposal in g's memory
+    return apart, m, torch.add(phi[i0:i1], g, alpha=-cfg.lr, out=g)  # the proposal in g's memory
 
 
 def _nesterov(
@@ -482,15 +482,15 @@ def _prepare_in_place(cfg: RoundConfig, state: OuterState, theta: Tensor, round:
     bound = torch.empty(blocks, dtype=torch.float32)
     mbound = torch.empty(blocks, dtype=torch.float32) if away else None
     for i0, i1, b0, b1 in _step_chunks(n, block):
-        moved, m, p = _step_chunk(cfg, phi, theta, old, i0, i1, moved=away)
+        apart, m, p = _step_chunk(cfg, phi, theta, old, i0, i1, away=away)
         value = p if owed is None else torch.add(p, owed[i0:i1])  # a Sum's slice
         if not bool(torch.isfinite(value).all()):
             raise ValueError("siq: tensor proposal holds NaN or Inf")
         if shared and not bool(torch.isfinite(m).all()):
             raise ValueError("siq: tensor momentum holds NaN or Inf")
         bound[b0:b1] = _blocks_max(value.sub_(phi[i0:i1]).abs_(), block)
-        if mbound is not None and moved is not None:
-            mbound[b0:b1] = _blocks_max(moved, block)
+        if mbound is not None and apart is not None:
+            mbound[b0:b1] = _blocks_max(apart, block)
     steps = _proposal_steps(cfg, 2 * bound, state, bits)
     momentum = old if old is not None else torch.empty(n, dtype=phi.dtype)
     distance = Distance()
